@@ -1,0 +1,46 @@
+"""The /healthz, /readyz and /metrics endpoints over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from udpflannel.host.health import HealthServer, render_metrics
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_render_metrics_groups_drops_by_reason() -> None:
+    text = render_metrics({"tx_packets_total": 5, "drop_bad_header": 2, "drop_replay": 1, "peers": 3})
+    assert 'udpflannel_drops_total{reason="bad_header"} 2' in text
+    assert 'udpflannel_drops_total{reason="replay"} 1' in text
+    assert "udpflannel_tx_packets_total 5" in text
+    assert "# TYPE udpflannel_peers gauge" in text
+
+
+@pytest.fixture
+def server():
+    counters = {"rx_packets_total": 7}
+    srv = HealthServer("127.0.0.1", 0, lambda: counters)
+    srv.start()
+    yield srv, counters
+    srv.stop()
+
+
+def test_endpoints(server) -> None:
+    srv, counters = server
+    assert get(srv.port, "/healthz") == (200, "ok\n")
+    assert get(srv.port, "/readyz")[0] == 503
+    srv.ready.set()
+    assert get(srv.port, "/readyz") == (200, "ok\n")
+    counters["rx_packets_total"] = 9
+    assert "udpflannel_rx_packets_total 9" in get(srv.port, "/metrics")[1]
+    assert get(srv.port, "/nope")[0] == 404
