@@ -1,0 +1,79 @@
+"""flannel's udp backend on the wire: the UDP payload is the bare inner IP packet (no header), port 8285.
+Also the proxy's per-hop rule: the TTL / hop limit is decremented, with the IPv4 checksum fixed incrementally
+(RFC 1624). Sans-I/O: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+UDP_PORT = 8285  # flannel's udp backend default port
+UDP_OVERHEAD = 20 + 8  # outer IPv4 + UDP: flannel's udp MTU overhead
+
+IPV4_MIN_HEADER = 20
+IPV6_HEADER = 40
+
+# Result codes of decode_batch; the dataplane maps them to its DropReason members.
+OK = 0
+BAD_HEADER = 1  # not an IPv4/IPv6 packet, or shorter than its header / its own length field
+TTL_EXCEEDED = 2  # TTL/hop limit would reach zero on this hop
+
+
+def decode_batch(buf: np.ndarray, lengths: np.ndarray, offset: int) -> np.ndarray:
+    """Validate a batch of udp-backend payloads (packet i at buf[i, offset:offset + lengths[i]]).
+
+    Checks the IP version, a minimal header length and that the IP length field fits the datagram.
+    Returns uint8 result codes [n].
+    """
+    n = len(lengths)
+    codes = np.zeros(n, dtype=np.uint8)
+    if n == 0:
+        return codes
+    lens = lengths[:n].astype(np.int64)
+    hdr = buf[:n, offset : offset + 8].astype(np.int64)
+    version = hdr[:, 0] >> 4
+    is_v4 = version == 4
+    is_v6 = version == 6
+    v4_total = (hdr[:, 2] << 8) | hdr[:, 3]
+    v4_ihl = (hdr[:, 0] & 0x0F) * 4
+    v6_total = ((hdr[:, 4] << 8) | hdr[:, 5]) + IPV6_HEADER
+    ok_v4 = is_v4 & (lens >= IPV4_MIN_HEADER) & (v4_ihl >= IPV4_MIN_HEADER) & (v4_total >= v4_ihl)
+    ok_v4 &= v4_total <= lens
+    ok_v6 = is_v6 & (lens >= IPV6_HEADER) & (v6_total <= lens)
+    codes[~(ok_v4 | ok_v6)] = BAD_HEADER
+    return codes
+
+
+def decrement_ttl_batch(buf: np.ndarray, lengths: np.ndarray, offset: int, valid: np.ndarray) -> np.ndarray:
+    """Decrement TTL (v4, fixing the header checksum) or hop limit (v6) of every row where `valid`.
+
+    Returns a bool mask of rows whose TTL was <= 1 (left untouched): they must be dropped and answered with
+    ICMP time exceeded, as a router would.
+    """
+    n = len(lengths)
+    expired = np.zeros(n, dtype=bool)
+    if n == 0:
+        return expired
+    first = buf[:n, offset] >> 4
+    is_v4 = valid[:n] & (first == 4)
+    is_v6 = valid[:n] & (first == 6)
+    ttl_col = np.where(is_v4, offset + 8, offset + 7)
+    rows = np.arange(n)
+    ttl = buf[rows, ttl_col]
+    expired = (is_v4 | is_v6) & (ttl <= 1)
+    dec_v4 = is_v4 & ~expired
+    dec_v6 = is_v6 & ~expired
+    if dec_v6.any():
+        buf[rows[dec_v6], offset + 7] -= 1
+    if dec_v4.any():
+        r = rows[dec_v4]
+        buf[r, offset + 8] -= 1
+        # RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'); the 16-bit word holding TTL went down by 0x0100.
+        old = (buf[r, offset + 10].astype(np.uint32) << 8) | buf[r, offset + 11]
+        s = (~old & 0xFFFF) + 0xFEFF  # ~m + m' == ~0x0100 (mod 0xFFFF, one's complement)
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        new = ~s & 0xFFFF
+        buf[r, offset + 10] = (new >> 8).astype(np.uint8)
+        buf[r, offset + 11] = (new & 0xFF).astype(np.uint8)
+    return expired
