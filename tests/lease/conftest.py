@@ -1,0 +1,89 @@
+"""Fixtures for the lease tests: `store_factory`, parametrised over every Store implementation.
+
+To add a store, write a factory `(tmp_path) -> contextmanager yielding a StoreBackend` and add it to
+STORE_BACKENDS. The contract suite (test_store_contract.py) then runs against it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from lease_helpers import ALL_CAPS, FakeClock
+
+from udpflannel.lease.sqlite import SqliteStore
+from udpflannel.lease.store import Store
+
+
+@dataclass
+class StoreBackend:
+    """One running store. `open()` gives a new client of it (another agent); all clients share one clock.
+
+    advance(seconds) moves time for TTLs (a fake clock, or a real sleep for stores that expire on their own);
+    compact(keep) makes all but the last `keep` revisions unavailable to watch().
+    """
+
+    open: Callable[[], Store]
+    advance: Callable[[float], None]
+    compact: Callable[[int], None] | None = None
+    caps: frozenset[str] = ALL_CAPS
+
+
+@contextlib.contextmanager
+def sqlite_backend(tmp_path: Path) -> Iterator[StoreBackend]:
+    clock = FakeClock()
+    path = tmp_path / "leases" / "leases.db"
+    opened: list[SqliteStore] = []
+
+    def open_store() -> SqliteStore:
+        store = SqliteStore(path, clock=clock)
+        opened.append(store)
+        return store
+
+    def compact(keep: int) -> None:
+        admin = open_store()
+        admin.compact(keep)
+
+    try:
+        yield StoreBackend(open=open_store, advance=clock.advance, compact=compact)
+    finally:
+        for store in opened:
+            store.close()
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], contextlib.AbstractContextManager[StoreBackend]]] = {
+    "sqlite": sqlite_backend,
+}
+
+
+@dataclass
+class StoreFactory:
+    """What the `store_factory` fixture hands a test: call it for a store client (same backing store each
+    call), `advance` to move time, `backend` for compaction and capabilities."""
+
+    backend: StoreBackend
+    name: str
+    stores: list[Store] = field(default_factory=list)
+
+    def __call__(self) -> tuple[Store, Callable[[float], None]]:
+        store = self.backend.open()
+        self.stores.append(store)
+        return store, self.backend.advance
+
+    def require(self, cap: str) -> None:
+        if cap not in self.backend.caps:
+            pytest.skip(f"the {self.name} store has no {cap!r} capability")
+
+
+@pytest.fixture(params=sorted(STORE_BACKENDS))
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    with STORE_BACKENDS[request.param](tmp_path) as backend:
+        yield StoreFactory(backend=backend, name=request.param)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
