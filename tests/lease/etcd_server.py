@@ -1,0 +1,100 @@
+"""A real etcd (Debian's /usr/bin/etcd, 3.4+) for tests on 127.0.0.1, free ports, temp data dir.
+
+Import from test modules and conftest.py in this folder (`from etcd_server import EtcdServer`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+ETCD_BINARY = "/usr/bin/etcd"
+START_TIMEOUT = 15.0
+
+
+def etcd_available() -> bool:
+    return os.access(ETCD_BINARY, os.X_OK)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EtcdServer:
+    """One single-member etcd. start() may be called again after kill()/stop(): same ports, same data dir."""
+
+    data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="udpflannel-etcd-"))
+    client_port: int = field(default_factory=_free_port)
+    peer_port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(os.path.join(self.data_dir, "etcd.log"), "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [
+                ETCD_BINARY,
+                "--name=test",
+                f"--data-dir={os.path.join(self.data_dir, 'data')}",
+                f"--listen-client-urls={self.endpoint}",
+                f"--advertise-client-urls={self.endpoint}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=test={peer}",
+                "--log-level=error",
+                "--logger=zap",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.data_dir}/etcd.log")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"etcd did not become healthy within {START_TIMEOUT}s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: the data dir stays for a restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
