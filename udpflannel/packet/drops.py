@@ -1,0 +1,34 @@
+"""Drop reasons: every packet the datapath refuses is counted under one of these; the lower-case member name
+is the /metrics label. Code 0 (NONE) means "keep"; the dataplane adds its own reasons to this one enum."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+
+class DropReason(IntEnum):
+    NONE = 0
+    BAD_HEADER = 1  # version, header length or a field that cannot be right
+    TRUNCATED = 2  # a length field says more bytes than arrived
+    BAD_IP_CHECKSUM = 3
+    BAD_L4_CHECKSUM = 4
+    UNSUPPORTED_GSO = 5  # a virtio gso_type we never enable (UFO) or a superpacket we cannot split
+    TOO_BIG = 6  # does not fit the buffers we were given
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def count_drops(codes: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Add a batch's reason codes to a per-reason counter array (index = reason value); row 0 counts keeps."""
+    size = max(len(DropReason), int(codes.max(initial=0)) + 1)
+    binc = np.bincount(codes.astype(np.intp, copy=False), minlength=size)
+    if counts is None:
+        return binc.astype(np.int64)
+    if len(counts) < size:
+        raise ValueError(f"counter array has {len(counts)} slots, reasons need {size}")
+    counts[:size] += binc
+    return counts
