@@ -1,0 +1,293 @@
+"""Shared helpers of the vxlan/udp interop tests: namespaces as nodes, our dataplane runner per node, a
+kernel VXLAN node configured exactly as flanneld configures flannel.1, and a sha256-checked TCP transfer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from udpflannel.lab.netns import Lab, Netns
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+NETWORK = "198.19.0.0/16"
+NETWORK6 = "fd00:198:19::/48"
+VNI = 1
+
+
+@dataclass
+class Node:
+    ns: Netns
+    index: int
+    kind: str  # "vxlan", "udp" or "kernel"
+    state_dir: pathlib.Path
+    proc: subprocess.Popen | None = None
+    mac: str = ""
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def public_ip(self) -> str:
+        return f"198.18.0.{self.index}"
+
+    @property
+    def subnet(self) -> str:
+        return f"198.19.{self.index}.0/24"
+
+    @property
+    def tun_ip(self) -> str:
+        return f"198.19.{self.index}.0"
+
+    @property
+    def subnet6(self) -> str:
+        return f"fd00:198:19:{self.index}::/64"
+
+    @property
+    def tun_ip6(self) -> str:
+        return f"fd00:198:19:{self.index}::"
+
+    def lease_json(self, dual: bool = False) -> dict:
+        btype = "" if self.kind == "udp" else "vxlan"
+        data = {"VNI": VNI, "VtepMAC": self.mac} if btype else None
+        out = {
+            "subnet": self.subnet,
+            "public_ip": self.public_ip,
+            "backend_type": btype,
+            "backend_data": data,
+        }
+        if dual:
+            out["subnet6"] = self.subnet6
+            out["backend_v6_data"] = data
+        return out
+
+    def send(self, obj: dict, expect: str, timeout: float = 10.0) -> dict:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+        return _read_line(self.proc, expect, timeout)
+
+    def stats(self) -> dict[str, int]:
+        return self.send({"op": "stats"}, "stats")["stats"]
+
+
+def _read_line(proc: subprocess.Popen, key: str, timeout: float) -> dict:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        obj = json.loads(line)
+        if key in obj:
+            return obj
+    raise AssertionError(f"no {key!r} from dataplane runner (exit code {proc.poll()})")
+
+
+class TunnelLab:
+    """A hub namespace (bridge of the underlay) and nodes hanging off it; close() removes everything."""
+
+    def __init__(self) -> None:
+        self.lab = Lab()
+        self.tmp = tempfile.TemporaryDirectory(prefix="udpflannel-interop-")
+        self.nodes: dict[int, Node] = {}
+        self.hub: Netns | None = None
+
+    def __enter__(self) -> TunnelLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            self.stop_node(node)
+        self.lab.close()
+        self.tmp.cleanup()
+
+    def _hub(self) -> Netns:
+        if self.hub is None:
+            self.hub = self.lab.netns("hub")
+            self.hub.exec("ip", "link", "add", "br0", "type", "bridge")
+            self.hub.exec("ip", "link", "set", "br0", "up")
+        return self.hub
+
+    def node(self, index: int, kind: str, env: dict[str, str] | None = None, dual: bool = False) -> Node:
+        """A node namespace with eth0 = 198.18.0.<index>/16 on the shared underlay, running `kind`."""
+        hub = self._hub()
+        ns = self.lab.netns(f"n{index}")
+        self.lab.veth(ns, hub, f"198.18.0.{index}/16", "198.18.255.254/32", name_b=f"p{index}")
+        hub.exec("ip", "addr", "flush", "dev", f"p{index}")
+        hub.exec("ip", "link", "set", f"p{index}", "master", "br0")
+        state = pathlib.Path(self.tmp.name) / f"n{index}"
+        state.mkdir()
+        node = Node(ns, index, kind, state)
+        if kind == "kernel":
+            node.mac = f"02:5a:00:00:00:{index:02x}"
+            ns.exec(
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                node.mac,
+                "type",
+                "vxlan",
+                "id",
+                str(VNI),
+                "local",
+                node.public_ip,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            )
+            ns.exec("ip", "link", "set", "flannel.1", "mtu", "1450")
+            ns.exec("ip", "addr", "add", f"{node.tun_ip}/32", "dev", "flannel.1")
+            ns.exec("ip", "link", "set", "flannel.1", "up")
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "udpflannel.dataplane",
+                "--backend",
+                kind,
+                "--iface",
+                "eth0",
+                "--network",
+                NETWORK,
+                "--subnet",
+                node.subnet,
+                "--subnet-file",
+                str(state / "subnet.env"),
+            ]
+            if dual:
+                cmd += ["--network6", NETWORK6, "--subnet6", node.subnet6]
+            full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+            node.proc = subprocess.Popen(
+                ns.cmd(*cmd),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=full_env,
+                start_new_session=True,
+            )
+            ready = _read_line(node.proc, "ready", 20)
+            attrs = ready["attrs"]
+            node.pids = ready["pids"]
+            if kind == "vxlan":
+                node.mac = attrs["BackendData"]["VtepMAC"]
+        self.nodes[index] = node
+        return node
+
+    def stop_node(self, node: Node) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                node.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(timeout=5)
+        node.proc = None
+
+    def connect(self, a: Node, b: Node, dual: bool = False) -> None:
+        """Tell a about b (a lease event, or flanneld's route + neighbour + fdb for a kernel node)."""
+        if a.kind == "kernel":
+            a.ns.exec("ip", "route", "replace", b.subnet, "via", b.tun_ip, "dev", "flannel.1", "onlink")
+            a.ns.exec(
+                "ip", "neigh", "replace", b.tun_ip, "lladdr", b.mac, "dev", "flannel.1", "nud", "permanent"
+            )
+            a.ns.exec("bridge", "fdb", "replace", b.mac, "dev", "flannel.1", "dst", b.public_ip)
+        else:
+            a.send({"op": "add", **b.lease_json(dual)}, "applied")
+
+    def disconnect(self, a: Node, b: Node) -> None:
+        if a.kind == "kernel":
+            a.ns.exec("ip", "route", "del", b.subnet, check=False)
+            a.ns.exec("ip", "neigh", "del", b.tun_ip, "dev", "flannel.1", check=False)
+            a.ns.exec("bridge", "fdb", "del", b.mac, "dev", "flannel.1", "dst", b.public_ip, check=False)
+        else:
+            a.send({"op": "remove", **b.lease_json()}, "applied")
+
+
+SINK = r"""
+import hashlib, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(float(sys.argv[3]))
+print("listening", flush=True)
+c, _ = s.accept()
+c.settimeout(float(sys.argv[3]))
+h = hashlib.sha256()
+n = 0
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    h.update(d)
+    n += len(d)
+c.sendall(f"{n} {h.hexdigest()}".encode())
+c.close()
+"""
+
+SOURCE = r"""
+import hashlib, socket, sys, time
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+total = int(sys.argv[3])
+seed = hashlib.sha256(b"udpflannel").digest() * 2048  # 64 KiB pattern, varied per chunk below
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
+h = hashlib.sha256()
+sent = 0
+i = 0
+t0 = time.monotonic()
+while sent < total:
+    chunk = (i.to_bytes(8, "big") + seed)[: min(len(seed), total - sent)]
+    s.sendall(chunk)
+    h.update(chunk)
+    sent += len(chunk)
+    i += 1
+s.shutdown(socket.SHUT_WR)
+reply = b""
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    reply += d
+print(f"{sent} {h.hexdigest()} {time.monotonic() - t0:.3f} {reply.decode()}", flush=True)
+"""
+
+
+def transfer(src: Node, dst: Node, nbytes: int, dst_ip: str, port: int = 7000, timeout: float = 60) -> float:
+    """Send nbytes over TCP from src's node namespace to dst_ip in dst's; assert length and sha256 match on
+    both ends; return seconds taken."""
+    sink = dst.ns.popen(
+        sys.executable, "-c", SINK, dst_ip, str(port), str(timeout), stdout=subprocess.PIPE, text=True
+    )
+    assert sink.stdout is not None
+    ready, _, _ = select.select([sink.stdout], [], [], 10)
+    assert ready and sink.stdout.readline().strip() == "listening"
+    out = src.ns.exec(
+        sys.executable, "-c", SOURCE, dst_ip, str(port), str(nbytes), str(timeout), timeout=timeout + 10
+    )
+    sent, digest, seconds, got_n, got_digest = out.split()
+    assert int(sent) == nbytes == int(got_n)
+    assert digest == got_digest
+    sink.wait(timeout=10)
+    return float(seconds)
+
+
+def ping(src: Node, dst_ip: str, count: int = 3, size: int = 56) -> None:
+    src.ns.exec("ping", "-c", str(count), "-i", "0.2", "-W", "2", "-s", str(size), dst_ip, timeout=30)

@@ -1,0 +1,120 @@
+"""The peer table: peer subnets -> (PublicIP, VtepMAC), with longest-prefix match for a whole batch of
+destination addresses at once (numpy searchsorted per prefix length). Immutable: updates build a new table,
+so the worker swaps tables between batches and traffic never stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import numpy as np
+
+NO_PEER = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One remote node as the datapath sees it."""
+
+    subnet: str  # CIDR, IPv4 or IPv6 (a dual-stack node is two Peer rows)
+    public_ip: str  # outer destination
+    vtep_mac: str = "00:00:00:00:00:00"  # VXLAN only
+
+    def to_json(self) -> dict[str, str]:
+        return {"subnet": self.subnet, "public_ip": self.public_ip, "vtep_mac": self.vtep_mac}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, str]) -> Peer:
+        return cls(str(obj["subnet"]), str(obj["public_ip"]), str(obj.get("vtep_mac", "00:00:00:00:00:00")))
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """All prefixes of one length in one family: sorted masked network keys and their peer indices."""
+
+    prefixlen: int
+    mask: object  # np.uint32 for v4, 16-byte np.ndarray for v6
+    keys: np.ndarray
+    index: np.ndarray
+
+
+def _v6_key(raw: np.ndarray) -> np.ndarray:
+    """uint8 [n, 16] -> 'S16' keys; byte strings of equal length sort as big-endian numbers do."""
+    return np.ascontiguousarray(raw).view("S16").reshape(-1)
+
+
+class PeerTable:
+    """Longest-prefix match over peer subnets, both families; also the set of known peer source IPs."""
+
+    def __init__(self, peers: list[Peer] = ()) -> None:  # type: ignore[assignment]
+        self.peers: list[Peer] = list(peers)
+        self.macs = np.zeros((max(len(self.peers), 1), 6), dtype=np.uint8)
+        self.public_ips: list[str] = [p.public_ip for p in self.peers]
+        self.sources: frozenset[str] = frozenset(self.public_ips)
+        by_len: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, peer in enumerate(self.peers):
+            net = ipaddress.ip_network(peer.subnet, strict=False)
+            self.macs[i] = np.frombuffer(bytes.fromhex(peer.vtep_mac.replace(":", "")), dtype=np.uint8)
+            by_len.setdefault((net.version, net.prefixlen), []).append((int(net.network_address), i))
+        self._v4: list[_Level] = []
+        self._v6: list[_Level] = []
+        for (version, plen), rows in sorted(by_len.items(), key=lambda kv: -kv[0][1]):
+            rows.sort()
+            index = np.array([i for _, i in rows], dtype=np.int32)
+            if version == 4:
+                mask = np.uint32((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF)
+                keys = np.array([k for k, _ in rows], dtype=np.uint32)
+                self._v4.append(_Level(plen, mask, keys, index))
+            else:
+                mask_int = ((1 << 128) - 1) ^ ((1 << (128 - plen)) - 1)
+                mask = np.frombuffer(mask_int.to_bytes(16, "big"), dtype=np.uint8)
+                raw = np.array([list(k.to_bytes(16, "big")) for k, _ in rows], dtype=np.uint8)
+                self._v6.append(_Level(plen, mask, _v6_key(raw), index))
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def lookup_v4(self, dst: np.ndarray) -> np.ndarray:
+        """dst: uint32 [n] host-order addresses -> int32 [n] peer index or NO_PEER."""
+        out = np.full(len(dst), NO_PEER, dtype=np.int32)
+        for level in self._v4:
+            todo = out == NO_PEER
+            if not todo.any():
+                break
+            masked = dst & level.mask
+            pos = np.searchsorted(level.keys, masked)
+            pos = np.minimum(pos, len(level.keys) - 1)
+            hit = todo & (level.keys[pos] == masked)
+            out[hit] = level.index[pos[hit]]
+        return out
+
+    def lookup_v6(self, dst: np.ndarray) -> np.ndarray:
+        """dst: uint8 [n, 16] addresses -> int32 [n] peer index or NO_PEER."""
+        out = np.full(len(dst), NO_PEER, dtype=np.int32)
+        for level in self._v6:
+            todo = out == NO_PEER
+            if not todo.any():
+                break
+            masked = _v6_key(dst & level.mask)
+            pos = np.searchsorted(level.keys, masked)
+            pos = np.minimum(pos, len(level.keys) - 1)
+            hit = todo & (level.keys[pos] == masked)
+            out[hit] = level.index[pos[hit]]
+        return out
+
+    def lookup_packets(self, buf: np.ndarray, offset: int, n: int) -> np.ndarray:
+        """Peer index for each IP packet buf[i, offset:] by its destination address (NO_PEER otherwise)."""
+        out = np.full(n, NO_PEER, dtype=np.int32)
+        if n == 0 or not self.peers:
+            return out
+        version = buf[:n, offset] >> 4
+        is_v4 = version == 4
+        is_v6 = version == 6
+        if is_v4.any():
+            d = buf[:n, offset + 16 : offset + 20][is_v4]
+            dst = np.ascontiguousarray(d).view(">u4").reshape(-1).astype(np.uint32)
+            out[is_v4] = self.lookup_v4(dst)
+        if is_v6.any():
+            out[is_v6] = self.lookup_v6(buf[:n, offset + 24 : offset + 40][is_v6])
+        return out

@@ -1,0 +1,144 @@
+"""TunnelBackend: what the vxlan and udp backends share. It turns our lease into host setup (TUN MTU,
+address, cluster route) and peer leases into peer-table rows for the datapath workers, and undoes it all on
+stop(). Subclasses say how a peer lease becomes a Peer (which BackendData they need) and what they publish.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Any
+
+from udpflannel.dataplane.engine import EngineConfig
+from udpflannel.dataplane.peers import Peer
+from udpflannel.dataplane.process import Dataplane
+from udpflannel.lease.model import Event, EventType, Lease
+
+if TYPE_CHECKING:
+    from udpflannel.backend import ExternalInterface
+    from udpflannel.host.links import HostConfig
+
+log = logging.getLogger(__name__)
+
+TUN_TXQUEUELEN = 1000
+
+
+class TunnelBackend:
+    """Base for TUN-based backends; subclasses set type, overhead, tun_name, port and implement the hooks."""
+
+    type: str = ""
+    overhead: int = 0
+    tun_name: str = ""
+    port: int = 0
+
+    def __init__(self, config: Any, options: Any, iface: ExternalInterface) -> None:
+        self.config = config
+        self.options = options
+        self.iface = iface
+        base_mtu = config.backend.mtu or iface.mtu
+        self.mtu = int(base_mtu) - self.overhead
+        self.lease: Lease | None = None
+        self.peers: dict[str, Lease] = {}
+        self.dataplane: Dataplane | None = None
+        self.host: HostConfig | None = None
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+
+    def engine_config(self, lease: Lease) -> EngineConfig:
+        raise NotImplementedError
+
+    def peer_rows(self, lease: Lease) -> list[Peer]:
+        """The peer-table rows for one peer lease; [] when the lease is unusable (logged)."""
+        raise NotImplementedError
+
+    def configure_tun(self, host: HostConfig, lease: Lease) -> None:
+        raise NotImplementedError
+
+    # --- Backend protocol -----------------------------------------------------------------------------------
+
+    def start(self, lease: Lease) -> None:
+        from udpflannel.host.links import HostConfig  # pyroute2: only after the workers exist
+
+        self.lease = lease
+        bind_ip = self.iface.address or "0.0.0.0"
+        # Receive on every address of the node as kernel VXLAN does; send from the interface address.
+        self.dataplane = Dataplane(
+            self.engine_config(lease), self.tun_name, bind_ip, self.port, rx_bind_ip="0.0.0.0"
+        )
+        self.dataplane.start()
+        try:
+            self.host = HostConfig()
+            self.host.link_index(self.tun_name, wait=2.0)
+            self.host.set_link(self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN)
+            self.configure_tun(self.host, lease)
+            self._push_peers()
+        except BaseException:
+            self.stop()
+            raise
+
+    def apply(self, events: list[Event]) -> None:
+        changed = False
+        for ev in events:
+            key = ev.lease.key
+            if self.lease is not None and key == self.lease.key:
+                continue  # our own lease is not a peer
+            if ev.type is EventType.ADDED:
+                self.peers[key] = ev.lease
+                changed = True
+            elif ev.type is EventType.REMOVED and self.peers.pop(key, None) is not None:
+                changed = True
+        if changed and self.dataplane is not None:
+            self._push_peers()
+
+    def _push_peers(self) -> None:
+        rows: list[Peer] = []
+        for lease in self.peers.values():
+            rows.extend(self.peer_rows(lease))
+        assert self.dataplane is not None
+        self.dataplane.set_peers(rows)
+
+    def stats(self) -> dict[str, int]:
+        return self.dataplane.stats() if self.dataplane is not None else {}
+
+    def stop(self) -> None:
+        if self.host is not None:
+            self.host.undo()
+            self.host = None
+        if self.dataplane is not None:
+            self.dataplane.stop()
+            self.dataplane = None
+
+    # --- helpers --------------------------------------------------------------------------------------------
+
+    def _tun_addresses(self, lease: Lease) -> tuple[str | None, str | None]:
+        """flannel puts the subnet's network address on its tunnel device; ICMP errors come from it."""
+        v4 = str(lease.subnet.network_address) if lease.subnet is not None else None
+        v6 = str(lease.ipv6_subnet.network_address) if lease.ipv6_subnet is not None else None
+        return v4, v6
+
+    def _route_cluster(self, host: HostConfig, lease: Lease) -> None:
+        """Address /32 (/128) on the TUN and the cluster CIDR(s) routed into it."""
+        from udpflannel.host.links import Route
+
+        v4, v6 = self._tun_addresses(lease)
+        network = getattr(self.config, "network", None)
+        ipv6_network = getattr(self.config, "ipv6_network", None)
+        if v4 is not None:
+            host.add_address(self.tun_name, f"{v4}/32")
+            if network is not None:
+                host.add_route(Route(str(network), self.tun_name, src=v4))
+        if v6 is not None:
+            host.add_address(self.tun_name, f"{v6}/128")
+            if ipv6_network is not None:
+                host.add_route(Route(str(ipv6_network), self.tun_name, src=v6))
+
+
+def peer_public_ip(lease: Lease, family: int) -> str | None:
+    """Outer destination for a peer: its IPv4 PublicIP (our underlay is IPv4), whatever the inner family."""
+    del family  # IPv6 underlay is not carried yet: inner IPv6 rides the IPv4 underlay to the same node
+    ip = lease.attrs.public_ip
+    return str(ip) if ip is not None else None
+
+
+def subnets_of(lease: Lease) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [s for s in (lease.subnet, lease.ipv6_subnet) if s is not None]

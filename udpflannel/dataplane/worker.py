@@ -1,0 +1,110 @@
+"""The datapath worker process: `python -m udpflannel.dataplane.worker '<json>'`, started by
+dataplane/process.py with the TUN fd, the UDP socket fds, a control socket and the counters memfd inherited.
+
+A fresh interpreter, so it carries only numpy and our codecs (no pyroute2, no store clients). It polls the
+TUN, the receive socket and the control socket; control messages (peer tables, stop)
+are applied between batches.
+It exits when told to, when the control socket closes (the agent died), or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+from udpflannel.dataplane.counters import Counters
+from udpflannel.dataplane.engine import Engine, EngineConfig
+from udpflannel.dataplane.peers import Peer
+from udpflannel.dataplane.plainio import PlainTun, PlainUdp
+
+POLL_MS = 500
+# Bound the work done for one readiness event so TX, RX and control all get a turn.
+MAX_BATCHES_PER_WAKE = 16
+
+
+def _handle_control(ctrl: socket.socket, engine: Engine) -> bool:
+    """Apply waiting control messages; False means stop."""
+    while True:
+        try:
+            msg = ctrl.recv(1 << 22)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not msg:
+            return False  # the agent is gone: stop rather than forward with a stale table
+        try:
+            obj = json.loads(msg)
+        except ValueError:
+            continue
+        if obj.get("op") == "peers":
+            engine.set_peers([Peer.from_json(p) for p in obj.get("peers", [])])
+            ctrl.send(json.dumps({"op": "peers_applied", "seq": obj.get("seq", 0)}).encode())
+        elif obj.get("op") == "stop":
+            return False
+
+
+def run(spec: dict) -> int:
+    cfg = EngineConfig.from_json(spec["engine"])
+    role = spec.get("role", "both")
+    counters = Counters(spec["workers"], fd=spec["counters_fd"])
+    tun = PlainTun(spec["tun_fd"])
+    rx = socket.socket(fileno=spec["rx_fd"])
+    pool = [socket.socket(fileno=fd) if fd != spec["rx_fd"] else rx for fd in spec["pool_fds"]]
+    udp = PlainUdp(rx, pool)
+    ctrl = socket.socket(fileno=spec["ctrl_fd"])
+    ctrl.setblocking(False)
+    engine = Engine(cfg, tun, udp, counters.row(spec["index"]))
+
+    stopping = False
+
+    def _term(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _term)
+    poller = select.poll()
+    poller.register(ctrl.fileno(), select.POLLIN)
+    if role in ("both", "tx"):
+        poller.register(tun.fileno(), select.POLLIN)
+    if role in ("both", "rx"):
+        poller.register(rx.fileno(), select.POLLIN)
+    ctrl.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
+    tun_fd, rx_fd, ctrl_fd = tun.fileno(), rx.fileno(), ctrl.fileno()
+    while not stopping:
+        try:
+            events = poller.poll(POLL_MS)
+        except InterruptedError:
+            continue
+        ready = {fd for fd, _ in events}
+        if ctrl_fd in ready and not _handle_control(ctrl, engine):
+            break
+        for _ in range(MAX_BATCHES_PER_WAKE):
+            moved = 0
+            if tun_fd in ready:
+                moved += engine.tx_once()
+            if rx_fd in ready:
+                moved += engine.rx_once()
+            if moved == 0:
+                break
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    # A worker must never outlive its agent: the control socket closing is the usual signal, this a backstop.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
