@@ -45,6 +45,7 @@ class EtcdServer:
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
+        os.makedirs(self.data_dir, exist_ok=True)
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [

@@ -273,14 +273,30 @@ class EtcdStore:
     def reserve(
         self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs
     ) -> Lease:
+        """A free key, or one held by the same PublicIP (its lease becomes a reservation), else Conflict."""
         key = self._key(subnet, ipv6_subnet)
-        resp = self._txn(
-            {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0},
-            {"request_put": {"key": _b64(key), "value": _b64(attrs.dumps())}},
-            key,
-        )
+        kv = self._range(key)
+        put = {"request_put": {"key": _b64(key), "value": _b64(attrs.dumps())}}
+        if kv is None:
+            compare = {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0}
+        else:
+            try:
+                holder = LeaseAttrs.loads(_unb64(kv.get("value", ""))).public_ip
+            except ValueError:
+                holder = None
+            if holder is None or holder != attrs.public_ip:
+                raise Conflict(f"{key} is held by {holder}")
+            compare = {
+                "key": _b64(key),
+                "result": "EQUAL",
+                "target": "MOD",
+                "mod_revision": int(kv["mod_revision"]),
+            }
+        resp = self._txn(compare, put, key)
         if not resp.get("succeeded"):
-            raise Conflict(f"{key} is already taken")
+            raise Conflict(f"{key} changed while reserving it")
+        if kv is not None and int(kv.get("lease", 0)):
+            self._revoke(int(kv["lease"]))  # detached by the put: the key no longer expires
         return Lease(subnet, attrs, ipv6_subnet, expiration=None, revision=int(resp["header"]["revision"]))
 
     def renew(self, lease: Lease, attrs: LeaseAttrs, ttl: float) -> Lease:
@@ -436,6 +452,11 @@ class EtcdStore:
                 if added is not None:
                     events.append(Event(EventType.ADDED, added, added.revision))
         return events
+
+    def compact(self, revision: int) -> None:
+        """Drop history before `revision` (what an operator's `etcdctl compact` does); watches from older
+        revisions then raise Compacted."""
+        self._post("kv/compaction", {"revision": revision, "physical": True})
 
     def close(self) -> None:
         for client in self._clients:
