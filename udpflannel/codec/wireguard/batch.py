@@ -1,0 +1,163 @@
+"""Batch transport path: seal many payloads for one peer into one preallocated buffer, open many datagrams
+in place. Python work per batch is O(1) apart from the AEAD call per segment (DESIGN.md, data path 6).
+
+Counters are assigned per batch; timers and stats are updated once per batch and keypair. No sockets,
+no clock: `now` is one value for the whole batch.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+
+from udpflannel.codec.wireguard import messages as m
+from udpflannel.codec.wireguard.events import Drop, DropReason, Endpoint, Event, Queued
+from udpflannel.codec.wireguard.session import Device, Keypair, Peer, inner_packet_length
+from udpflannel.codec.wireguard.timers import TimerKind
+
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_U64 = struct.Struct("<Q")
+_HEADER = struct.Struct("<IIQ")
+_TAG = 16
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class SealedBatch:
+    """Messages written back to back into the caller's buffer from `offset`; sizes[i] is message i's size."""
+
+    endpoint: Endpoint | None
+    offset: int
+    sizes: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def sealed_size(device: Device, lengths: Sequence[int]) -> int:
+    return sum(m.MESSAGE_TRANSPORT_HEADER_SIZE + device.padded_length(n) + _TAG for n in lengths)
+
+
+def seal_batch(
+    device: Device,
+    public_key: bytes,
+    segments: Sequence[Buffer],
+    out: bytearray | memoryview,
+    now: float,
+    offset: int = 0,
+) -> SealedBatch | Queued | Drop:
+    """Encrypt `segments` (plaintext IP packets) for one peer with consecutive counters, in place in `out`
+    (ChaCha20Poly1305.encrypt_into). Equal-length segments give equal-size messages, ready for UDP GSO."""
+    peer = device.peers[public_key]
+    kp = device._sendable_keypair(peer, now)
+    if kp is None:
+        for seg in segments:
+            device._stage(peer, bytes(seg))
+        peer.timers.arm(TimerKind.SEND_INITIATION, now)
+        return Queued(public_key)
+    if offset + sealed_size(device, [len(s) for s in segments]) > len(out):
+        return device._drop(DropReason.TOO_BIG, len(segments))
+    mv = memoryview(out)
+    send = kp.send
+    counter = kp.send_nonce
+    kp.send_nonce += len(segments)
+    receiver = kp.remote_index
+    pos = offset
+    sizes: list[int] = []
+    any_data = False
+    for seg in segments:
+        n = len(seg)
+        padded = device.padded_length(n)
+        _HEADER.pack_into(mv, pos, m.MESSAGE_TRANSPORT_TYPE, receiver, counter)
+        body = pos + m.MESSAGE_TRANSPORT_HEADER_SIZE
+        mv[body : body + n] = seg
+        if padded > n:
+            mv[body + n : body + padded] = bytes(padded - n)
+        send.encrypt_into(
+            _NONCE_PREFIX + _U64.pack(counter),
+            mv[body : body + padded],
+            None,
+            mv[body : body + padded + _TAG],
+        )
+        size = m.MESSAGE_TRANSPORT_HEADER_SIZE + padded + _TAG
+        sizes.append(size)
+        pos += size
+        counter += 1
+        any_data = any_data or n > 0
+    device._after_send(peer, kp, any_data, pos - offset, now)
+    return SealedBatch(endpoint=peer.endpoint, offset=offset, sizes=sizes)
+
+
+@dataclass(slots=True)
+class OpenedBatch:
+    """delivered: (peer public key, inner packet view into the caller's datagram buffer) in arrival order;
+    events: everything else (handshake replies, HandshakeCompleted, staged packets, drops)."""
+
+    delivered: list[tuple[bytes, memoryview]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def open_batch(device: Device, datagrams: Sequence[memoryview], src: Endpoint, now: float) -> OpenedBatch:
+    """Decrypt transport messages in place (decrypt_into); other message types go through receive_datagram.
+    The returned views alias the input buffers: consume them before reusing those buffers."""
+    result = OpenedBatch()
+    drops = device.drops
+    reject_after_messages = device.timing.reject_after_messages
+    reject_after_time = device.timing.reject_after_time
+    index_table = device.index_table
+    # Per keypair seen in this batch: (peer, bytes, had_data), applied once at the end.
+    seen: dict[int, tuple[Peer, Keypair, int, bool]] = {}
+    for dg in datagrams:
+        n = len(dg)
+        if n < m.MESSAGE_TRANSPORT_SIZE or dg[0] != m.MESSAGE_TRANSPORT_TYPE:
+            result.events.extend(device.receive_datagram(dg, src, now))
+            continue
+        word, receiver, counter = _HEADER.unpack_from(dg, 0)
+        if word != m.MESSAGE_TRANSPORT_TYPE:
+            result.events.extend(device.receive_datagram(dg, src, now))
+            continue
+        entry = index_table.get(receiver)
+        if entry is None or entry.keypair is None:
+            drops[DropReason.UNKNOWN_INDEX] += 1
+            continue
+        kp = entry.keypair
+        if now - kp.created >= reject_after_time:
+            drops[DropReason.KEY_EXPIRED] += 1
+            continue
+        try:
+            kp.recv.decrypt_into(_NONCE_PREFIX + _U64.pack(counter), dg[16:], None, dg[16 : n - _TAG])
+        except InvalidTag:
+            drops[DropReason.DECRYPT_FAILED] += 1
+            continue
+        if not kp.replay.validate_counter(counter, reject_after_messages):
+            drops[DropReason.REPLAY] += 1
+            continue
+        plain = dg[16 : n - _TAG]
+        prev = seen.get(id(kp))
+        had_data = len(plain) > 0
+        if prev is None:
+            seen[id(kp)] = (entry.peer, kp, n, had_data)
+        else:
+            seen[id(kp)] = (entry.peer, kp, prev[2] + n, prev[3] or had_data)
+        if not had_data:
+            continue
+        length = inner_packet_length(plain)
+        if length is None:
+            drops[DropReason.BAD_INNER_PACKET] += 1
+            continue
+        packet = plain[:length]
+        peer = entry.peer
+        if peer.allowed_ips and not device._allowed(peer, packet):
+            drops[DropReason.NOT_ALLOWED_IP] += 1
+            continue
+        result.delivered.append((peer.public_key, packet))
+    for peer, kp, size, had_data in seen.values():
+        result.events.extend(device._after_authenticated_receive(peer, kp, src, size, now))
+        if had_data:
+            peer.timers.on_data_received(now)
+    return result
