@@ -8,6 +8,7 @@ inside a batch drops that batch (counted as internal_error), never the loop. The
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,9 @@ from udpflannel.dataplane.counters import INDEX
 from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
 from udpflannel.packet.batch import PacketBatch
 
+log = logging.getLogger(__name__)
+
+MAX_ERRORS_LOGGED = 5
 BATCH = 64  # packets per read/recv batch in per-packet mode
 STRIDE = 2048  # bytes per row: headroom + the largest datagram we accept (underlay MTU 1500 + slack)
 HEADROOM = 64
@@ -90,6 +94,7 @@ class Engine:
         self.tx_batch = PacketBatch.empty(BATCH, STRIDE, HEADROOM)
         self.rx_batch = PacketBatch.empty(BATCH, STRIDE, HEADROOM)
         self._peer_dsts: list[tuple[str, int]] = []
+        self._errors_logged = 0
 
     def _count(self, name: str, value: int = 1) -> None:
         self.counters[INDEX[name]] += value
@@ -111,8 +116,14 @@ class Engine:
         try:
             self.process_tx(batch)
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
-            self._count("drop_internal_error", n)
+            self._internal_error(n)
         return n
+
+    def _internal_error(self, n: int) -> None:
+        self._count("drop_internal_error", n)
+        if self._errors_logged < MAX_ERRORS_LOGGED:  # enough to debug, never a log flood
+            self._errors_logged += 1
+            log.exception("datapath bug: batch of %d packets dropped", n)
 
     def plan_tx(self, batch: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
         """Decide per packet: (peer index or NO_PEER, reason name index into _TX_REASONS; 0 = send)."""
@@ -133,7 +144,9 @@ class Engine:
         peer, reason = self.plan_tx(batch)
         if not self.is_vxlan:
             # flannel's udp proxy routes like a router: TTL goes down by one on the way out.
-            expired = udp_codec.decrement_ttl_batch(batch.buf, batch.lengths, batch.offset, reason == TX_OK)
+            expired = udp_codec.decrement_ttl_batch(
+                batch.buf, batch.lengths[:n], batch.offset, reason == TX_OK
+            )
             reason[expired] = TX_TTL_EXCEEDED
         if reason.any():
             self._answer_tx_drops(batch, reason)
@@ -191,7 +204,7 @@ class Engine:
         try:
             self.process_rx(batch, sources)
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
-            self._count("drop_internal_error", n)
+            self._internal_error(n)
         return n
 
     def process_rx(self, batch: PacketBatch, sources: list[str]) -> None:

@@ -10,6 +10,7 @@ It exits when told to, when the control socket closes (the agent died), or on SI
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -95,6 +96,9 @@ def run(spec: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.WARNING, format="udpflannel-worker[%(process)d] %(levelname)s %(message)s"
+    )
     spec = json.loads(argv[0])
     # A worker must never outlive its agent: the control socket closing is the usual signal, this a backstop.
     try:

@@ -1,0 +1,155 @@
+"""vxlan and udp datapaths between real namespaces in wire mode: udpflannel <-> udpflannel, udpflannel <->
+kernel VXLAN set up as flanneld sets up flannel.1, per-packet mode, and peer churn during a transfer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+from tunnel_lab import TunnelLab, ping, transfer
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+if os.geteuid() != 0:
+    pytest.skip("interop tests need root for network namespaces and TUN devices", allow_module_level=True)
+if not os.path.exists("/dev/net/tun"):
+    pytest.skip("no /dev/net/tun on this machine", allow_module_level=True)
+
+BIG = 200 * 1000 * 1000
+MEDIUM = 30 * 1000 * 1000
+
+
+def _no_drops(stats: dict[str, int], *allowed: str) -> None:
+    bad = {k: v for k, v in stats.items() if k.startswith("drop_") and v and k not in allowed}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "udp"])
+def test_two_udpflannel_nodes_ping_transfer_and_ipv6(kind):
+    with TunnelLab() as lab:
+        a = lab.node(1, kind, dual=True)
+        b = lab.node(2, kind, dual=True)
+        lab.connect(a, b, dual=True)
+        lab.connect(b, a, dual=True)
+        ping(a, b.tun_ip)
+        ping(b, a.tun_ip)
+        ping(a, b.tun_ip6)
+        transfer(a, b, BIG, b.tun_ip)
+        transfer(b, a, MEDIUM, a.tun_ip, port=7001)
+        transfer(a, b, MEDIUM, b.tun_ip6, port=7002)
+        sa, sb = a.stats(), b.stats()
+        assert sa["tx_bytes"] >= BIG and sb["rx_bytes"] >= BIG
+        # unknown_peer: the kernel's own IPv6 link-local/multicast chatter on the TUN has no peer.
+        _no_drops(sa, "drop_unknown_peer")
+        _no_drops(sb, "drop_unknown_peer")
+
+
+def _capture(node, seconds_max: float = 30):
+    return node.ns.popen(
+        "tcpdump",
+        "-i",
+        "eth0",
+        "-U",
+        "-w",
+        str(node.state_dir / "underlay.pcap"),
+        "-c",
+        "2000",
+        "udp port 8472",
+    )
+
+
+@pytest.mark.parametrize("no_offload", [False, True], ids=["default", "no_offload"])
+def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
+    env = {"UDPFLANNEL_NO_OFFLOAD": "1"} if no_offload else {}
+    with TunnelLab() as lab:
+        a = lab.node(1, "vxlan", env=env)
+        k = lab.node(2, "kernel")
+        lab.connect(a, k)
+        lab.connect(k, a)
+        cap = _capture(a)
+        time.sleep(0.5)
+        ping(a, k.tun_ip)
+        ping(k, a.tun_ip)
+        ping(a, k.tun_ip, count=2, size=1400)
+        transfer(a, k, MEDIUM, k.tun_ip)
+        transfer(k, a, MEDIUM, a.tun_ip, port=7001)
+        stats = a.stats()
+        assert stats["rx_packets"] > 1000 and stats["tx_packets"] > 1000
+        _no_drops(stats, "drop_unknown_peer")
+        # The kernel peer must not have dropped our frames either.
+        kstats = k.ns.exec("ip", "-s", "-j", "link", "show", "flannel.1")
+        assert '"rx_errors":0' in kstats.replace(" ", "") or '"errors":0' in kstats.replace(" ", "")
+        cap.terminate()
+        cap.wait(timeout=10)
+        if shutil.which("tshark") is None:
+            pytest.skip("tshark not installed: capture not dissected")
+        fields = subprocess.run(
+            [
+                "tshark",
+                "-r",
+                str(a.state_dir / "underlay.pcap"),
+                "-d",
+                "udp.port==8472,vxlan",
+                "-T",
+                "fields",
+                "-e",
+                "ip.src",
+                "-e",
+                "vxlan.vni",
+                "-e",
+                "eth.src",
+                "-e",
+                "eth.dst",
+                "-c",
+                "500",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split("\n")
+        rows = [line.split("\t") for line in fields if line.strip()]
+        assert len(rows) > 20
+        for ip_src, vni, eth_src, eth_dst in rows:
+            outer = ip_src.split(",")[0]
+            assert vni == "1"
+            # tshark lists the inner Ethernet after the (absent) outer one: take the last value.
+            src, dst = eth_src.split(",")[-1], eth_dst.split(",")[-1]
+            if outer == a.public_ip:
+                assert (src, dst) == (a.mac, k.mac)
+            else:
+                assert (src, dst) == (k.mac, a.mac)
+
+
+def test_peer_churn_does_not_break_a_transfer():
+    with TunnelLab() as lab:
+        a = lab.node(1, "vxlan")
+        b = lab.node(2, "vxlan")
+        lab.connect(a, b)
+        lab.connect(b, a)
+        errors: list[BaseException] = []
+
+        def _run() -> None:
+            try:
+                transfer(a, b, BIG // 2, b.tun_ip)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        t = threading.Thread(target=_run)
+        t.start()
+        c = lab.node(3, "vxlan")
+        for _ in range(3):
+            lab.connect(a, c)
+            lab.connect(b, c)
+            lab.connect(c, a)
+            ping(c, a.tun_ip, count=1)
+            lab.disconnect(a, c)
+            lab.disconnect(b, c)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        assert not errors, errors
+        assert a.stats()["peer_updates"] >= 7
