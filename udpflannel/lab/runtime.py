@@ -32,6 +32,7 @@ from udpflannel.lab.netns import (
     run_prefix,
 )
 from udpflannel.lab.topology import Node, Topology
+from udpflannel.subnet import read_subnet_env
 
 STATE_ROOT = Path("/run/udpflannel-lab")
 STATE_FILE = "state.json"
@@ -292,31 +293,15 @@ def _start_agents(
     log(f"lab {state.prefix}: started {len(topo.agents)} agents (udpflannel run, backend {topo.backend})")
 
 
-def read_subnet_env(path: Path) -> dict[str, str]:
-    """subnet.env as a dict ({} while the agent has not written it; it writes atomically)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
-
-
 def _wait_for_leases(state: LabState, lab: Lab, timeout: float, log) -> None:
     deadline = time.monotonic() + timeout
     pending = set(state.nodes)
     while pending and time.monotonic() < deadline:
         for name in sorted(pending):
-            env = read_subnet_env(state.node_dir(name) / "subnet.env")
-            if "FLANNEL_SUBNET" in env:
+            env = read_subnet_env(state.node_dir(name) / "subnet.env")  # written atomically by the agent
+            if env is not None and env.subnet is not None and env.mtu is not None:
                 node = state.nodes[name]
-                gw = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
-                node.subnet, node.gateway = str(gw.network), str(gw.ip)
-                node.mtu = int(env.get("FLANNEL_MTU", "1450"))
+                node.subnet, node.gateway, node.mtu = str(env.subnet.network), str(env.subnet.ip), env.mtu
                 pending.discard(name)
             elif not agent_alive(state, state.nodes[name]):
                 pending.discard(name)  # dead agents never write it; say so below rather than wait

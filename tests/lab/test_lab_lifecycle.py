@@ -1,0 +1,153 @@
+"""Lab up/down: namespaces, underlay, pods and agent processes appear, and `down` leaves nothing behind, also
+when building fails half-way or an agent dies. The agent here is a stand-in process that writes subnet.env
+like `udpflannel run` does (the lab's plumbing is under test, not the agent); test_lab_demo.py runs the real
+one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from udpflannel.lab import topology
+from udpflannel.lab.netns import LabError, leftover_namespaces
+from udpflannel.lab.runtime import LabState, down, find_labs, up
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
+
+REPO = Path(__file__).resolve().parents[2]
+THREE_NODE = REPO / "containerlab" / "three-node.clab.yml"
+
+# Writes subnet.env atomically (198.19.<n>.1/24) and then idles, bounded, like an agent holding its lease.
+FAKE_AGENT = (
+    "import os, sys, time\n"
+    "path, n = sys.argv[1], sys.argv[2]\n"
+    "body = f'FLANNEL_NETWORK=198.19.0.0/16\\nFLANNEL_SUBNET=198.19.{n}.1/24\\n'\n"
+    "body += 'FLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n'\n"
+    "open(path + '.tmp', 'w').write(body)\n"
+    "os.replace(path + '.tmp', path)\n"
+    "time.sleep(120)\n"
+)
+
+
+def fake_agent(state: LabState, node: topology.Node) -> list[str]:
+    n = list(state.nodes).index(node.name) + 1
+    return [sys.executable, "-c", FAKE_AGENT, str(state.node_dir(node.name) / "subnet.env"), str(n)]
+
+
+def dead_agent(state: LabState, node: topology.Node) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; print('agent for {node.name} gives up'); sys.exit(3)",
+        str(state.dir),
+    ]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (the lab directory is in every agent's)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def assert_nothing_left(prefix: str, directory: Path) -> None:
+    assert leftover_namespaces(prefix) == []
+    assert processes_mentioning(str(directory)) == []
+    assert not directory.exists()
+
+
+def ns_exec(ns: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *args], capture_output=True, text=True, timeout=10)
+
+
+def test_up_builds_nodes_pods_and_down_from_state_removes_all(tmp_path: Path) -> None:
+    topo = topology.load(THREE_NODE)
+    labrun = up(topo, root=tmp_path, agent=fake_agent, log=lambda _: None)
+    state = labrun.state
+    try:
+        assert find_labs(tmp_path) == [state.path]
+        assert sorted(leftover_namespaces(state.prefix)) == sorted(state.namespaces)
+        assert len(state.namespaces) == 3 + 1 + 6  # nodes, the underlay bridge, two pods per node
+        assert [n.subnet for n in state.nodes.values()] == ["198.19.1.0/24", "198.19.2.0/24", "198.19.3.0/24"]
+        node1, node3 = state.nodes["node1"], state.nodes["node3"]
+        # Underlay: one L2 segment, in wire mode (tx checksum offload off).
+        assert ns_exec(node1.ns, "ping", "-c", "1", "-W", "2", "198.18.0.3").returncode == 0
+        features = ns_exec(node1.ns, "ethtool", "-k", "eth1").stdout
+        assert "tx-checksumming: off" in features
+        # Pods: cni0 gateway, the pod's default route, FLANNEL_MTU, reachability inside the node.
+        pod0, pod1 = node1.pods
+        assert (pod0.ip, pod1.ip) == ("198.19.1.2", "198.19.1.3")
+        assert "default via 198.19.1.1 dev eth0" in ns_exec(pod0.ns, "ip", "route").stdout
+        assert "mtu 1450" in ns_exec(pod0.ns, "ip", "link", "show", "eth0").stdout
+        assert "198.19.1.1/24" in ns_exec(node1.ns, "ip", "addr", "show", "cni0").stdout
+        assert ns_exec(pod0.ns, "ping", "-c", "1", "-W", "2", pod1.ip).returncode == 0
+        # No dataplane here, so the other node's pod is unreachable: the lab itself does not leak routes.
+        assert ns_exec(pod0.ns, "ping", "-c", "1", "-W", "1", node3.pods[0].ip).returncode != 0
+        assert len(processes_mentioning(state.dir)) == 3
+    finally:
+        # `down` as another process would do it: from the state directory alone.
+        removed = down(state.path)
+        labrun.lab.close()  # reap our own children (already killed)
+    assert f"agent node1 (pid {state.nodes['node1'].pid})" in removed
+    assert_nothing_left(state.prefix, state.path)
+
+
+def test_failure_while_building_removes_what_was_made(tmp_path: Path) -> None:
+    topo = topology.load(THREE_NODE)
+    made: list[LabState] = []
+
+    def agent_then_fail(state: LabState, node: topology.Node) -> list[str]:
+        made.append(state)
+        if node.name == "node3":
+            raise LabError("simulated failure while starting node3's agent")
+        return fake_agent(state, node)
+
+    with pytest.raises(LabError, match="simulated failure"):
+        up(topo, root=tmp_path, agent=agent_then_fail, log=lambda _: None)
+    state = made[0]
+    assert state.nodes["node1"].pid is not None  # two agents were running when it failed
+    assert_nothing_left(state.prefix, state.path)
+
+
+def test_dead_agents_mean_no_lease_no_pods_and_clean_down(tmp_path: Path) -> None:
+    topo = topology.load(THREE_NODE)
+    logs: list[str] = []
+    labrun = up(topo, root=tmp_path, agent=dead_agent, lease_timeout=5, log=logs.append)
+    state = labrun.state
+    try:
+        assert all(n.subnet is None and n.pods == [] for n in state.nodes.values())
+        text = "\n".join(logs)
+        assert "node node2 has no lease (agent exited)" in text
+        assert "agent for node2 gives up" in text  # the agent's own words reach the user
+    finally:
+        labrun.close()
+    assert_nothing_left(state.prefix, state.path)
+
+
+def test_cli_down_removes_every_lab_under_the_root(tmp_path: Path) -> None:
+    from udpflannel.lab.cli import cmd_down, cmd_status
+
+    topo = topology.load(THREE_NODE)
+    runs = [up(topo, root=tmp_path, agent=fake_agent, log=lambda _: None) for _ in range(2)]
+    try:
+        args = type("Args", (), {"state_root": tmp_path, "prefix": None})()
+        assert cmd_status(args) == 0
+        assert cmd_down(args) == 0
+    finally:
+        for r in runs:
+            r.close()
+    for r in runs:
+        assert_nothing_left(r.state.prefix, r.state.path)
+    assert find_labs(tmp_path) == []
