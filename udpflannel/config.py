@@ -33,10 +33,27 @@ MIN_INNER_MTU_V4 = 68  # RFC 791: every IPv4 link must carry 68 bytes
 MIN_INNER_MTU_V6 = 1280  # RFC 8200 section 5
 WG_KEY_LEN = 32
 
-# flannel's CheckNetworkConfig limits, per address family: (bits, longest SubnetLen, default SubnetLen,
-# longest Network prefix that still gets a default). A subnet must hold a tunnel and a bridge address.
-_V4_LIMITS = (32, 30, 24, 28)
-_V6_LIMITS = (128, 126, 64, 124)
+
+@dataclass(frozen=True)
+class _Family:
+    """flannel's CheckNetworkConfig constants and names for one address family (no v4/v6 copies of code)."""
+
+    attr: str  # RawNetConf/NetworkConfig field prefix: "" or "ipv6_"
+    names: tuple[str, ...]  # Network, SubnetLen, SubnetMin, SubnetMax as spelled in net-conf
+    version: int
+    bits: int
+    longest: int  # longest SubnetLen: a subnet must hold a tunnel and a bridge address
+    default: int  # default SubnetLen when the network holds at least 4 of them
+    longest_network: int  # longest Network prefix flannel can split into 4
+    example: str
+
+
+_V4_NAMES = ("Network", "SubnetLen", "SubnetMin", "SubnetMax")
+_V6_NAMES = ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax")
+_V4 = _Family("", _V4_NAMES, 4, 32, 30, 24, 28, '"198.19.0.0/16"')
+_V6 = _Family("ipv6_", _V6_NAMES, 6, 128, 126, 64, 124, '"fd00:198::/48"')
+_FAMILIES = (_V4, _V6)
+_TOP_FIELDS = ("EnableIPv4", "EnableIPv6", "EnableNFTables", "Backend", *_V4.names, *_V6.names)
 
 
 class ConfigError(ValueError):
@@ -204,22 +221,6 @@ def _parse_addr(where: str, value: Any, version: int) -> IPv4Address | IPv6Addre
     return None if int(addr) == 0 else addr
 
 
-_TOP_FIELDS = (
-    "EnableIPv4",
-    "EnableIPv6",
-    "Network",
-    "SubnetLen",
-    "SubnetMin",
-    "SubnetMax",
-    "IPv6Network",
-    "IPv6SubnetLen",
-    "IPv6SubnetMin",
-    "IPv6SubnetMax",
-    "EnableNFTables",
-    "Backend",
-)
-
-
 def parse_raw(text: str | bytes) -> RawNetConf:
     """JSON text -> RawNetConf. Checks JSON syntax and field types; derives nothing."""
     try:
@@ -242,41 +243,36 @@ def parse_raw(text: str | bytes) -> RawNetConf:
         raise ConfigError(
             f'net-conf: Backend must be an object like {{"Type": "vxlan"}}, got {_describe(backend)}'
         )
-    subnet_len = _get_int("SubnetLen", f.get("SubnetLen"))
-    ipv6_subnet_len = _get_int("IPv6SubnetLen", f.get("IPv6SubnetLen"), example="64")
-    for name, value in (("SubnetLen", subnet_len), ("IPv6SubnetLen", ipv6_subnet_len)):
-        if value is not None and value < 0:
+    families: dict[str, Any] = {}
+    for fam in _FAMILIES:
+        net_name, len_name, min_name, max_name = fam.names
+        subnet_len = _get_int(len_name, f.get(len_name), example=str(fam.default))
+        if subnet_len is not None and subnet_len < 0:
             raise ConfigError(
-                f"net-conf: {name} {value} is negative: use a prefix length like 24, or leave it out"
+                f"net-conf: {len_name} {subnet_len} is negative: use a prefix length, or leave it out"
             )
+        families[f"{fam.attr}network"] = _parse_cidr(net_name, f.get(net_name), fam.version)
+        families[f"{fam.attr}subnet_len"] = subnet_len or None  # flannel: 0 means "use the default"
+        families[f"{fam.attr}subnet_min"] = _parse_addr(min_name, f.get(min_name), fam.version)
+        families[f"{fam.attr}subnet_max"] = _parse_addr(max_name, f.get(max_name), fam.version)
     return RawNetConf(
         enable_ipv4=_get_bool("EnableIPv4", f.get("EnableIPv4"), True),
         enable_ipv6=_get_bool("EnableIPv6", f.get("EnableIPv6"), False),
-        network=_parse_cidr("Network", f.get("Network"), 4),  # type: ignore[arg-type]
-        subnet_len=subnet_len or None,  # flannel: 0 means "use the default"
-        subnet_min=_parse_addr("SubnetMin", f.get("SubnetMin"), 4),  # type: ignore[arg-type]
-        subnet_max=_parse_addr("SubnetMax", f.get("SubnetMax"), 4),  # type: ignore[arg-type]
-        ipv6_network=_parse_cidr("IPv6Network", f.get("IPv6Network"), 6),  # type: ignore[arg-type]
-        ipv6_subnet_len=ipv6_subnet_len or None,
-        ipv6_subnet_min=_parse_addr("IPv6SubnetMin", f.get("IPv6SubnetMin"), 6),  # type: ignore[arg-type]
-        ipv6_subnet_max=_parse_addr("IPv6SubnetMax", f.get("IPv6SubnetMax"), 6),  # type: ignore[arg-type]
         enable_nftables=_get_bool("EnableNFTables", f.get("EnableNFTables"), False),
         backend=backend,
+        **families,
     )
 
 
 # --- step 2: defaults -----------------------------------------------------------------------------------
 
 
-def _default_subnet_len(network: IPv4Network | IPv6Network, limits: tuple[int, int, int, int]) -> int | None:
+def _default_subnet_len(network: IPv4Network | IPv6Network, fam: _Family) -> int | None:
     """flannel: the default length (/24, /64) when the network holds 4 of them, else prefix + 2; None when
     the network is too small for any default (validate reports it)."""
-    _bits, _longest, default, longest_network = limits
-    if network.prefixlen > longest_network:
+    if network.prefixlen > fam.longest_network:
         return None
-    if network.prefixlen <= default - 2:
-        return default
-    return network.prefixlen + 2
+    return fam.default if network.prefixlen <= fam.default - 2 else network.prefixlen + 2
 
 
 def _default_range(network: IPv4Network | IPv6Network, subnet_len: int, bits: int) -> tuple[Any, Any] | None:
@@ -292,25 +288,20 @@ def _default_range(network: IPv4Network | IPv6Network, subnet_len: int, bits: in
 def apply_defaults(raw: RawNetConf) -> RawNetConf:
     """Fill SubnetLen/Min/Max (and the IPv6 twins) as flannel does, where they can be derived."""
     out = raw
-    for prefix, network, limits in (
-        ("", raw.network, _V4_LIMITS),
-        ("ipv6_", raw.ipv6_network, _V6_LIMITS),
-    ):
+    for fam in _FAMILIES:
+        network = getattr(raw, f"{fam.attr}network")
+        subnet_len = getattr(raw, f"{fam.attr}subnet_len")
         if network is None:
             continue
-        subnet_len = getattr(out, f"{prefix}subnet_len")
         if subnet_len is None:
-            subnet_len = _default_subnet_len(network, limits)
-            out = dataclasses.replace(out, **{f"{prefix}subnet_len": subnet_len})
-        if subnet_len is None:
-            continue
-        rng = _default_range(network, subnet_len, limits[0])
+            subnet_len = _default_subnet_len(network, fam)
+            out = dataclasses.replace(out, **{f"{fam.attr}subnet_len": subnet_len})
+        rng = None if subnet_len is None else _default_range(network, subnet_len, fam.bits)
         if rng is None:
             continue
-        if getattr(out, f"{prefix}subnet_min") is None:
-            out = dataclasses.replace(out, **{f"{prefix}subnet_min": rng[0]})
-        if getattr(out, f"{prefix}subnet_max") is None:
-            out = dataclasses.replace(out, **{f"{prefix}subnet_max": rng[1]})
+        for key, value in zip(("subnet_min", "subnet_max"), rng, strict=True):
+            if getattr(out, f"{fam.attr}{key}") is None:
+                out = dataclasses.replace(out, **{f"{fam.attr}{key}": value})
     return out
 
 
@@ -318,21 +309,19 @@ def apply_defaults(raw: RawNetConf) -> RawNetConf:
 
 
 def _check_family(
-    names: tuple[str, str, str, str],
+    fam: _Family,
     network: IPv4Network | IPv6Network | None,
     subnet_len: int | None,
     subnet_min: IPv4Address | IPv6Address | None,
     subnet_max: IPv4Address | IPv6Address | None,
-    limits: tuple[int, int, int, int],
-    example: str,
-    other_switch: str,
 ) -> tuple[int, Any, Any]:
     """flannel's CheckNetworkConfig for one address family; returns (subnet_len, min net, max net)."""
-    net_name, len_name, min_name, max_name = names
-    bits, longest, _default, longest_network = limits
+    net_name, len_name, min_name, max_name = fam.names
+    bits, longest, longest_network = fam.bits, fam.longest, fam.longest_network
     if network is None:
+        fix = 'set "EnableIPv4": false for IPv6-only' if fam.attr == "" else 'set "EnableIPv6": false'
         raise ConfigError(
-            f"net-conf: {net_name} is missing: set it to the cluster CIDR, e.g. {example} (or {other_switch})"
+            f"net-conf: {net_name} is missing: set it to the cluster CIDR, e.g. {fam.example} (or {fix})"
         )
     shortest = network.prefixlen + 2  # at least 4 subnets: the first is never handed out
     if shortest > longest or (subnet_len is None and network.prefixlen > longest_network):
@@ -400,69 +389,55 @@ _BACKEND_FIELDS = {
 }
 
 
-def _port(where: str, value: Any, default: int | None) -> int | None:
-    port = _get_int(where, value, example="8472")
-    if not port:  # Go's zero value: the backend's default
-        return default
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"net-conf: {where} {port} is out of range: use a port between 1 and 65535")
-    return port
+_PORT_FIX = "use a port between 1 and 65535"
+# Integer options: field, range, whether 0 means "not set" (Go's zero value), example, fix.
+_INT_OPTIONS: dict[str, tuple[str, int, int, bool, str, str]] = {
+    "VNI": ("vni", 0, VNI_MAX, False, "1", f"use a value between 0 and {VNI_MAX}"),
+    "Port": ("port", 1, 65535, True, "8472", _PORT_FIX),
+    "MTU": ("mtu", 1, 65535, True, "1450", "use a value up to 65535, or leave it out"),
+    "ListenPort": ("listen_port", 1, 65535, True, "51820", _PORT_FIX),
+    "ListenPortV6": ("listen_port_v6", 1, 65535, True, "51821", _PORT_FIX),
+    "PersistentKeepaliveInterval": (
+        "persistent_keepalive_interval",
+        0,
+        65535,
+        False,
+        "25",
+        "use seconds between 0 (off) and 65535",
+    ),
+}
 
 
 def parse_backend(obj: dict[str, Any] | None) -> BackendConfig:
     """The Backend object -> BackendConfig, with flannel's per-type defaults and our range checks."""
     if obj is None:
         return BackendConfig(type=DEFAULT_BACKEND_TYPE, raw={})
-    raw_type = _fields(obj, ("Type",)).get("Type")
-    type_text = _get_str("Backend.Type", raw_type, '"vxlan"')
+    type_text = _get_str("Backend.Type", _fields(obj, ("Type",)).get("Type"), '"vxlan"')
     choices = ", ".join(BACKEND_TYPES)
     if not type_text:
         raise ConfigError(f"net-conf: Backend.Type is missing: set it to one of {choices}")
     btype = type_text.lower()  # flannel's backend manager lower-cases the type
     if btype not in _BACKEND_FIELDS:
         raise ConfigError(f"net-conf: Backend.Type {type_text!r} is not supported: use one of {choices}")
-    f = _fields(obj, _BACKEND_FIELDS[btype])
     kw: dict[str, Any] = {"type": btype, "raw": dict(obj)}
-    if "VNI" in f:
-        vni = _get_int("Backend.VNI", f["VNI"], example="1")
-        if vni is not None and not 0 <= vni <= VNI_MAX:
-            raise ConfigError(
-                f"net-conf: Backend.VNI {vni} is out of range: use a value between 0 and {VNI_MAX}"
-            )
-        kw["vni"] = 1 if vni is None else vni
-    if "Port" in f:
-        kw["port"] = _port("Backend.Port", f["Port"], None)
-    if "MTU" in f:
-        mtu = _get_int("Backend.MTU", f["MTU"], example="1450")
-        if mtu is not None and not 0 <= mtu <= 65535:
-            raise ConfigError(
-                f"net-conf: Backend.MTU {mtu} is out of range: use a value up to 65535, or leave it out"
-            )
-        kw["mtu"] = mtu or None
-    if "DirectRouting" in f:
-        kw["direct_routing"] = _get_bool("Backend.DirectRouting", f["DirectRouting"], False)
-    if "ListenPort" in f:
-        kw["listen_port"] = _port("Backend.ListenPort", f["ListenPort"], 51820)
-    if "ListenPortV6" in f:
-        kw["listen_port_v6"] = _port("Backend.ListenPortV6", f["ListenPortV6"], 51821)
-    if "PSK" in f:
-        kw["psk"] = _psk(f["PSK"])
-    if "PersistentKeepaliveInterval" in f:
-        ka = _get_int("Backend.PersistentKeepaliveInterval", f["PersistentKeepaliveInterval"], example="25")
-        if ka is not None and not 0 <= ka <= 65535:
-            raise ConfigError(
-                f"net-conf: Backend.PersistentKeepaliveInterval {ka} is out of range: "
-                "use seconds between 0 (off) and 65535"
-            )
-        kw["persistent_keepalive_interval"] = ka or 0
-    if "Mode" in f:
-        mode = _get_str("Backend.Mode", f["Mode"], '"separate"')
-        if mode is not None:
+    for name, value in _fields(obj, _BACKEND_FIELDS[btype]).items():
+        where = f"Backend.{name}"
+        if name in _INT_OPTIONS:
+            dest, lo, hi, zero_unset, example, fix = _INT_OPTIONS[name]
+            number = _get_int(where, value, example=example)
+            if number is None or (zero_unset and number == 0):
+                continue  # keep the default
+            if not lo <= number <= hi:
+                raise ConfigError(f"net-conf: {where} {number} is out of range: {fix}")
+            kw[dest] = number
+        elif name == "DirectRouting":
+            kw["direct_routing"] = _get_bool(where, value, False)
+        elif name == "PSK":
+            kw["psk"] = _psk(value)
+        elif name == "Mode" and (mode := _get_str(where, value, '"separate"')) is not None:
             if mode.lower() not in WIREGUARD_MODES:
-                raise ConfigError(
-                    f"net-conf: Backend.Mode {mode!r} is not supported: "
-                    f"use one of {', '.join(WIREGUARD_MODES)}"
-                )
+                modes = ", ".join(WIREGUARD_MODES)
+                raise ConfigError(f"net-conf: {where} {mode!r} is not supported: use one of {modes}")
             kw["mode"] = mode.lower()
     return BackendConfig(**kw)
 
@@ -505,50 +480,28 @@ def validate(raw: RawNetConf, *, kube: bool = False) -> NetworkConfig:
     if not raw.enable_ipv4 and not raw.enable_ipv6:
         raise ConfigError("net-conf: EnableIPv4 and EnableIPv6 are both false: enable at least one")
     backend = parse_backend(raw.backend)
-    v4: tuple[int, Any, Any] = (0, None, None)
-    v6: tuple[int, Any, Any] = (0, None, None)
-    if raw.enable_ipv4:
-        if kube and raw.network is not None:
-            v4 = _soft_family(raw.network, raw.subnet_len, raw.subnet_min, raw.subnet_max)
-        else:
-            v4 = _check_family(
-                ("Network", "SubnetLen", "SubnetMin", "SubnetMax"),
-                raw.network,
-                raw.subnet_len,
-                raw.subnet_min,
-                raw.subnet_max,
-                _V4_LIMITS,
-                '"198.19.0.0/16"',
-                'set "EnableIPv4": false for IPv6-only',
+    families: dict[str, Any] = {}
+    for fam in _FAMILIES:
+        enabled = raw.enable_ipv4 if fam.attr == "" else raw.enable_ipv6
+        network = getattr(raw, f"{fam.attr}network") if enabled else None
+        args = [getattr(raw, f"{fam.attr}{key}") for key in ("subnet_len", "subnet_min", "subnet_max")]
+        result: tuple[int, Any, Any] = (0, None, None)
+        if enabled:
+            result = _soft_family(network, *args) if kube and network else _check_family(fam, network, *args)
+        families.update(
+            zip(
+                [f"{fam.attr}{k}" for k in ("network", "subnet_len", "subnet_min", "subnet_max")],
+                (network, *result),
+                strict=True,
             )
-    if raw.enable_ipv6:
-        if kube and raw.ipv6_network is not None:
-            v6 = _soft_family(raw.ipv6_network, raw.ipv6_subnet_len, raw.ipv6_subnet_min, raw.ipv6_subnet_max)
-        else:
-            v6 = _check_family(
-                ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax"),
-                raw.ipv6_network,
-                raw.ipv6_subnet_len,
-                raw.ipv6_subnet_min,
-                raw.ipv6_subnet_max,
-                _V6_LIMITS,
-                '"fd00:198::/48"',
-                'set "EnableIPv6": false',
-            )
+        )
     _check_mtu(backend, raw.enable_ipv6)
     return NetworkConfig(
         enable_ipv4=raw.enable_ipv4,
         enable_ipv6=raw.enable_ipv6,
-        network=raw.network if raw.enable_ipv4 else None,
-        subnet_len=v4[0],
-        subnet_min=v4[1],
-        subnet_max=v4[2],
-        ipv6_network=raw.ipv6_network if raw.enable_ipv6 else None,
-        ipv6_subnet_len=v6[0],
-        ipv6_subnet_min=v6[1],
-        ipv6_subnet_max=v6[2],
         enable_nftables=raw.enable_nftables,
         backend=backend,
+        **families,
     )
 
 
