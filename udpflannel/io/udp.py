@@ -1,0 +1,365 @@
+"""UDP sockets for the datapath: big buffers, UDP_SEGMENT (GSO) sends and UDP_GRO receives, probed at
+start, with a per-datagram fallback (sendmmsg / recvmmsg without GRO) that puts the same bytes on the wire.
+
+Send errors never raise: they are counted (an EIO/EINVAL from a GSO send switches the socket to the
+fallback for good, spec/fastpath.md "UDP"). Receives come back as a PacketBatch of datagrams with
+headroom, so decapsulation is a slice, plus the source of every datagram."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from udpflannel.io import linux
+from udpflannel.io.mmsg import (
+    MMSGHDR_DTYPE,
+    SOCKADDR_SIZE,
+    MmsgArena,
+    decode_sockaddr,
+    encode_sockaddr,
+    sendmmsg,
+)
+from udpflannel.packet.batch import PacketBatch, round_up
+
+Buffer = bytes | bytearray | memoryview
+_GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
+_U16 = struct.Struct("=H")
+
+
+@dataclass
+class UdpStats:
+    sent: int = 0  # datagrams
+    send_calls: int = 0
+    send_errors: int = 0  # datagrams the kernel refused (ENOBUFS, EAGAIN, unreachable, ...)
+    last_send_errno: int = 0
+    gso_fallbacks: int = 0  # times a GSO send failed and the socket switched to per-datagram sends
+    received: int = 0
+    recv_calls: int = 0
+    truncated: int = 0  # datagrams bigger than a receive slot (MSG_TRUNC), dropped
+
+
+@dataclass
+class Received:
+    """A receive batch: datagram i is batch row i; it came from src_addr[i]:src_port[i]."""
+
+    batch: PacketBatch
+    src_addr: np.ndarray  # uint8 [n, 4] (IPv4) or [n, 16] (IPv6), network order
+    src_port: np.ndarray  # uint16 [n]
+    family: int
+
+    def source(self, i: int) -> tuple[str, int]:
+        return socket.inet_ntop(self.family, self.src_addr[i].tobytes()), int(self.src_port[i])
+
+    def sources(self) -> list[str]:
+        """Source addresses as strings, one per datagram (the peer table is keyed by PublicIP)."""
+        # One string per distinct address (trains share it), then expanded by index.
+        if self.batch.n == 0:
+            return []
+        uniq, inverse = np.unique(self.src_addr, axis=0, return_inverse=True)
+        names = [socket.inet_ntop(self.family, u.tobytes()) for u in uniq]
+        return [names[j] for j in inverse.reshape(-1).tolist()]
+
+
+@dataclass
+class UdpSocket:
+    """A bound, non-blocking UDP socket with probed offloads. Build it with UdpSocket.open(...)."""
+
+    sock: socket.socket
+    family: int
+    gso: bool
+    gro: bool
+    max_segments: int
+    max_payload: int
+    recv_slots: int
+    headroom: int
+    stats: UdpStats = field(default_factory=UdpStats)
+    _arena: MmsgArena | None = None
+    _send_hdrs: np.ndarray | None = None
+    _send_iov: np.ndarray | None = None
+
+    @classmethod
+    def open(
+        cls,
+        family: int,
+        bind_addr: str,
+        bind_port: int,
+        *,
+        gso: bool = True,
+        gro: bool = True,
+        recv_slots: int = 64,
+        headroom: int = 16,
+        reuse_port: bool = False,
+    ) -> UdpSocket:
+        """Bind and probe. gso/gro are wishes: each is on only if the kernel accepts it and
+        UDPFLANNEL_NO_OFFLOAD is not set."""
+        if linux.offload_disabled():
+            gso = gro = False
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            grow_buffers(sock)
+            sock.bind((bind_addr, bind_port))
+            sock.setblocking(False)
+            gso = gso and _probe_gso(sock)
+            gro = gro and _try_setsockopt(sock, linux.SOL_UDP, linux.UDP_GRO, 1)
+        except OSError:
+            sock.close()
+            raise
+        max_payload = linux.UDP_MAX_PAYLOAD_V4 if family == socket.AF_INET else linux.UDP_MAX_PAYLOAD_V6
+        max_segments = probe_max_segments(family) if gso else 1
+        return cls(sock, family, gso, gro, max_segments, max_payload, recv_slots, headroom)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    @property
+    def offloads(self) -> list[str]:
+        return (["gso"] if self.gso else []) + (["gro"] if self.gro else [])
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> UdpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sending
+
+    def send_segments(
+        self, rows: PacketBatch | Sequence[Buffer], seg_size: int | None, dest: tuple[str, int]
+    ) -> int:
+        """Send each row as one datagram to dest: with GSO, as few sendmsg(UDP_SEGMENT) calls as the limits
+        allow (every row but a call's last must be exactly seg_size long; a row of another length ends a
+        call). Rows of a PacketBatch are sent from buf[i, offset : offset + lengths[i]]. Returns the number
+        of datagrams the kernel took."""
+        views = rows.views() if isinstance(rows, PacketBatch) else [memoryview(r) for r in rows]
+        if not views:
+            return 0
+        if not self.gso:
+            return self.sendmmsg_to(views, dest)
+        lengths = np.fromiter((len(v) for v in views), np.int64, len(views))
+        seg = int(lengths[0]) if seg_size is None else seg_size
+        if seg <= 0:
+            raise ValueError("seg_size must be positive")
+        sent = 0
+        for a, b in _gso_calls(lengths, seg, self.max_segments, self.max_payload):
+            chunk = views[a:b]
+            if b - a == 1:
+                n = self._sendmsg(chunk, (), dest)
+            else:
+                n = self._sendmsg(chunk, [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))], dest, gso=True)
+                if n == -1:  # GSO refused for good: this chunk and the rest go one datagram at a time
+                    return sent + self.sendmmsg_to(views[a:], dest)
+                n = (b - a) if n > 0 else 0
+            sent += max(n, 0)
+        return sent
+
+    def _sendmsg(
+        self, bufs: Sequence[Buffer], anc: Sequence, dest: tuple[str, int], gso: bool = False
+    ) -> int:
+        """One sendmsg; returns bytes sent, 0 when refused (counted), -1 when GSO must be abandoned."""
+        self.stats.send_calls += 1
+        try:
+            n = self.sock.sendmsg(bufs, anc, 0, dest)
+        except OSError as exc:
+            if gso and exc.errno in _GSO_GIVE_UP:
+                self.gso = False
+                self.stats.gso_fallbacks += 1
+                return -1
+            self.stats.send_errors += len(bufs) if gso else 1
+            self.stats.last_send_errno = exc.errno or 0
+            return 0
+        self.stats.sent += len(bufs) if gso else 1
+        return n
+
+    def sendmmsg(self, items: Sequence[tuple[Buffer, tuple[str, int]]]) -> int:
+        """Send each (payload, dest) as one datagram with as few sendmmsg calls as possible."""
+        if not items:
+            return 0
+        names = {d: encode_sockaddr(self.family, d[0], d[1]) for d in {d for _, d in items}}
+        return self._sendmmsg([p for p, _ in items], [names[d] for _, d in items])
+
+    def sendmmsg_to(self, payloads: Sequence[Buffer], dest: tuple[str, int]) -> int:
+        """Send each payload as one datagram to one destination (the per-datagram fallback of GSO)."""
+        if not payloads:
+            return 0
+        return self._sendmmsg(payloads, [encode_sockaddr(self.family, dest[0], dest[1])] * len(payloads))
+
+    def _sendmmsg(self, payloads: Sequence[Buffer], names: Sequence[bytes]) -> int:
+        n = len(payloads)
+        if self._send_hdrs is None or len(self._send_hdrs) < n:
+            size = max(n, 64)
+            self._send_hdrs = np.zeros(size, MMSGHDR_DTYPE)
+            self._send_iov = np.zeros((size, 2), "<u8")
+        hdrs, iov = self._send_hdrs, self._send_iov
+        assert iov is not None
+        # Keep numpy views of every buffer alive until sendmmsg returns: their addresses go to the kernel.
+        arrays = [np.frombuffer(p, np.uint8) for p in payloads]
+        name_arr = np.frombuffer(b"".join(names), np.uint8)
+        iov[:n, 0] = [a.ctypes.data for a in arrays]
+        iov[:n, 1] = [a.size for a in arrays]
+        hdrs["name"][:n] = name_arr.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(SOCKADDR_SIZE)
+        hdrs["namelen"][:n] = SOCKADDR_SIZE if self.family == socket.AF_INET6 else 16
+        hdrs["iov"][:n] = iov.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(16)
+        hdrs["iovlen"][:n] = 1
+        ok = 0
+        i = 0
+        fd = self.sock.fileno()
+        while i < n:
+            self.stats.send_calls += 1
+            got = sendmmsg(fd, hdrs[i:], n - i)
+            if got > 0:
+                i += got
+                ok += got
+                continue
+            # The first message of the rest was refused: count it, and go on unless the queue is full.
+            self.stats.last_send_errno = -got
+            if -got in (errno.EAGAIN, errno.ENOBUFS):
+                self.stats.send_errors += n - i
+                break
+            self.stats.send_errors += 1
+            i += 1
+        del arrays, name_arr
+        self.stats.sent += ok
+        return ok
+
+    # -- receiving
+
+    def recv_batch(self, max_messages: int | None = None) -> Received:
+        """One recvmmsg: every datagram that arrived (UDP_GRO trains split by their segment size), copied
+        into the rows of a new PacketBatch at `headroom`, with the source of each. Empty when none wait."""
+        if self._arena is None:
+            # A datagram may be up to 64 KiB even without GRO; pages are touched only when used.
+            self._arena = MmsgArena(self.recv_slots, 65536)
+        arena = self._arena
+        try:
+            m = arena.recv(self.sock.fileno(), max_messages)
+        except OSError:
+            m = 0
+        self.stats.recv_calls += 1
+        return self._split_trains(arena, m)
+
+    def _split_trains(self, arena: MmsgArena, m: int) -> Received:
+        alen = 4 if self.family == socket.AF_INET else 16
+        aoff = 4 if self.family == socket.AF_INET else 8
+        if m == 0:
+            empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
+            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
+        total = arena.hdrs["len"][:m].astype(np.int64)
+        trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
+        if trunc.any():
+            self.stats.truncated += int(trunc.sum())
+            total = np.where(trunc, 0, total)
+        seg = arena.gro_sizes(m) if self.gro else np.zeros(m, np.int64)
+        seg = np.where((seg <= 0) | (seg >= total), total, seg)
+        counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
+        n = int(counts.sum())
+        widest = int(seg.max()) if m else 0
+        stride = round_up(self.headroom + widest + 8, 64)
+        buf = np.empty((n, stride), np.uint8)
+        lengths = np.empty(n, np.int32)
+        first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        h = self.headroom
+        for j in np.flatnonzero(counts).tolist():
+            k, s, t, r0 = int(counts[j]), int(seg[j]), int(total[j]), int(first[j])
+            data = arena.data[j]
+            full = t // s
+            if full:
+                buf[r0 : r0 + full, h : h + s] = data[: full * s].reshape(full, s)
+                lengths[r0 : r0 + full] = s
+            if full < k:
+                buf[r0 + full, h : h + t - full * s] = data[full * s : t]
+                lengths[r0 + full] = t - full * s
+        row_msg = np.repeat(np.arange(m), counts)
+        names = arena.names[:m]
+        src_addr = names[row_msg, aoff : aoff + alen]
+        src_port = names[row_msg, 2:4].copy().view(">u2")[:, 0].astype(np.uint16)
+        self.stats.received += n
+        return Received(PacketBatch(buf, lengths, h, n), src_addr, src_port, self.family)
+
+
+def _gso_calls(lengths: np.ndarray, seg: int, max_segments: int, max_payload: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) for one UDP_SEGMENT sendmsg each: rows of exactly seg bytes, at most one shorter
+    row at the end of a call, a row longer than seg alone, and the segment and payload limits respected."""
+    per_call = max(1, min(max_segments, max_payload // seg))
+    n = len(lengths)
+    # A call must end after any row that is not exactly seg long.
+    ends = np.flatnonzero(lengths != seg).tolist()
+    calls: list[tuple[int, int]] = []
+    a = 0
+    for e in [*ends, n - 1]:
+        if e < a:
+            continue
+        stop = e + 1
+        if lengths[e] > seg and e > a:
+            # a longer row cannot follow equal ones in one call: send it on its own
+            _chunk(calls, a, e, per_call)
+            calls.append((e, e + 1))
+        else:
+            _chunk(calls, a, stop, per_call)
+        a = stop
+    return calls
+
+
+def _chunk(calls: list[tuple[int, int]], a: int, b: int, per_call: int) -> None:
+    for s in range(a, b, per_call):
+        calls.append((s, min(s + per_call, b)))
+
+
+def grow_buffers(sock: socket.socket, size: int = linux.SOCKET_BUFFER) -> None:
+    """SO_*BUF up to the sysctl limit, then SO_*BUFFORCE past it when we are root."""
+    for opt, force in ((socket.SO_RCVBUF, linux.SO_RCVBUFFORCE), (socket.SO_SNDBUF, linux.SO_SNDBUFFORCE)):
+        sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        _try_setsockopt(sock, socket.SOL_SOCKET, force, size)
+
+
+def _try_setsockopt(sock: socket.socket, level: int, opt: int, value: int) -> bool:
+    try:
+        sock.setsockopt(level, opt, value)
+    except OSError:
+        return False
+    return True
+
+
+def _probe_gso(sock: socket.socket) -> bool:
+    """UDP_SEGMENT is known to the kernel when getsockopt on it works."""
+    try:
+        sock.getsockopt(linux.SOL_UDP, linux.UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def probe_max_segments(family: int) -> int:
+    """The kernel's UDP_MAX_SEGMENTS, found by one GSO send of 1-byte segments to a socket of our own on
+    loopback (128 on Linux 6.10+, 64 before). Falls back to the smaller value when loopback is unusable."""
+    local = "127.0.0.1" if family == socket.AF_INET else "::1"
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as rx, socket.socket(family, socket.SOCK_DGRAM) as tx:
+            rx.bind((local, 0))
+            dest = rx.getsockname()[:2]
+            for segs in linux.UDP_MAX_SEGMENTS_CANDIDATES:
+                try:
+                    tx.sendmsg([bytes(segs)], [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(1))], 0, dest)
+                    return segs
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return linux.UDP_MAX_SEGMENTS_CANDIDATES[-1]
+
+
+__all__ = ["Received", "UdpSocket", "UdpStats", "decode_sockaddr", "grow_buffers", "probe_max_segments"]
