@@ -145,6 +145,20 @@ def test_reservation_of_another_ip_is_never_taken(tmp_path, fake_clock):
         s.close()
 
 
+def test_reservation_of_another_length_blocks_the_subnets_it_covers(tmp_path, fake_clock):
+    conf = net_conf("198.19.0.0/24", 26)  # allocatable: .64, .128, .192
+    s = SqliteStore(tmp_path / "w.db", clock=fake_clock)
+    try:
+        s.reserve(V4("198.19.0.128/25"), None, node_attrs(9))  # covers .128/26 and .192/26
+        assert manager(s, 1, conf=conf).acquire(fake_clock()).subnet == V4("198.19.0.64/26")
+        with pytest.raises(SubnetsExhausted):
+            manager(s, 2, conf=conf, subnet_file_hint=hint("198.19.0.193/26")).acquire(fake_clock())
+        # Its owner gets the reservation itself, whatever its length.
+        assert manager(s, 9, conf=conf).acquire(fake_clock()).subnet == V4("198.19.0.128/25")
+    finally:
+        s.close()
+
+
 def test_lease_of_our_ip_from_an_old_config_is_replaced(store, fake_clock):
     old = store.create(V4("198.19.5.0/25"), None, node_attrs(1), TTL)  # SubnetLen used to be 25
     lease = manager(store, 1).acquire(fake_clock())
@@ -359,6 +373,15 @@ def test_release_deletes_our_lease(store, fake_clock):
     m.release()
     assert store.list().leases == [] and m.lease is None
     m.release()  # nothing held: no error
+
+
+def test_release_never_deletes_a_lease_taken_by_another_node(store, fake_clock):
+    m = manager(store, 1)
+    lease = m.acquire(fake_clock())
+    fake_clock.advance(TTL + 1)
+    other = store.create(lease.subnet, None, node_attrs(2), TTL)
+    m.release()
+    assert [(x.key, x.revision) for x in store.list().leases] == [(other.key, other.revision)]
 
 
 # -- peers -----------------------------------------------------------------------------------------------

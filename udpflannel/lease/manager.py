@@ -380,7 +380,8 @@ class LeaseManager:
         """Delete our lease (clean shutdown, only when asked: flannel keeps it for the next start)."""
         if self._lease is None:
             return
-        with contextlib.suppress(NotFound):  # already gone
+        # Gone already, or expired and taken by another node: either way nothing of ours is left to delete.
+        with contextlib.suppress(NotFound, Conflict):
             self._store.delete(self._lease)
         self._lease = None
         self._tracker.set_own_key(None)
