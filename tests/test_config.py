@@ -147,6 +147,11 @@ ERRORS = [
         'net-conf: Network is missing: set it to the cluster CIDR, e.g. "198.19.0.0/16" (or set "EnableIPv4"',
     ),
     (conf(Network=None), "net-conf: Network is missing"),
+    (conf(Network="0.0.0.0/0"), "net-conf: Network is missing"),  # flannel's Empty()
+    (
+        conf(EnableIPv4=False, EnableIPv6=True, IPv6Network="::/0"),
+        "net-conf: IPv6Network is missing",
+    ),
     (conf(Network=5), 'net-conf: Network must be a string like "198.19.0.0/16", got 5'),
     (conf(Network="198.19.0.0"), "net-conf: Network '198.19.0.0' is not an IPv4 CIDR: use a value like"),
     (

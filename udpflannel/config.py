@@ -199,7 +199,8 @@ def _parse_cidr(where: str, value: Any, version: int) -> IPv4Network | IPv6Netwo
         raise ConfigError(
             f"net-conf: {where} {text!r} is not an IPv{version} CIDR: use a value like {example}"
         )
-    return net
+    # flannel's IP4Net.Empty(): 0.0.0.0/0 (and ::/0) reads as "no network"
+    return None if net.prefixlen == 0 and int(net.network_address) == 0 else net
 
 
 def _parse_addr(where: str, value: Any, version: int) -> IPv4Address | IPv6Address | None:
