@@ -469,6 +469,26 @@ def test_open_store_selection(tmp_path: Path) -> None:
         store.close()
 
 
+def test_net_config_for(tmp_path: Path) -> None:
+    from udpflannel.config import ConfigError, parse_net_conf
+    from udpflannel.lease.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        etcd_mode = build_options({}, {})
+        assert options.net_config_for(etcd_mode, store) is None  # nothing stored yet: the agent waits
+        store.set_network_config('{"Network": "198.19.0.0/17", "Backend": {"Type": "host-gw"}}')
+        got = options.net_config_for(etcd_mode, store)
+        assert got is not None and got.subnet_max == ipaddress.ip_network("198.19.127.0/24")
+        from_file = RunOptions(net_config=parse_net_conf(GOOD_CONF))
+        assert options.net_config_for(from_file, store) is from_file.net_config  # the file wins
+        store.set_network_config('{"Network": "198.19.0.0/29"}')
+        with pytest.raises(ConfigError, match="too small"):
+            options.net_config_for(etcd_mode, store)
+    finally:
+        store.close()
+
+
 def test_missing_store_module(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "udpflannel.lease.kube", None)
     with pytest.raises(StoreUnavailable, match="Kubernetes lease store is not available in this build"):

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from udpflannel.subnet import backend_overhead
+
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network
 IPv4Address = ipaddress.IPv4Address
@@ -461,8 +463,6 @@ def _psk(value: Any) -> str | None:
 def _check_mtu(backend: BackendConfig, enable_ipv6: bool) -> None:
     if backend.mtu is None:
         return
-    from udpflannel.subnet import backend_overhead  # subnet.py imports this module at load time
-
     overhead = backend_overhead(backend.type)
     floor = MIN_INNER_MTU_V6 if enable_ipv6 else MIN_INNER_MTU_V4
     if backend.mtu - overhead < floor:

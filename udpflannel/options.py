@@ -374,6 +374,18 @@ def _import_store(module_name: str, class_name: str, kind: str) -> Any:
     return getattr(module, class_name)
 
 
+def net_config_for(options: RunOptions, store: Store) -> NetworkConfig | None:
+    """The net-conf to run with: the file's (RunOptions.net_config) or, in etcd mode, the store's
+    `<prefix>/config` parsed by the same rules. None while the store holds none yet (flanneld waits and
+    retries then). Raises config.ConfigError for a bad one."""
+    if options.net_config is not None:
+        return options.net_config
+    from udpflannel.config import parse_net_conf
+
+    text = store.network_config()
+    return None if text is None else parse_net_conf(text)
+
+
 def open_store(options: RunOptions) -> Store:
     """Build the lease store the flags select (see RunOptions.store_kind). The caller closes it.
 
