@@ -121,3 +121,14 @@ def format_status(state: LabState) -> str:
         for pod in node.pods:
             lines.append(f"    pod {pod.name:<12} {pod.ip:<13} ns {pod.ns}")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`udpflannel lab ...` as cli.py dispatches it: parse our own arguments, run, return the exit code."""
+    parser = argparse.ArgumentParser(prog="udpflannel", allow_abbrev=False)
+    add_parser(parser.add_subparsers())
+    try:
+        args = parser.parse_args(["lab", *argv])
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return int(exc.code or 0)
+    return int(args.func(args))

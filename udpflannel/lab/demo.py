@@ -88,14 +88,16 @@ def run_demo(
         out(f"demo: lab up failed, everything it made is removed again: {exc}")
         return report
     with labrun:
-        _steps(labrun, report, out, deadline=started + DEMO_BUDGET - 5)
+        check_lab(labrun, report, out, deadline=started + DEMO_BUDGET - 5)
         _summary(report, out)
         out(f"lab {labrun.state.prefix}: taking it down")
-    out(f"demo finished in {time.monotonic() - started:.1f} s: {'FAILED' if report.failed else 'OK'}")
+    summary = ("FAILED" if report.failed else "OK") + (" (some steps skipped)" if report.skipped else "")
+    out(f"demo finished in {time.monotonic() - started:.1f} s: {summary}")
     return report
 
 
-def _steps(labrun: LabRun, report: DemoReport, out: Callable[[str], None], deadline: float) -> None:
+def check_lab(labrun: LabRun, report: DemoReport, out: Callable[[str], None], deadline: float) -> None:
+    """Everything the demo checks on a running lab, recorded in `report` (worked / failed / skipped)."""
     state = labrun.state
     _lease_table(state, report, out)
     if not report.leases:
@@ -132,6 +134,8 @@ def _lease_table(state: LabState, report: DemoReport, out: Callable[[str], None]
     leases = _store_leases(state)
     by_ip = {n.public_ip: n for n in state.nodes.values()}
     out(f"  {'subnet':<18} {'node':<8} {'public ip':<14} {'backend':<10} {'expires in':>10}")
+    if not leases:
+        out("  (no leases in the store)")
     for subnet, public_ip, backend, expires in leases:
         node = by_ip.get(public_ip)
         out(f"  {subnet:<18} {node.name if node else '?':<8} {public_ip:<14} {backend:<10} {expires:>10}")
@@ -142,7 +146,7 @@ def _lease_table(state: LabState, report: DemoReport, out: Callable[[str], None]
             continue
         report.leases.append((node.name, node.subnet, node.public_ip, str(node.mtu)))
         pods = ", ".join(f"{p.name} {p.ip}" for p in node.pods) or "no pods"
-        out(f"  {node.name}: subnet.env FLANNEL_SUBNET={node.gateway} MTU {node.mtu}; pods: {pods}")
+        out(f"  {node.name}: {node.subnet} (FLANNEL_SUBNET={node.gateway}, MTU {node.mtu}); pods: {pods}")
     if len(report.leases) == len(state.nodes):
         report.worked.append(f"leases: {len(report.leases)}/{len(state.nodes)} nodes hold a subnet")
 

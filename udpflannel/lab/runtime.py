@@ -363,8 +363,9 @@ def agent_log_tail(state: LabState, node: str, lines: int = 5) -> list[str]:
     return text.splitlines()[-lines:] or ["(agent.log is empty)"]
 
 
-def tunnel_device(ns: str) -> str | None:
-    """The device carrying the cluster network out of a node (TUN, kernel vxlan or wireguard), if any."""
+def tunnel_link(ns: str) -> tuple[str, str] | None:
+    """(name, kind) of the device carrying the cluster network out of a node: our TUN, or a kernel vxlan or
+    wireguard link (a kernel-flannel node); None if the node has none."""
     try:
         links = json.loads(
             run(["ip", "netns", "exec", ns, "ip", "-d", "-j", "link", "show"], timeout=5) or "[]"
@@ -372,9 +373,15 @@ def tunnel_device(ns: str) -> str | None:
     except (LabError, ValueError, subprocess.TimeoutExpired):
         return None
     for link in links:
-        if link.get("linkinfo", {}).get("info_kind") in TUNNEL_KINDS:
-            return link.get("ifname")
+        kind = link.get("linkinfo", {}).get("info_kind")
+        if kind in TUNNEL_KINDS:
+            return link.get("ifname"), kind
     return None
+
+
+def tunnel_device(ns: str) -> str | None:
+    found = tunnel_link(ns)
+    return found[0] if found else None
 
 
 def down(directory: str | Path, *, lab: Lab | None = None) -> list[str]:

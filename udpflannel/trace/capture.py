@@ -39,10 +39,13 @@ class Capture:
     bpf: str
     proc: subprocess.Popen | None = None
     stderr: list[str] = field(default_factory=list)
+    error: str | None = None  # why this capture never started (the other hops still run)
 
     def command(self) -> list[str]:
-        # -U: write each packet as it arrives; -Z root: keep root so it can write into the lab directory.
+        # -U and --immediate-mode: each packet reaches the file as it arrives, not when a kernel ring block
+        # fills (a stopped tcpdump would lose them); -Z root: keep root to write into the lab directory.
         return ["ip", "netns", "exec", self.ns, "tcpdump", "-i", self.iface, "-w", str(self.pcap), "-U", "-n",
+                "--immediate-mode",
                 "-Z", "root", *self.bpf.split()]  # fmt: skip
 
     def frames(self) -> list[Frame]:
@@ -73,7 +76,9 @@ class CaptureSet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = READY_TIMEOUT) -> None:
+    def start(self, timeout: float = READY_TIMEOUT, *, strict: bool = False) -> None:
+        """Start every capture; one that cannot start (device down or missing) gets `error` set, or with
+        `strict` raises CaptureError."""
         for cap in self.captures:
             cap.pcap.parent.mkdir(parents=True, exist_ok=True)
             cap.proc = subprocess.Popen(
@@ -81,7 +86,12 @@ class CaptureSet:
             )
         deadline = time.monotonic() + timeout
         for cap in self.captures:
-            self._wait_listening(cap, deadline)
+            try:
+                self._wait_listening(cap, deadline)
+            except CaptureError as exc:
+                if strict:
+                    raise
+                cap.error = str(exc)
 
     @staticmethod
     def _wait_listening(cap: Capture, deadline: float) -> None:

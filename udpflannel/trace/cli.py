@@ -86,3 +86,14 @@ def dissect_pcap(path: Path, count: int, backend: str | None) -> int:
             print(d.format())
             print()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`udpflannel trace ...` as cli.py dispatches it: parse our own arguments, run, return the exit code."""
+    parser = argparse.ArgumentParser(prog="udpflannel", allow_abbrev=False)
+    add_parser(parser.add_subparsers())
+    try:
+        args = parser.parse_args(["trace", *argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return int(args.func(args))

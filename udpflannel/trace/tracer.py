@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from udpflannel.lab.runtime import CNI_BRIDGE, POD_IFACE, LabState, NodeState, PodState, tunnel_device
+from udpflannel.lab.runtime import CNI_BRIDGE, POD_IFACE, LabState, NodeState, PodState, tunnel_link
 from udpflannel.trace.capture import Capture, CaptureSet, Frame
 from udpflannel.trace.dissect import Dissection, dissect, encap_ports
 
@@ -38,6 +38,7 @@ class HopResult:
     frame: Frame | None
     dissection: Dissection | None
     others: list[str]  # one-line summaries of other tunnel frames seen in the window (e.g. a handshake)
+    error: str | None = None  # the capture itself failed on this hop
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,10 @@ class TraceResult:
         lines = [f"trace: one ICMP echo request {self.src} → {self.dst} (backend {self.backend})", ""]
         start = next((h.frame.time for h in self.hops if h.frame is not None), None)
         for i, h in enumerate(self.hops, 1):
+            if h.error is not None:
+                lines.append(f"hop {i}  {h.hop.where}: NOT CAPTURED ({h.error})")
+                lines.append("")
+                continue
             if h.frame is None or h.dissection is None:
                 lines.append(f"hop {i}  {h.hop.where}: NOT SEEN   ({h.hop.explain})")
                 lines.append("")
@@ -110,10 +115,15 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             f"{snode.name} receives it on its bridge and routes {dpod.ip}: not local, so the cluster route",
         ),
     ]
-    stun = tunnel_device(snode.ns)
+    stun, skind = tunnel_link(snode.ns) or (None, None)
+    sactor = "udpflannel" if skind in (None, "tun") else f"the kernel's {skind} device"
     if stun is not None:
-        explain = f"the route points into {stun}: udpflannel reads this bare IP packet from the TUN"
+        explain = f"the route points into {stun}: " + (
+            "udpflannel reads this bare IP packet from the TUN" if skind == "tun" else f"{sactor} takes it"
+        )
         hops.append(Hop(f"{snode.name} {stun}", snode.ns, stun, "icmp", explain))
+    dtun, dkind = tunnel_link(dnode.ns) or (None, None)
+    dactor = "udpflannel" if dkind in (None, "tun") else f"the kernel's {dkind} device"
     outer = f"outer {snode.public_ip} → {dnode.public_ip}"
     hops.append(
         Hop(
@@ -121,7 +131,7 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             snode.ns,
             snode.iface,
             "udp",
-            f"udpflannel wrapped it for {dnode.name} ({backend}): {outer}",
+            f"{sactor} wrapped it for {dnode.name} ({backend}): {outer}",
         )
     )
     hops.append(
@@ -130,12 +140,14 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             dnode.ns,
             dnode.iface,
             "udp",
-            f"the same datagram arrives at {dnode.name}; its kernel hands it to udpflannel's UDP socket",
+            f"the same datagram arrives at {dnode.name}; its kernel hands it to "
+            + ("udpflannel's UDP socket" if dactor == "udpflannel" else f"its {dkind} device {dtun}"),
         )
     )
-    dtun = tunnel_device(dnode.ns)
     if dtun is not None:
-        explain = f"udpflannel took the encapsulation off and wrote the inner packet into {dtun}"
+        explain = (
+            f"{dactor} took the encapsulation off; the inner packet leaves {dtun} into {dnode.name}'s stack"
+        )
         hops.append(Hop(f"{dnode.name} {dtun}", dnode.ns, dtun, "icmp", explain))
     hops.append(
         Hop(
@@ -216,6 +228,8 @@ def trace(state: LabState, src: str | None = None, dst: str | None = None) -> Tr
 def _match(hop: Hop, cap: Capture, pattern: bytes, ports, snode: NodeState, dnode: NodeState) -> HopResult:
     """Our probe in this hop's capture: the frame carrying the pattern, or for an encrypted tunnel the first
     transport message from the source node to the destination node."""
+    if cap.error is not None:
+        return HopResult(hop, cap.pcap, None, None, [], cap.error)
     frames = cap.frames()
     dissections = [dissect(f.data, f.linktype, ports) for f in frames]
     for f, dis in zip(frames, dissections, strict=True):
