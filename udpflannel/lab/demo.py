@@ -42,6 +42,7 @@ _DROP_RE = re.compile(r'^udpflannel_drops_total\{reason="([^"]+)"\} (\d+)', re.M
 @dataclass
 class DemoReport:
     backend: str = ""
+    prefix: str = ""  # the lab's namespace prefix, once it exists
     leases: list[tuple[str, str, str, str]] = field(default_factory=list)  # node, subnet, public ip, mtu
     tunnels: dict[str, str | None] = field(default_factory=dict)
     matrix: dict[tuple[str, str], bool] = field(default_factory=dict)
@@ -87,6 +88,7 @@ def run_demo(
         report.failed.append(f"lab up: {exc}")
         out(f"demo: lab up failed, everything it made is removed again: {exc}")
         return report
+    report.prefix = labrun.state.prefix
     with labrun:
         check_lab(labrun, report, out, deadline=started + DEMO_BUDGET - 5)
         _summary(report, out)
