@@ -144,8 +144,9 @@ def _groups(join: np.ndarray, keep: np.ndarray, plen: np.ndarray, hlen: np.ndarr
             gso = int(plen[cur])
             short = np.flatnonzero(plen[cur + 1 : b + 1] != gso)
             end = b if short.size == 0 else cur + 1 + int(short[0])
-            most = max(1, (h.IP_MAXPACKET - int(hlen[cur])) // gso)
-            end = min(end, cur + most - 1)
+            if int(hlen[cur]) + int(plen[cur : end + 1].sum()) > h.IP_MAXPACKET:
+                # Only full segments fit before the short one would: cut after as many as fit.
+                end = cur + max(1, (h.IP_MAXPACKET - int(hlen[cur])) // gso) - 1
             out.append((cur, end))
             cur = end + 1
     return out
