@@ -96,9 +96,11 @@ def seal_batch(
 @dataclass(slots=True)
 class OpenedBatch:
     """delivered: (peer public key, inner packet view into the caller's datagram buffer) in arrival order;
-    events: everything else (handshake replies, HandshakeCompleted, staged packets, drops)."""
+    indices: the input position of each delivered packet; events: everything else (handshake replies,
+    HandshakeCompleted, staged packets, drops)."""
 
     delivered: list[tuple[bytes, memoryview]] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
@@ -112,7 +114,7 @@ def open_batch(device: Device, datagrams: Sequence[memoryview], src: Endpoint, n
     index_table = device.index_table
     # Per keypair seen in this batch: (peer, bytes, had_data), applied once at the end.
     seen: dict[int, tuple[Peer, Keypair, int, bool]] = {}
-    for dg in datagrams:
+    for position, dg in enumerate(datagrams):
         n = len(dg)
         if n < m.MESSAGE_TRANSPORT_SIZE or dg[0] != m.MESSAGE_TRANSPORT_TYPE:
             result.events.extend(device.receive_datagram(dg, src, now))
@@ -156,6 +158,7 @@ def open_batch(device: Device, datagrams: Sequence[memoryview], src: Endpoint, n
             drops[DropReason.NOT_ALLOWED_IP] += 1
             continue
         result.delivered.append((peer.public_key, packet))
+        result.indices.append(position)
     for peer, kp, size, had_data in seen.values():
         result.events.extend(device._after_authenticated_receive(peer, kp, src, size, now))
         if had_data:
