@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make git
   iproute2 ethtool iptables nftables kmod procps psmisc
-  iperf3 tcpdump tshark iputils-ping
+  iperf3 tcpdump tshark iputils-ping curl netcat-openbsd
   etcd-server etcd-client
   wireguard-go wireguard-tools
 )

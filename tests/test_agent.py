@@ -1,0 +1,140 @@
+"""`udpflannel run` end to end in a namespace: lease, subnet.env, health, clean stop, nothing half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from udpflannel.lab.netns import Lab, Netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces and TUN")
+
+UDPFLANNEL = str(Path(sys.executable).with_name("udpflannel"))
+
+
+def start_agent(ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan") -> subprocess.Popen:
+    (tmp / "net-conf.json").write_text(json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}}))
+    return subprocess.Popen(
+        ns.cmd(
+            UDPFLANNEL,
+            "run",
+            "--sqlite-path",
+            str(tmp / "leases.db"),
+            "--subnet-file",
+            str(tmp / "subnet.env"),
+            "--net-config-path",
+            str(tmp / "net-conf.json"),
+            *extra,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def leases(tmp: Path) -> list[dict]:
+    out = subprocess.run(
+        [UDPFLANNEL, "leases", "--sqlite-path", str(tmp / "leases.db"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def node():
+    with Lab() as lab:
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.veth(a, b, "198.18.0.1/24", "198.18.0.2/24", name_a="eth1", name_b="eth1")
+        yield a
+
+
+@pytest.mark.parametrize(("backend", "dev", "mtu"), [("vxlan", "flannel.1", 1450), ("udp", "flannel0", 1472)])
+def test_run_leases_writes_subnet_env_and_stops_clean(
+    node: Netns, tmp_path: Path, backend: str, dev: str, mtu: int
+) -> None:
+    proc = start_agent(node, tmp_path, "--iface", "eth1", "--healthz-port", "9911", backend=backend)
+    try:
+        wait_for(tmp_path / "subnet.env")
+        env = dict(line.split("=", 1) for line in (tmp_path / "subnet.env").read_text().splitlines())
+        assert env["FLANNEL_NETWORK"] == "198.19.0.0/16"
+        assert env["FLANNEL_MTU"] == str(mtu)
+        assert env["FLANNEL_SUBNET"].endswith(".1/24")
+        [lease] = leases(tmp_path)
+        assert lease["Attrs"]["PublicIP"] == "198.18.0.1"
+        assert env["FLANNEL_SUBNET"].rsplit(".", 1)[0] == lease["Subnet"].rsplit(".", 1)[0]
+        assert dev in node.exec("ip", "-br", "link")
+        assert dev in node.exec("ip", "route", "show", "198.19.0.0/16")
+        ready = node.exec(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9911/readyz"
+        )
+        assert ready == "200"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert dev not in node.exec("ip", "-br", "link"), "the agent left its TUN behind"
+    # flannel keeps the lease on a clean stop, so a restart gets the same subnet.
+    assert len(leases(tmp_path)) == 1
+
+
+def test_restart_keeps_subnet(node: Netns, tmp_path: Path) -> None:
+    subnets = []
+    for _ in range(2):
+        proc = start_agent(node, tmp_path, "--iface", "eth1")
+        try:
+            wait_for(tmp_path / "subnet.env")
+            subnets.append([lease["Subnet"] for lease in leases(tmp_path)])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=15)
+        (tmp_path / "subnet.env").unlink()
+    assert subnets[0] == subnets[1] and len(subnets[0]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--iface", "nope0"), "no interface matches --iface nope0"),
+        (("--iface", "eth1", "--public-ip", "not-an-ip"), "public-ip"),
+    ],
+)
+def test_bad_input_exits_2_with_nothing_created(
+    node: Netns, tmp_path: Path, args: tuple, needle: str
+) -> None:
+    proc = start_agent(node, tmp_path, *args)
+    _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    lines = [line for line in err.splitlines() if line.startswith("udpflannel:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "subnet.env").exists()
+    assert "flannel" not in node.exec("ip", "-br", "link")
+    if (tmp_path / "leases.db").exists():
+        assert leases(tmp_path) == []
+
+
+def test_metrics_endpoint(node: Netns, tmp_path: Path) -> None:
+    proc = start_agent(node, tmp_path, "--iface", "eth1", "--healthz-port", "9912")
+    try:
+        wait_for(tmp_path / "subnet.env")
+        text = node.exec("curl", "-s", "http://127.0.0.1:9912/metrics")
+        assert "udpflannel_peers 0" in text
+        assert node.exec("curl", "-s", "http://127.0.0.1:9912/healthz") == "ok\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
