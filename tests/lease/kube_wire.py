@@ -96,8 +96,9 @@ def strategic_merge(orig: Any, patch: Any, path: tuple[str, ...] = ()) -> Any:
         current = out.get(key)
         if value is None:
             out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(current, dict):
-            out[key] = strategic_merge(current, value, sub)
+        elif isinstance(value, dict):
+            # A map the original lacks is merged into an empty one, so nulls and directives never get stored.
+            out[key] = strategic_merge(current if isinstance(current, dict) else {}, value, sub)
         elif isinstance(value, list) and isinstance(current, list) and sub in MERGE_KEYS:
             out[key] = _merge_keyed_list(current, value, MERGE_KEYS[sub])
         elif isinstance(value, list) and isinstance(current, list) and sub in SCALAR_MERGE_LISTS:
