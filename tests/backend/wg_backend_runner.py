@@ -1,0 +1,58 @@
+"""Runs WireguardBackend inside a test's network namespace (`ip netns exec ... python wg_backend_runner.py`).
+
+stdin: {"op": "add"|"remove", "lease": <Lease JSON as Lease.to_json()>} / {"op": "show"} / EOF to stop.
+stdout: {"ready": true, "attrs": {...}}, {"applied": 1}, {"show": text, "stats": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+
+from udpflannel.backend import create_backend
+from udpflannel.backend.wireguard import format_wg_show
+from udpflannel.config import parse_net_conf
+from udpflannel.host.iface import select_interface
+from udpflannel.lease.model import Event, EventType, Lease, LeaseAttrs
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def lease_from(obj: dict) -> Lease:
+    return Lease(ipaddress.IPv4Network(obj["Subnet"]), LeaseAttrs.from_json(obj["Attrs"]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subnet", required=True)
+    ap.add_argument("--backend", required=True, help="net-conf Backend object as JSON")
+    args = ap.parse_args()
+    config = parse_net_conf(json.dumps({"Network": "198.19.0.0/16", "Backend": json.loads(args.backend)}))
+    iface = select_interface(iface=["eth0"], public_ip="", want_ipv6=False)
+    backend = create_backend(config, None, iface)
+    attrs = backend.lease_attrs()
+    lease = Lease(ipaddress.IPv4Network(args.subnet), attrs)
+    backend.start(lease)
+    try:
+        emit({"ready": True, "lease": lease.to_json()})
+        for line in sys.stdin:
+            obj = json.loads(line)
+            if obj["op"] in ("add", "remove"):
+                kind = EventType.ADDED if obj["op"] == "add" else EventType.REMOVED
+                backend.apply([Event(kind, lease_from(obj["lease"]))])
+                emit({"applied": 1})
+            elif obj["op"] == "show":
+                stats = backend.wg_stats()
+                emit({"show": format_wg_show(stats), "stats": backend.stats()})
+    finally:
+        backend.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

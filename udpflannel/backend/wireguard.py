@@ -1,0 +1,381 @@
+"""The wireguard backend: flannel's WireGuard contract (spec/flannel.md) carried by our userspace datapath
+(dataplane/wg_worker.py), so a node talks to wireguard-go and kernel WireGuard peers.
+
+It decides: the key (file /run/flannel/wgkey or $WIREGUARD_KEY_FILE, made 0400, refused when others may read
+it), BackendData {"PublicKey", "Port"}, MTU (overhead 80), one device per address family ("separate" mode:
+flannel-wg on ListenPort with PublicIP endpoints, flannel-wg-v6 on ListenPortV6 with PublicIPv6 endpoints),
+and which peer leases are usable. host/ applies addresses and routes; the worker moves the packets.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import pathlib
+import select
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from udpflannel.codec.wireguard import crypto
+from udpflannel.codec.wireguard import messages as wgm
+from udpflannel.lease.model import Event, EventType, Lease, LeaseAttrs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_FILE = "/run/flannel/wgkey"
+KEY_FILE_ENV = "WIREGUARD_KEY_FILE"
+DEVICE_V4 = "flannel-wg"
+DEVICE_V6 = "flannel-wg-v6"
+READY_TIMEOUT = 20.0
+REPLY_TIMEOUT = 10.0
+
+
+class WireguardError(RuntimeError):
+    """The backend cannot start; the message says why and what to do."""
+
+
+# -- key file -----------------------------------------------------------------------------------------------
+
+
+def key_file_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
+
+
+def load_or_create_key(path: pathlib.Path, rand: Any = os.urandom) -> bytes:
+    """Our private key from `path` (base64, as `wg genkey` writes it); a new one (mode 0400) if missing.
+
+    Refused when group or others have any access: a readable key lets anyone on the host read the traffic.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        key = crypto.generate_private_key(rand(32))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o400)
+        try:
+            os.write(fd, base64.b64encode(key) + b"\n")
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return key
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise WireguardError(
+            f"WireGuard key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: group/others must have no "
+            f"access (run `chmod 0400 {path}`)"
+        )
+    text = path.read_text().strip()
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != crypto.KEY_SIZE:
+        raise WireguardError(f"WireGuard key file {path} does not hold the base64 of 32 bytes (`wg genkey`)")
+    return key
+
+
+# -- the worker process -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WgWorkerProcess:
+    """Control-plane handle on one wg_worker process: key and peers in, stats out, over its stdin/stdout."""
+
+    tun: str
+    port: int
+    bind: str
+    mtu: int
+    private_key: bytes
+    proc: subprocess.Popen | None = None
+    seq: int = 0
+    info: dict = field(default_factory=dict)
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "udpflannel.dataplane.wg_worker", "--tun", self.tun]
+        cmd += ["--port", str(self.port), "--bind", self.bind, "--mtu", str(self.mtu)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self._write({"op": "key", "private_key": base64.b64encode(self.private_key).decode()})
+            self.info = self._read("ready", READY_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("wireguard worker for %s: pid %s, offloads %s", self.tun, self.proc.pid, self.info)
+
+    def _write(self, obj: dict) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self, key: str, timeout: float) -> dict:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            obj = json.loads(line)
+            if key in obj and obj.get("seq", self.seq) == self.seq:
+                return obj
+        raise WireguardError(
+            f"wireguard worker for {self.tun} did not answer {key!r} (exit {self.proc.poll()})"
+        )
+
+    def request(self, obj: dict, key: str) -> dict:
+        self.seq += 1
+        self._write({**obj, "seq": self.seq})
+        return self._read(key, REPLY_TIMEOUT)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- the backend --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    version: int
+    device: str
+    port: int
+
+
+class WireguardBackend:
+    type = "wireguard"
+    overhead = wgm.MTU_OVERHEAD
+
+    def __init__(self, config: Any, options: Any, iface: Any) -> None:
+        self.config = config
+        self.options = options
+        self.iface = iface
+        b = config.backend
+        self.mtu = int(b.mtu or iface.mtu) - self.overhead
+        self.psk = base64.b64decode(b.psk) if getattr(b, "psk", None) else None
+        self.keepalive = int(getattr(b, "persistent_keepalive_interval", 0) or 0)
+        self.private_key = load_or_create_key(key_file_path())
+        self.public_key = crypto.public_key(self.private_key)
+        self.families: list[_Family] = []
+        if getattr(config, "enable_ipv4", True):
+            self.families.append(_Family(4, DEVICE_V4, int(b.listen_port or wgm.DEFAULT_PORT)))
+        if getattr(config, "enable_ipv6", False):
+            self.families.append(_Family(6, DEVICE_V6, int(b.listen_port_v6 or wgm.DEFAULT_PORT_V6)))
+        self.lease: Lease | None = None
+        self.peers: dict[str, Lease] = {}
+        self.workers: dict[int, WgWorkerProcess] = {}
+        self.host: Any = None
+
+    # -- what we publish
+
+    def backend_data(self, family: _Family) -> dict[str, Any]:
+        return {"PublicKey": base64.b64encode(self.public_key).decode(), "Port": family.port}
+
+    def lease_attrs(self) -> LeaseAttrs:
+        by_version = {f.version: f for f in self.families}
+        v4, v6 = by_version.get(4), by_version.get(6)
+        return LeaseAttrs(
+            public_ip=ipaddress.IPv4Address(self.iface.public_ip) if v4 and self.iface.public_ip else None,
+            public_ipv6=ipaddress.IPv6Address(self.iface.public_ipv6)
+            if v6 and self.iface.public_ipv6
+            else None,
+            backend_type=self.type,
+            backend_data=self.backend_data(v4) if v4 else None,
+            backend_v6_data=self.backend_data(v6) if v6 else None,
+        )
+
+    # -- peers
+
+    def peer_configs(self, version: int) -> list[dict]:
+        """The worker's peer list for one family, from the peer leases we hold."""
+        out = []
+        for lease in self.peers.values():
+            cfg = peer_config(lease, version, self.psk, self.keepalive, self._family(version).port)
+            if cfg is not None:
+                out.append(cfg)
+        return out
+
+    def _family(self, version: int) -> _Family:
+        return next(f for f in self.families if f.version == version)
+
+    def _push_peers(self) -> None:
+        for version, worker in self.workers.items():
+            worker.request({"op": "peers", "peers": self.peer_configs(version)}, "applied")
+
+    # -- Backend protocol
+
+    def start(self, lease: Lease) -> None:
+        from udpflannel.host.links import HostConfig, Route  # pyroute2: only after the workers exist
+
+        self.lease = lease
+        try:
+            for fam in self.families:
+                subnet = lease.subnet if fam.version == 4 else lease.ipv6_subnet
+                if subnet is None:
+                    continue
+                bind = "0.0.0.0" if fam.version == 4 else "::"
+                worker = WgWorkerProcess(fam.device, fam.port, bind, self.mtu, self.private_key)
+                worker.start()
+                self.workers[fam.version] = worker
+            self.host = HostConfig()
+            for fam in self.families:
+                if fam.version not in self.workers:
+                    continue
+                subnet = lease.subnet if fam.version == 4 else lease.ipv6_subnet
+                network = self.config.network if fam.version == 4 else self.config.ipv6_network
+                addr = str(subnet.network_address)
+                self.host.link_index(fam.device, wait=2.0)
+                self.host.set_link(fam.device, mtu=self.mtu, up=True)
+                self.host.add_address(fam.device, f"{addr}/{32 if fam.version == 4 else 128}")
+                if network is not None:
+                    self.host.add_route(Route(str(network), fam.device, src=addr))
+            self._push_peers()
+        except BaseException:
+            self.stop()
+            raise
+
+    def apply(self, events: list[Event]) -> None:
+        changed = False
+        for ev in events:
+            key = ev.lease.key
+            if self.lease is not None and key == self.lease.key:
+                continue  # our own lease is not a peer
+            if ev.type is EventType.ADDED:
+                self.peers[key] = ev.lease
+                changed = True
+            elif ev.type is EventType.REMOVED and self.peers.pop(key, None) is not None:
+                changed = True
+        if changed and self.workers:
+            self._push_peers()
+
+    def wg_stats(self) -> dict[str, dict]:
+        """Per device: the worker's full stats (interface counters, drops, peers), for format_wg_show."""
+        out = {}
+        for version, worker in self.workers.items():
+            st = worker.request({"op": "stats"}, "stats")["stats"]
+            st["device"] = worker.tun
+            st["listen_port"] = worker.port
+            out[worker.tun] = st
+            del version
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics, summed over the devices (peers' details are in wg_stats)."""
+        total: dict[str, int] = {}
+        for st in self.wg_stats().values():
+            for k, v in st.items():
+                if isinstance(v, int) and not isinstance(v, bool) and k != "listen_port":
+                    total[k] = total.get(k, 0) + v
+            total["wireguard_peers"] = total.get("wireguard_peers", 0) + len(st.get("peers", []))
+        return total
+
+    def stop(self) -> None:
+        if self.host is not None:
+            self.host.undo()
+            self.host.close()
+            self.host = None
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+
+
+def peer_config(
+    lease: Lease, version: int, psk: bytes | None, keepalive: int, default_port: int
+) -> dict | None:
+    """A peer lease as the worker's peer entry for one family, or None (logged) when it is unusable."""
+    attrs = lease.attrs
+    if attrs.backend_type != WireguardBackend.type:
+        log.warning("peer %s has backend %r, not wireguard: ignored", lease.key, attrs.backend_type)
+        return None
+    subnet = lease.subnet if version == 4 else lease.ipv6_subnet
+    public_ip = attrs.public_ip if version == 4 else attrs.public_ipv6
+    data = attrs.backend_data if version == 4 else (attrs.backend_v6_data or attrs.backend_data)
+    if subnet is None or public_ip is None:
+        return None
+    try:
+        public_key = base64.b64decode(str(data["PublicKey"]), validate=True)
+        port = int(data.get("Port") or default_port)
+    except (TypeError, KeyError, ValueError, AttributeError, binascii.Error):
+        log.warning("peer %s: BackendData %r has no usable PublicKey: ignored", lease.key, data)
+        return None
+    if len(public_key) != crypto.KEY_SIZE or not 0 < port < 65536:
+        log.warning("peer %s: bad PublicKey or Port in %r: ignored", lease.key, data)
+        return None
+    return {
+        "public_key": base64.b64encode(public_key).decode(),
+        "endpoint": [str(public_ip), port],
+        "allowed_ips": [str(subnet)],
+        "psk": base64.b64encode(psk).decode() if psk else None,
+        "keepalive": keepalive,
+    }
+
+
+# -- `udpflannel wg show` -----------------------------------------------------------------------------------
+
+
+def _ago(seconds: float) -> str:
+    seconds = int(seconds)
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, seconds = divmod(seconds, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return (", ".join(parts) or "0 seconds") + " ago"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_wg_show(stats: dict, now: float | None = None) -> str:
+    """`wg show`-style text for one device's stats (WgEngine.stats plus "device"/"listen_port"), or for a
+    {device: stats} mapping as WireguardBackend.wg_stats returns it."""
+    if "peers" not in stats:
+        return "\n\n".join(format_wg_show(s, now) for s in stats.values())
+    now = time.time() if now is None else now
+    lines = [
+        f"interface: {stats.get('device', '?')}",
+        f"  public key: {stats.get('public_key', '')}",
+        "  private key: (hidden)",
+    ]
+    if stats.get("listen_port"):
+        lines.append(f"  listening port: {stats['listen_port']}")
+    drops = {k[5:]: v for k, v in stats.items() if k.startswith("drop_") and v}
+    if drops:
+        lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    for peer in sorted(stats["peers"], key=lambda p: -(p.get("latest_handshake") or 0)):
+        lines += ["", f"peer: {peer['public_key']}"]
+        if peer.get("endpoint"):
+            lines.append(f"  endpoint: {peer['endpoint']}")
+        lines.append(f"  allowed ips: {', '.join(peer.get('allowed_ips') or ['(none)'])}")
+        if peer.get("latest_handshake"):
+            lines.append(f"  latest handshake: {_ago(max(0.0, now - peer['latest_handshake']))}")
+        if peer.get("rx_bytes") or peer.get("tx_bytes"):
+            lines.append(f"  transfer: {_bytes(peer['rx_bytes'])} received, {_bytes(peer['tx_bytes'])} sent")
+        if peer.get("persistent_keepalive"):
+            lines.append(f"  persistent keepalive: every {_ago(peer['persistent_keepalive'])[:-4]}")
+    return "\n".join(lines)
