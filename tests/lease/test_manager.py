@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
 
 import pytest
-from lease_helpers import SubnetEnvHint, net_conf, node_attrs
+from lease_helpers import net_conf, node_attrs, subnet_env
 
 from udpflannel.lease.manager import (
     MAX_ACQUIRE_TRIES,
@@ -39,14 +40,7 @@ def manager(store, n: int, conf=CONF, seed: int = 0, **kwargs) -> LeaseManager:
     return LeaseManager(store, conf, node_attrs(n), rng=random.Random(seed), **kwargs)
 
 
-def hint(subnet: str, ipv6_subnet: str | None = None) -> SubnetEnvHint:
-    return SubnetEnvHint(
-        network=V4("198.19.0.0/16"),
-        subnet=ipaddress.IPv4Interface(subnet),
-        ipv6_subnet=ipaddress.IPv6Interface(ipv6_subnet) if ipv6_subnet else None,
-        mtu=1450,
-        ipmasq=True,
-    )
+hint = subnet_env
 
 
 class ConflictingStore:
@@ -243,7 +237,7 @@ def test_exhausted_range_names_the_config_and_the_fix(tmp_path, fake_clock):
 
 def test_first_subnet_is_never_handed_out_even_when_subnet_min_says_so(tmp_path, fake_clock):
     # Config validation refuses this SubnetMin; the manager still never leases the network's first subnet.
-    conf = net_conf("198.19.0.0/28", 30, subnet_min="198.19.0.0/30")
+    conf = dataclasses.replace(net_conf("198.19.0.0/28", 30), subnet_min=V4("198.19.0.0/30"))
     s = SqliteStore(tmp_path / "f.db", clock=fake_clock)
     try:
         got = {manager(s, n, conf=conf, seed=n).acquire(fake_clock()).subnet for n in (1, 2, 3)}
@@ -282,6 +276,7 @@ def test_dual_stack_hint_needs_both_families(store, fake_clock):
 
 def test_ipv6_only(store, fake_clock):
     conf = net_conf(None, ipv6_network="fd00:198::/56", ipv6_subnet_len=64)
+    assert not conf.enable_ipv4
     attrs = LeaseAttrs(public_ipv6=ipaddress.IPv6Address("fd00:198:ffff::1"), backend_type="vxlan")
     lease = LeaseManager(store, conf, attrs, ttl=TTL, renew_margin=MARGIN).acquire(fake_clock())
     assert lease.subnet is None and lease.ipv6_subnet is not None

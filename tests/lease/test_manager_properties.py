@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from lease_helpers import FakeClock, NetConf, net_conf, node_attrs
+from lease_helpers import FakeClock, net_conf, node_attrs
 
+from udpflannel.config import NetworkConfig
 from udpflannel.lease.manager import LeaseManager, SubnetsExhausted
 from udpflannel.lease.model import Lease
 from udpflannel.lease.sqlite import SqliteStore
@@ -55,7 +56,7 @@ def capacity(network, subnet_len: int, smin, smax) -> int:
     return (int(smax.network_address) - first) // size + 1
 
 
-def families(conf: NetConf):
+def families(conf: NetworkConfig):
     if conf.enable_ipv4:
         yield "subnet", conf.network, conf.subnet_len, conf.subnet_min, conf.subnet_max
     if conf.enable_ipv6:
@@ -68,7 +69,7 @@ def families(conf: NetConf):
         )
 
 
-def check_store(conf: NetConf, leases: list[Lease]) -> None:
+def check_store(conf: NetworkConfig, leases: list[Lease]) -> None:
     owners = [x.attrs.public_ip for x in leases]
     assert len(owners) == len(set(owners)), "a node holds two leases"
     for attr, network, subnet_len, smin, smax in families(conf):
@@ -83,7 +84,7 @@ def check_store(conf: NetConf, leases: list[Lease]) -> None:
                 assert not net.overlaps(other), f"{net} overlaps {other}"
 
 
-def check_exhausted(conf: NetConf, leases: list[Lease]) -> None:
+def check_exhausted(conf: NetworkConfig, leases: list[Lease]) -> None:
     """SubnetsExhausted is honest: some family really has no free subnet left."""
     full = [
         len({getattr(x, attr) for x in leases}) == capacity(network, subnet_len, smin, smax)
@@ -92,7 +93,7 @@ def check_exhausted(conf: NetConf, leases: list[Lease]) -> None:
     assert any(full), f"exhausted with only {len(leases)} leases"
 
 
-def run_ops(conf: NetConf, ops: list[tuple[str, object]], db: Path) -> None:
+def run_ops(conf: NetworkConfig, ops: list[tuple[str, object]], db: Path) -> None:
     clock = FakeClock()
     store = SqliteStore(db, clock=clock)
     managers: dict[int, LeaseManager] = {}

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from udpflannel.lease.model import Event, EventType, IPv4Network, IPv6Network, Lease, LeaseAttrs
 from udpflannel.lease.store import Compacted, Conflict, NotFound, Store, StoreError
+from udpflannel.subnet import count_subnets, iter_subnets, subnet_at
 
 if TYPE_CHECKING:
     from udpflannel.config import NetworkConfig
+    from udpflannel.subnet import SubnetEnv
 
 DEFAULT_TTL = 24 * 3600.0  # flannel's subnet lease TTL
 DEFAULT_RENEW_MARGIN = 3600.0  # --subnet-lease-renew-margin default, 60 minutes
@@ -102,12 +104,9 @@ class _Family:
 
     @classmethod
     def build(cls, network: Any, subnet_len: int, smin: Any, smax: Any, v6: bool) -> _Family:
-        size = 1 << (network.max_prefixlen - subnet_len)
-        base = int(network.network_address)
         # Defaults as flannel's: the first subnet is never handed out, the last one is.
-        cls_ = type(network)  # ip_network(int) would guess the family from the integer's size
-        first = smin or cls_((base + size, subnet_len))
-        last = smax or cls_((base + network.num_addresses - size, subnet_len))
+        first = smin or subnet_at(network, subnet_len, 1)
+        last = smax or subnet_at(network, subnet_len, count_subnets(network, subnet_len) - 1)
         names = (
             ("IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax") if v6 else ("Network", "SubnetMin", "SubnetMax")
         )
@@ -123,14 +122,9 @@ class _Family:
         )
 
     def candidates(self) -> Iterator[Subnet]:
-        size = 1 << (self.network.max_prefixlen - self.subnet_len)
-        addr, end = int(self.first.network_address), int(self.last.network_address)
-        make = type(self.network)
-        while addr <= end:
-            net = make((addr, self.subnet_len))
+        for net in iter_subnets(self.network, self.subnet_len, self.first, self.last):
             if net.network_address != self.network.network_address:
                 yield net
-            addr += size
 
     def exhausted(self, held: int) -> SubnetsExhausted:
         net, smin, smax = self.names
@@ -170,7 +164,7 @@ class LeaseManager:
         config: NetworkConfig,
         attrs: LeaseAttrs,
         *,
-        subnet_file_hint: Any = None,
+        subnet_file_hint: SubnetEnv | None = None,
         ttl: float = DEFAULT_TTL,
         renew_margin: float = DEFAULT_RENEW_MARGIN,
         rng: random.Random | None = None,
