@@ -71,10 +71,11 @@ def test_demo_reports_agents_that_cannot_start_and_cleans_up(tmp_path: Path) -> 
 
 
 @needs_agent
-def test_demo_end_to_end_with_real_agents(tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", ["three-node", "three-node-udp", "three-node-wireguard"])
+def test_demo_end_to_end_with_real_agents(tmp_path: Path, topology: str) -> None:
     lines: list[str] = []
     started = time.monotonic()
-    report = run_demo(DEFAULT_TOPOLOGY, root=tmp_path, out=lines.append)
+    report = run_demo(DEFAULT_TOPOLOGY.with_name(f"{topology}.clab.yml"), root=tmp_path, out=lines.append)
     elapsed = time.monotonic() - started
     text = "\n".join(lines)
     print(text)
@@ -88,7 +89,10 @@ def test_demo_end_to_end_with_real_agents(tmp_path: Path) -> None:
         assert report.failed == [], text
         assert len(report.matrix) == 6 and all(report.matrix.values())
         assert report.throughput_bps is not None and report.throughput_bps > 0
-        assert report.trace_text is not None and "echo reply received" in report.trace_text
+        assert report.trace_text is not None and "seen at 8/8 hops; echo reply received" in report.trace_text
+        encap = {"three-node": "VXLAN      flags 0x08  vni 1", "three-node-udp": "(udp tunnel)"}
+        wg = "WireGuard  transport data  receiver index 0x"
+        assert encap.get(topology, wg) in report.trace_text
     assert report.exit_code == (1 if report.failed else 0)
 
 

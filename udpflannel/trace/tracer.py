@@ -14,11 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from udpflannel.codec.wireguard.messages import MESSAGE_TRANSPORT_TYPE, PADDING_MULTIPLE, TRANSPORT_OVERHEAD
 from udpflannel.lab.runtime import CNI_BRIDGE, POD_IFACE, LabState, NodeState, PodState, tunnel_link
 from udpflannel.trace.capture import Capture, CaptureSet, Frame
 from udpflannel.trace.dissect import Dissection, dissect, encap_ports
 
 PING_TIMEOUT = 3  # seconds ping waits for the reply
+PROBE_PAYLOAD = 56  # ping's default data size: the probe is a 84-byte IPv4 packet
+PROBE_IP_LEN = 20 + 8 + PROBE_PAYLOAD
+# WireGuard pads the plaintext to 16 bytes and adds header and tag: the size the encrypted probe must have.
+WG_PROBE_LEN = TRANSPORT_OVERHEAD + -(-PROBE_IP_LEN // PADDING_MULTIPLE) * PADDING_MULTIPLE
 SETTLE = 0.3  # after the reply, let the last hops' tcpdumps write
 
 
@@ -131,7 +136,9 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             snode.ns,
             snode.iface,
             "udp",
-            f"{sactor} wrapped it for {dnode.name} ({backend}): {outer}",
+            f"{sactor} wrapped it for {dnode.name} ({backend}): {outer}"
+            # spec/flannel.md: flannel's udp proxy routes like a hop, so it decrements the inner TTL too.
+            + ("; like flannel's udp proxy it also takes one from the inner TTL" if backend == "udp" else ""),
         )
     )
     hops.append(
@@ -205,7 +212,19 @@ def trace(state: LabState, src: str | None = None, dst: str | None = None) -> Tr
     pattern = secrets.token_bytes(8)
     with CaptureSet(captures):
         # -p fills the payload with our pattern: the mark that finds this very packet at every clear hop.
-        ping_cmd = ["ping", "-n", "-c", "1", "-W", str(PING_TIMEOUT), "-p", pattern.hex(), d[1].ip]
+        ping_cmd = [
+            "ping",
+            "-n",
+            "-c",
+            "1",
+            "-s",
+            str(PROBE_PAYLOAD),
+            "-W",
+            str(PING_TIMEOUT),
+            "-p",
+            pattern.hex(),
+        ]
+        ping_cmd.append(d[1].ip)
         ping = subprocess.run(
             ["ip", "netns", "exec", s[1].ns, *ping_cmd],
             capture_output=True,
@@ -227,7 +246,7 @@ def trace(state: LabState, src: str | None = None, dst: str | None = None) -> Tr
 
 def _match(hop: Hop, cap: Capture, pattern: bytes, ports, snode: NodeState, dnode: NodeState) -> HopResult:
     """Our probe in this hop's capture: the frame carrying the pattern, or for an encrypted tunnel the first
-    transport message from the source node to the destination node."""
+    transport message from the source node to the destination node whose size fits the probe exactly."""
     if cap.error is not None:
         return HopResult(hop, cap.pcap, None, None, [], cap.error)
     frames = cap.frames()
@@ -243,7 +262,12 @@ def _match(hop: Hop, cap: Capture, pattern: bytes, ports, snode: NodeState, dnod
         if dis.encapsulation != "wireguard" or ip is None or wg is None:
             continue
         forward = ip.fields["src"] == snode.public_ip and ip.fields["dst"] == dnode.public_ip
-        if chosen is None and forward and wg.fields["type"] == 4 and wg.fields["length"] > 32:
+        if (
+            chosen is None
+            and forward
+            and wg.fields["type"] == MESSAGE_TRANSPORT_TYPE
+            and wg.fields["length"] == WG_PROBE_LEN
+        ):
             chosen = (f, dis)
         elif chosen is None:
             others.append(f"{ip.fields['src']} → {ip.fields['dst']} WireGuard {wg.summary}")
