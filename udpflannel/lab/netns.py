@@ -6,6 +6,7 @@ Every name carries a per-run prefix so parallel runs never collide, and every ad
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -76,10 +77,8 @@ class Netns:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=timeout)
         self.processes.clear()
 
@@ -146,10 +145,8 @@ class Lab:
         for ns in self.namespaces.values():
             # Deleting the namespace removes every link inside it (veth peers go with their other end).
             for pid in run(["ip", "netns", "pids", ns.name], check=False).split():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
             run(["ip", "netns", "del", ns.name], check=False)
         self.namespaces.clear()
 
