@@ -43,6 +43,8 @@ from kube_wire import (
     validate_node,
 )
 
+TEST_TOKEN = "test-token"  # the default token, allowed everything
+
 
 @dataclass
 class _Change:
@@ -59,7 +61,7 @@ class KubeApiDouble:
     components would; `requests` records (method, path, query) of every HTTP request.
     """
 
-    tokens: dict[str, set[tuple[str, str]] | None] = field(default_factory=lambda: {"test-token": None})
+    tokens: dict[str, set[tuple[str, str]] | None] = field(default_factory=lambda: {TEST_TOKEN: None})
     bookmark_interval: float | None = 1.0
     rv: int = 100
     nodes: dict[str, dict] = field(default_factory=dict)
