@@ -132,6 +132,16 @@ BAD = [
     ("no net-conf", GOOD.replace("udpflannel.net-conf", "other"), "'udpflannel.net-conf' is required"),
     ("net-conf not json", GOOD.replace('{"Network"', "{Network"), "udpflannel.net-conf: not JSON"),
     ("net-conf unsafe", GOOD.replace("198.19.0.0/16", "10.244.0.0/16"), "must lie inside 198.19.0.0/16"),
+    (
+        "net-conf bad backend",
+        GOOD.replace('"Type": "vxlan"', '"Type": "ipsec"'),
+        "Backend.Type 'ipsec' is not supported",
+    ),
+    (
+        "net-conf bad subnetlen",
+        GOOD.replace('"Network": "198.19.0.0/16"', '"Network": "198.19.0.0/16", "SubnetLen": 40'),
+        "SubnetLen",
+    ),
     ("net-conf no network", GOOD.replace('"Network": "198.19.0.0/16", ', ""), "'Network' is required"),
     (
         "env not mapping",

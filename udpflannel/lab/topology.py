@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from udpflannel.config import ConfigError, parse_net_conf
 from udpflannel.lab.netns import SAFE_RANGE_V4
 
 LABEL_PREFIX = "udpflannel."
@@ -279,6 +280,11 @@ def _net_conf(text: str | None, fail) -> dict[str, Any]:
         lowered_b = {str(k).lower(): k for k in backend}
         if "type" in lowered_b and "Type" not in backend:
             backend["Type"] = backend.pop(lowered_b["type"])
+    try:
+        # The agents would refuse it anyway; say so now, with flannel's rules, before anything is built.
+        parse_net_conf(json.dumps(conf))
+    except ConfigError as exc:
+        raise fail(f"labels.{LABEL_NET_CONF}: {exc}") from None
     return conf
 
 
