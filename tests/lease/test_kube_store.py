@@ -108,6 +108,34 @@ def test_kube_api_url_overrides_the_kubeconfig_server(double: KubeApiDouble, tmp
         store.close()
 
 
+def test_from_run_options(double: KubeApiDouble, tmp_path: Path) -> None:
+    from udpflannel.options import RunOptions
+
+    double.create_node("node-5", ["198.19.5.0/24", "fd00:198:0:5::/64"])
+    conf = parse_net_conf(
+        '{"Network": "198.19.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:198::/48"}', kube=True
+    )
+    options = RunOptions(
+        kube_subnet_mgr=True,
+        kubeconfig_file=write_kubeconfig(tmp_path / "kc", double.url, TOKEN),
+        kube_annotation_prefix="example.com",
+        set_node_network_unavailable=False,
+        net_config=conf,
+    )
+    store = KubeStore.from_options(options, environ={"NODE_NAME": "node-5"})
+    try:
+        v4, v6 = store.assigned_subnets()
+        assert (str(v4), str(v6)) == ("198.19.5.0/24", "fd00:198:0:5::/64")
+        store.create(v4, v6, attrs(5), ttl=600)
+        node = double.node("node-5")
+        assert node["metadata"]["annotations"]["example.com/public-ip"] == "198.18.0.5"
+        assert "conditions" not in node["status"]
+        (lease,) = store.list().leases
+        assert lease.key == "198.19.5.0-24&fd00:198:0:5::-64"
+    finally:
+        store.close()
+
+
 def test_assigned_subnets_from_pod_cidrs(double: KubeApiDouble, make_store) -> None:
     double.create_node("node-1", ["198.19.1.0/24", "fd00:198:0:1::/64"])
     double.create_node("node-2", [])

@@ -137,6 +137,23 @@ class KubeStore:
         self.drops: collections.Counter[str] = collections.Counter()
         self.node_name = node_name or self._node_name_from(environ)
 
+    @classmethod
+    def from_options(cls, options: Any, environ: Mapping[str, str] = os.environ) -> KubeStore:
+        """Build from `udpflannel run` options (options.RunOptions): flanneld's --kube-* flags, and the
+        address families and Networks of the net-conf file (options.net_config) to check podCIDRs against."""
+        conf = options.net_config
+        return cls(
+            kube_api_url=options.kube_api_url or None,
+            kubeconfig=options.kubeconfig_file or None,
+            annotation_prefix=options.kube_annotation_prefix,
+            set_node_network_unavailable=options.set_node_network_unavailable,
+            enable_ipv4=conf.enable_ipv4 if conf is not None else True,
+            enable_ipv6=conf.enable_ipv6 if conf is not None else False,
+            network=conf.network if conf is not None else None,
+            ipv6_network=conf.ipv6_network if conf is not None else None,
+            environ=environ,
+        )
+
     # ---- connection -------------------------------------------------------------------------------------
 
     def _make_api_client(self, kube_api_url: str | None, kubeconfig: str | None) -> Any:
