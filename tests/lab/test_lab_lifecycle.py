@@ -151,3 +151,26 @@ def test_cli_down_removes_every_lab_under_the_root(tmp_path: Path) -> None:
     for r in runs:
         assert_nothing_left(r.state.prefix, r.state.path)
     assert find_labs(tmp_path) == []
+
+
+def stuck_agent(state: LabState, node: topology.Node) -> list[str]:
+    code = "import time\ndef waiting_for_a_lease_forever():\n    time.sleep(120)\n"
+    code += "waiting_for_a_lease_forever()\n"
+    return [sys.executable, "-c", code, str(state.dir)]
+
+
+def test_stuck_agent_is_reported_with_where_it_hangs(tmp_path: Path) -> None:
+    topo = topology.load(THREE_NODE)
+    logs: list[str] = []
+    labrun = up(topo, root=tmp_path, agent=stuck_agent, lease_timeout=1.5, log=logs.append)
+    state = labrun.state
+    try:
+        text = "\n".join(logs)
+        assert "node node1 has no lease (no subnet.env after 2 s)" in text
+        assert all(n.pods == [] for n in state.nodes.values())
+        if Path(sys.executable).with_name("py-spy").exists():
+            assert "py-spy dump of the stuck agent:" in text
+            assert "waiting_for_a_lease_forever" in text
+    finally:
+        labrun.close()
+    assert_nothing_left(state.prefix, state.path)

@@ -313,6 +313,24 @@ def _wait_for_leases(state: LabState, lab: Lab, timeout: float, log) -> None:
             log(f"lab {state.prefix}: node {name} has no lease ({why}); last agent log lines:")
             for line in agent_log_tail(state, name):
                 log(f"    {line}")
+            if agent_alive(state, node) and node.pid is not None:
+                for line in agent_stack(node.pid):
+                    log(f"    {line}")
+
+
+def agent_stack(pid: int, lines: int = 12) -> list[str]:
+    """Where a stuck agent is (py-spy dump of its main thread), so `lab up` shows why, not only that."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return []
+    try:
+        proc = subprocess.run(
+            [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=10
+        )
+    except subprocess.TimeoutExpired:
+        return ["(py-spy dump timed out)"]
+    out = (proc.stdout or proc.stderr).splitlines()
+    return ["py-spy dump of the stuck agent:", *out[:lines]] if out else []
 
 
 def _wire_pods(topo_node: Node, node: NodeState, state: LabState, lab: Lab) -> None:
