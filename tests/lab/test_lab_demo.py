@@ -107,6 +107,15 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
         assert "node1" in up.stdout and "pod node3-p1" in up.stdout
         status = subprocess.run([*exe, *root, "status"], capture_output=True, text=True, timeout=30)
         assert status.returncode == 0 and "running" in status.stdout and "EXITED" not in status.stdout
+        trace = subprocess.run(
+            [*exe, "trace", "--state-root", str(tmp_path), "--from", "node3-p1", "--to", "node1-p0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "trace: one ICMP echo request node3-p1" in trace.stdout, trace.stdout + trace.stderr
+        assert "hop 8  node1-p0 eth0" in trace.stdout and "pcaps: " in trace.stdout
+        assert trace.returncode == (0 if "seen at 8/8 hops; echo reply received" in trace.stdout else 1)
     finally:
         down = subprocess.run([*exe, *root, "down"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
