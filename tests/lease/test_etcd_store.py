@@ -16,7 +16,7 @@ from etcd_server import EtcdServer, etcd_available
 
 from udpflannel.lease.etcd import EtcdStore
 from udpflannel.lease.model import EventType, LeaseAttrs
-from udpflannel.lease.store import Compacted, Conflict, NotFound
+from udpflannel.lease.store import Compacted, Conflict, NotFound, StoreError
 
 pytestmark = pytest.mark.skipif(
     not etcd_available(), reason="needs /usr/bin/etcd (apt-get install etcd-server)"
@@ -347,3 +347,69 @@ def test_etcd_killed_and_restarted_during_a_watch() -> None:
         finally:
             holder.close()
             watcher.close()
+
+
+def test_two_managers_racing_for_the_last_free_subnet(etcd: EtcdServer, prefix: str) -> None:
+    """One wins the last subnet; the loser's create conflicts, it re-lists, and finds nothing left."""
+    from udpflannel.config import parse_net_conf
+    from udpflannel.lease.manager import LeaseManager, SubnetsExhausted
+
+    conf = parse_net_conf(
+        '{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0", "SubnetMax": "198.19.2.0"}'
+    )
+    for round_ in range(3):
+        round_prefix = f"{prefix}-{round_}"
+        stores = [EtcdStore([etcd.endpoint], prefix=round_prefix) for _ in range(3)]
+        try:
+            stores[0].create(NET1, None, LeaseAttrs(public_ip=ipaddress.IPv4Address("198.18.0.100")), ttl=60)
+            racers = [
+                LeaseManager(
+                    s,
+                    conf,
+                    LeaseAttrs(public_ip=ipaddress.IPv4Address(f"198.18.0.{n}")),
+                    ttl=60,
+                    renew_margin=10,
+                )
+                for n, s in enumerate(stores[1:], start=1)
+            ]
+            barrier = threading.Barrier(len(racers))
+            outcome: dict[int, object] = {}
+
+            def race(i: int, manager: LeaseManager, barrier=barrier, outcome=outcome) -> None:
+                barrier.wait()
+                try:
+                    outcome[i] = manager.acquire(time.time()).subnet
+                except SubnetsExhausted as exc:
+                    outcome[i] = exc
+
+            threads = [threading.Thread(target=race, args=(i, m)) for i, m in enumerate(racers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            won = [v for v in outcome.values() if v == NET2]
+            lost = [v for v in outcome.values() if isinstance(v, SubnetsExhausted)]
+            assert (len(won), len(lost)) == (1, 1), outcome
+            assert sorted(str(x.subnet) for x in stores[0].list().leases) == [str(NET1), str(NET2)]
+        finally:
+            for s in stores:
+                s.close()
+
+
+def test_failover_to_the_next_endpoint(etcd: EtcdServer, prefix: str) -> None:
+    """A dead first endpoint (a closed local port) costs a retry, not an error."""
+    store = EtcdStore(["http://127.0.0.1:1", etcd.endpoint], prefix=prefix, retry_for=5)
+    try:
+        lease = store.create(NET1, None, ATTRS_A, ttl=60)
+        assert [x.revision for x in store.list().leases] == [lease.revision]
+    finally:
+        store.close()
+
+
+def test_unreachable_etcd_is_a_store_error_naming_the_endpoint(prefix: str) -> None:
+    store = EtcdStore(["http://127.0.0.1:1"], prefix=prefix, retry_for=0.3)
+    try:
+        with pytest.raises(StoreError, match=r"unreachable.*127\.0\.0\.1:1"):
+            store.list()
+    finally:
+        store.close()
