@@ -12,16 +12,9 @@ import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import TAILROOM, PacketBatch, round_up
-from udpflannel.packet.checksum import (
-    finish,
-    finish_udp,
-    fold,
-    inet_sum,
-    inet_sum_rows,
-    pseudo_sum_v4,
-    pseudo_sum_v6,
-)
+from udpflannel.packet.checksum import bytes_sum, finish, finish_positive, finish_udp, inet_sum
 from udpflannel.packet.drops import DropReason
+from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -33,7 +26,6 @@ from udpflannel.packet.vnet import (
 # A superpacket is at most 64 KiB; with a tiny gso_size it could become thousands of rows. Refuse those.
 MAX_SEGMENTS = 1024
 
-_U64 = np.uint64
 BytesLike = bytes | bytearray | memoryview | np.ndarray
 
 
@@ -84,9 +76,9 @@ def _single(pkt: np.ndarray, hdr: VnetHdr, headroom: int) -> PacketBatch:
         if field + 2 > n or hdr.csum_offset not in (h.TCP_CSUM, h.UDP_CSUM):
             return PacketBatch.refused(DropReason.BAD_HEADER, headroom)
         # The field already holds the pseudo-header sum: the sum over [csum_start, end) includes it.
-        s = np.array([inet_sum(row[start:])], _U64)
-        c = finish_udp(s) if hdr.csum_offset == h.UDP_CSUM else finish(s)
-        row[field : field + 2] = np.array([c[0]], ">u2").view(np.uint8)
+        s = inet_sum(row[start:])
+        c = int(finish_udp(s) if hdr.csum_offset == h.UDP_CSUM else finish(s))
+        row[field : field + 2] = (c >> 8, c & 0xFF)
     return batch
 
 
@@ -130,70 +122,91 @@ def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool) -> Packet
     k = max(1, -(-payload // mss))
     if k > MAX_SEGMENTS:
         return PacketBatch.refused(DropReason.TOO_BIG, headroom)
-
-    batch = _replicate(pkt, hlen, mss, payload, k, headroom)
-    _patch_ip(batch, pkt, l3, v4)
-    ar = np.arange(k, dtype=np.int64)
-    c4 = headroom + l3
-    if tcp:
-        seq0 = int.from_bytes(pkt[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4].tobytes(), "big")
-        batch.buf[:, c4 + h.TCP_SEQ : c4 + h.TCP_SEQ + 4].view(">u4")[:, 0] = (seq0 + mss * ar) & 0xFFFFFFFF
-        flags = batch.buf[:, c4 + h.TCP_FLAGS]
-        flags[:-1] &= ~np.uint8(h.TCP_FIN | h.TCP_PSH)
-        flags[1:] &= ~np.uint8(h.TCP_CWR)
-    else:
-        _be16(batch.buf[:, c4 + h.UDP_LEN : c4 + h.UDP_LEN + 2])[:] = batch.lengths - l3
-    _fill_l4_checksum(batch, l3, v4, proto, tcp)
-    return batch
+    return _segment(pkt, headroom, l3, hlen, mss, k, v4=v4, tcp=tcp, proto=proto)
 
 
-def _replicate(pkt: np.ndarray, hlen: int, mss: int, payload: int, k: int, headroom: int) -> PacketBatch:
-    """k rows, each a copy of the headers followed by its slice of the payload."""
-    stride = round_up(headroom + hlen + mss + TAILROOM, 8)
-    buf = np.empty((k, stride), np.uint8)
-    buf[:, headroom : headroom + hlen] = pkt[:hlen]
+def _segment(
+    pkt: np.ndarray, off: int, l3: int, hlen: int, mss: int, k: int, *, v4: bool, tcp: bool, proto: int
+) -> PacketBatch:
+    """The split itself, for a superpacket already checked: replicate, patch per-row fields, checksum."""
+    raw = pkt[:hlen].tobytes()
+    payload = len(pkt) - hlen
     full = k - 1
-    p0 = headroom + hlen
-    if full:
-        buf[:full, p0 : p0 + mss] = pkt[hlen : hlen + full * mss].reshape(full, mss)
     last = payload - full * mss
+    stride = round_up(off + hlen + mss + TAILROOM, 8)
+    buf = np.empty((k, stride), np.uint8)
+    buf[:, off : off + hlen] = pkt[:hlen]
+    p0 = off + hlen
+    body = pkt[hlen : hlen + full * mss].reshape(full, mss)
+    buf[:full, p0 : p0 + mss] = body
     buf[full, p0 : p0 + last] = pkt[hlen + full * mss :]
     lengths = np.full(k, hlen + mss, np.int32)
     lengths[-1] = hlen + last
-    return PacketBatch(buf, lengths, headroom, k)
+    ar = np.arange(k, dtype=np.int64)
+    l4len = lengths - l3
 
-
-def _patch_ip(batch: PacketBatch, pkt: np.ndarray, l3: int, v4: bool) -> None:
-    """Per-row IP lengths, and for IPv4 the id (+i) and the header checksum."""
-    c, buf = batch.offset, batch.buf
-    if not v4:
-        _be16(buf[:, c + h.IPV6_PAYLOAD_LEN : c + h.IPV6_PAYLOAD_LEN + 2])[:] = batch.lengths - h.IPV6_HLEN
-        return
-    ids = (int.from_bytes(pkt[h.IPV4_ID : h.IPV4_ID + 2].tobytes(), "big") + np.arange(batch.n)) & 0xFFFF
-    _be16(buf[:, c + h.IPV4_TOTAL_LEN : c + h.IPV4_TOTAL_LEN + 2])[:] = batch.lengths
-    _be16(buf[:, c + h.IPV4_ID : c + h.IPV4_ID + 2])[:] = ids
-    # Only length and id differ per row: sum the rest once, then add them per row.
-    base = np.array(pkt[:l3])
-    base[h.IPV4_TOTAL_LEN : h.IPV4_TOTAL_LEN + 2] = 0
-    base[h.IPV4_ID : h.IPV4_ID + 2] = 0
-    base[h.IPV4_CSUM : h.IPV4_CSUM + 2] = 0
-    s = _U64(inet_sum(base)) + batch.lengths.astype(_U64) + ids.astype(_U64)
-    _be16(buf[:, c + h.IPV4_CSUM : c + h.IPV4_CSUM + 2])[:] = finish(s)
-
-
-def _fill_l4_checksum(batch: PacketBatch, l3: int, v4: bool, proto: int, tcp: bool) -> None:
-    c, buf = batch.offset, batch.buf
-    col = c + l3 + (h.TCP_CSUM if tcp else h.UDP_CSUM)
-    buf[:, col : col + 2] = 0
-    l4len = batch.lengths - l3
+    # Sums of everything the rows share, in plain Python over the template header, once per superpacket.
     if v4:
-        src, dst = buf[:1, c + h.IPV4_SRC : c + h.IPV4_SRC + 4], buf[:1, c + h.IPV4_DST : c + h.IPV4_DST + 4]
-        pseudo = pseudo_sum_v4(src, dst, proto, l4len)
+        ip = rows_view(buf, off, h.IPV4_HDR)
+        ip_id = (int.from_bytes(raw[h.IPV4_ID : h.IPV4_ID + 2], "big") + ar) & 0xFFFF
+        ip["total_len"] = lengths
+        ip["id"] = ip_id
+        # total_len, id and checksum are per row; the rest of the header is summed once.
+        ip_base = bytes_sum(raw[:l3]) - bytes_sum(raw[h.IPV4_TOTAL_LEN : h.IPV4_ID + 2])
+        ip_base -= bytes_sum(raw[h.IPV4_CSUM : h.IPV4_CSUM + 2])
+        ip["csum"] = finish_positive(ip_base + lengths + ip_id)
+        pseudo = bytes_sum(raw[h.IPV4_SRC : h.IPV4_DST + 4]) + proto
     else:
-        src, dst = (
-            buf[:1, c + h.IPV6_SRC : c + h.IPV6_SRC + 16],
-            buf[:1, c + h.IPV6_DST : c + h.IPV6_DST + 16],
+        rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
+        pseudo = bytes_sum(raw[h.IPV6_SRC : h.IPV6_DST + 16]) + proto
+
+    # L4 checksum = pseudo-header + header words + payload, each part summed where it is cheapest.
+    pay = _payload_sums(body, mss, pkt[hlen + full * mss :])
+    if tcp:
+        t = rows_view(buf, off + l3, h.TCP_HDR)
+        seq = (int.from_bytes(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4], "big") + mss * ar) & 0xFFFFFFFF
+        flags0 = raw[l3 + h.TCP_FLAGS]
+        flags = np.full(k, flags0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR), np.int64)
+        flags[0] = flags0 & ~(h.TCP_FIN | h.TCP_PSH)  # CWR only on the first segment
+        flags[-1] = (flags0 & ~h.TCP_CWR) if k > 1 else flags0  # FIN/PSH only on the last
+        t["seq"] = seq
+        t["flags"] = flags
+        # the TCP header minus its per-row words (seq, data offset + flags, checksum)
+        base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4])
+        base -= bytes_sum(raw[l3 + h.TCP_DOFF : l3 + h.TCP_FLAGS + 1]) + bytes_sum(
+            raw[l3 + h.TCP_CSUM : l3 + 18]
         )
-        pseudo = pseudo_sum_v6(src, dst, proto, l4len)
-    s = fold(pseudo + inet_sum_rows(buf[:, c + l3 :], l4len))
-    _be16(buf[:, col : col + 2])[:] = finish(s) if tcp else finish_udp(s)
+        row = (seq >> 16) + (seq & 0xFFFF) + (raw[l3 + h.TCP_DOFF] << 8) + flags
+        t["csum"] = finish_positive(pseudo + base + l4len + row + pay)
+    else:
+        u = rows_view(buf, off + l3, h.UDP_HDR)
+        u["len"] = l4len
+        base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.UDP_LEN : l3 + h.UDP_CSUM + 2])
+        # the UDP length appears twice: in the pseudo-header and in the header itself
+        u["csum"] = finish_udp(pseudo + base + 2 * l4len + pay)
+    return PacketBatch(buf, lengths, off, k)
+
+
+def _payload_sums(body: np.ndarray, mss: int, tail: np.ndarray) -> np.ndarray:
+    """Unfolded sums (checksum.py domain) of each full payload row of `body` and of the last, short one."""
+    full = body.shape[0]
+    q, r = divmod(mss, 4)
+    s = np.empty(full + 1, np.int64)
+    if full:
+        acc = (
+            body[:, : q * 4].view("<u4").sum(axis=1, dtype=np.int64) * 256 if q else np.zeros(full, np.int64)
+        )
+        if r:
+            # words are 16-bit pairs from each row's start: the 1-3 trailing bytes form a last, padded word
+            t = body[:, q * 4 :].astype(np.int64)
+            acc += (t[:, 0] << 8) + (t[:, 1] if r > 1 else 0) + ((t[:, 2] << 8) if r > 2 else 0)
+        s[:full] = acc
+    s[full] = _be_sum(tail)
+    return s
+
+
+def _be_sum(a: np.ndarray) -> int:
+    """Sum of the big-endian 16-bit words of one uint8 array (zero-padded to even length)."""
+    if len(a) % 2:
+        a = np.concatenate((a, np.zeros(1, np.uint8)))
+    return int(a.view(">u2").sum(dtype=np.int64))

@@ -4,6 +4,8 @@ Every module that touches a header field uses these names, so each offset is wri
 
 from __future__ import annotations
 
+import numpy as np
+
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
@@ -62,3 +64,52 @@ UDP_CSUM = 6
 UDP_HLEN = 8
 
 IP_MAXPACKET = 65535  # largest IPv4 total length / IPv6 payload length without jumbograms
+
+# The same headers as numpy structured dtypes (network byte order), so a column of a batch can be viewed
+# as one record per row: rows_view(buf, col, TCP_HDR)["seq"] is every row's sequence number.
+IPV4_HDR = np.dtype(
+    [
+        ("ver_ihl", "u1"),
+        ("tos", "u1"),
+        ("total_len", ">u2"),
+        ("id", ">u2"),
+        ("frag", ">u2"),
+        ("ttl", "u1"),
+        ("proto", "u1"),
+        ("csum", ">u2"),
+        ("src", ">u4"),
+        ("dst", ">u4"),
+    ]
+)
+IPV6_HDR = np.dtype(
+    [
+        ("ver_tc_flow", ">u4"),
+        ("payload_len", ">u2"),
+        ("next_hdr", "u1"),
+        ("hop_limit", "u1"),
+        ("src", ">u2", (8,)),
+        ("dst", ">u2", (8,)),
+    ]
+)
+TCP_HDR = np.dtype(
+    [
+        ("sport", ">u2"),
+        ("dport", ">u2"),
+        ("seq", ">u4"),
+        ("ack", ">u4"),
+        ("doff", "u1"),
+        ("flags", "u1"),
+        ("window", ">u2"),
+        ("csum", ">u2"),
+        ("urg", ">u2"),
+    ]
+)
+UDP_HDR = np.dtype([("sport", ">u2"), ("dport", ">u2"), ("len", ">u2"), ("csum", ">u2")])
+
+
+def rows_view(buf: np.ndarray, col: int, dtype: np.dtype, n: int | None = None) -> np.ndarray:
+    """A writable [n] record view of the `dtype`-sized header starting at column `col` of every row."""
+    rows = buf.shape[0] if n is None else n
+    if buf.flags.c_contiguous:
+        return np.ndarray((rows,), dtype, buffer=buf, offset=col, strides=(buf.strides[0],))
+    return buf[:rows, col : col + dtype.itemsize].view(dtype)[:, 0]
