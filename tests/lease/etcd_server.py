@@ -37,6 +37,7 @@ class EtcdServer:
     data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="udpflannel-etcd-"))
     client_port: int = field(default_factory=_free_port)
     peer_port: int = field(default_factory=_free_port)
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
 
     @property
@@ -59,6 +60,7 @@ class EtcdServer:
                 f"--initial-cluster=test={peer}",
                 "--log-level=error",
                 "--logger=zap",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -69,11 +71,11 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.data_dir}/etcd.log")
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                with urllib.request.urlopen(f"{self.endpoint}/version", timeout=1) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):
-                pass
+                pass  # not listening yet
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"etcd did not become healthy within {START_TIMEOUT}s")

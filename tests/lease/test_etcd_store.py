@@ -413,3 +413,33 @@ def test_unreachable_etcd_is_a_store_error_naming_the_endpoint(prefix: str) -> N
             store.list()
     finally:
         store.close()
+
+
+def test_username_password_and_token_expiry() -> None:
+    """etcd auth: the store logs in, and logs in again when its token expires (1 s here)."""
+    with EtcdServer(extra_args=["--auth-token-ttl=1"]) as server:
+        for path, payload in (
+            ("auth/user/add", {"name": "root", "password": "rootpw"}),
+            ("auth/role/add", {"name": "root"}),
+            ("auth/user/grant", {"user": "root", "role": "root"}),
+            ("auth/enable", {}),
+        ):
+            etcd_call(server.endpoint, path, payload)
+        anonymous = EtcdStore([server.endpoint], retry_for=1)
+        store = EtcdStore([server.endpoint], username="root", password="rootpw", retry_for=5)
+        wrong = EtcdStore([server.endpoint], username="root", password="nope", retry_for=5)
+        try:
+            with pytest.raises(StoreError, match="user name is empty"):
+                anonymous.list()
+            with pytest.raises(StoreError, match="authentication failed"):
+                wrong.list()
+            rev = store.list().revision
+            lease = store.create(NET1, None, ATTRS_A, ttl=60)
+            time.sleep(2.5)  # the token has expired
+            (event,) = store.watch(rev, timeout=3)
+            assert event.revision == lease.revision
+            time.sleep(2.5)
+            assert [x.subnet for x in store.list().leases] == [NET1]
+        finally:
+            for s in (anonymous, store, wrong):
+                s.close()

@@ -39,6 +39,10 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 
 
+class _AuthExpired(Exception):
+    """The watch stream refused our auth token (simple tokens expire): log in again and reconnect."""
+
+
 def _b64(data: str | bytes) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return base64.b64encode(raw).decode("ascii")
@@ -400,12 +404,21 @@ class EtcdStore:
             log.info("etcd watch: %s unreachable (%s); retrying", self._endpoints[self._current], exc)
             return None
         try:
+            if resp.status_code != 200:
+                body = resp.text[:300]
+                if self._username and "token" in body:
+                    client.session.headers.pop("Authorization", None)  # expired: log in again, retry
+                    return None
+                raise StoreError(f"etcd watch failed: HTTP {resp.status_code}: {body}")
             for line in resp.iter_lines():
                 if not line.strip():
                     continue
                 events = self._watch_message(line, after)
                 if events:
                     return events
+        except _AuthExpired:
+            client.session.headers.pop("Authorization", None)
+            return None
         except requests.RequestException as exc:
             # requests reports a read timeout inside a stream as a ConnectionError: tell them apart by time.
             if time.monotonic() - started >= remaining - 0.01:
@@ -423,12 +436,21 @@ class EtcdStore:
             self.drops["bad_watch_message"] += 1
             return []
         if "error" in msg:
-            raise StoreError(f"etcd watch failed: {msg['error'].get('message', msg['error'])}")
+            err = msg["error"]
+            text = str(err.get("message", err) if isinstance(err, dict) else err)
+            if self._username and "token" in text:
+                raise _AuthExpired(text)
+            raise StoreError(f"etcd watch failed: {text}")
         result = msg.get("result") or {}
         if int(result.get("compact_revision", 0)):
             raise Compacted(
                 f"etcd compacted history up to {result['compact_revision']}; asked for {after + 1}"
             )
+        if result.get("canceled"):
+            reason = str(result.get("cancel_reason", "no reason given"))
+            if self._username and "token" in reason:
+                raise _AuthExpired(reason)
+            raise StoreError(f"etcd canceled the watch: {reason}")
         events: list[Event] = []
         cache: dict[int, float] = {}
         for raw in result.get("events") or []:
