@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ipaddress
 import itertools
 import json
 import logging
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udpflannel.codec.wireguard import messages as wgm
-from udpflannel.codec.wireguard.batch import SealedBatch, open_batch, seal_batch, sealed_size
+from udpflannel.codec.wireguard.batch import SealedBatch, open_batch, seal_batch
 from udpflannel.codec.wireguard.events import Event, HandshakeCompleted, Reply
 from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind, Timing
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 64  # TUN reads / datagrams per turn
 HEADROOM = 32  # in front of every TUN packet: room for the 10-byte virtio header
-SEAL_BUFFER = 1 << 18  # preallocated output for one peer batch (64 segments of 1452 bytes fit 4 times)
 MAX_BATCHES_PER_WAKE = 16
 MAX_ERRORS_LOGGED = 5
 
@@ -108,7 +106,9 @@ class WgEngine:
         self.row_keys: list[bytes] = []
         self.counters = EngineCounters()
         self.arena = new_read_arena(BATCH, HEADROOM)
-        self.out = bytearray(SEAL_BUFFER)
+        # One peer batch: BATCH messages of at most the TUN MTU plus WireGuard's 32 bytes and padding.
+        largest = device.mtu or 65535
+        self.out = bytearray(BATCH * (largest + wgm.MESSAGE_TRANSPORT_SIZE + wgm.PADDING_MULTIPLE))
         self._errors_logged = 0
 
     # -- peers
@@ -139,7 +139,7 @@ class WgEngine:
                     peer.endpoint = cfg.endpoint
                 peer.handshake.preshared_key = cfg.preshared_key or bytes(32)
                 peer.timers.persistent_keepalive_interval = cfg.persistent_keepalive
-                peer.allowed_ips = [ipaddress.ip_network(a) for a in cfg.allowed_ips]
+                peer.set_allowed_ips(cfg.allowed_ips)
             for cidr in cfg.allowed_ips:
                 rows.append(TableRow(cidr, cfg.endpoint[0] if cfg.endpoint else "0.0.0.0"))
                 keys.append(key)
@@ -188,16 +188,10 @@ class WgEngine:
             self._seal_and_send(key, segs, now)
 
     def _seal_and_send(self, key: bytes, segs: list[memoryview], now: float) -> None:
-        device = self.device
-        start = 0
-        while start < len(segs):
-            # As many segments as fit the preallocated buffer.
-            end = min(len(segs), start + BATCH)
-            while end > start + 1 and sealed_size(device, [len(s) for s in segs[start:end]]) > len(self.out):
-                end = start + (end - start) // 2
-            chunk = segs[start:end]
-            start = end
-            res = seal_batch(device, key, chunk, self.out, now)
+        for start in range(0, len(segs), BATCH):
+            # BATCH segments of at most the TUN MTU always fit self.out (sized in __init__).
+            chunk = segs[start : start + BATCH]
+            res = seal_batch(self.device, key, chunk, self.out, now)
             if not isinstance(res, SealedBatch):
                 continue  # Queued (handshake on its way) or Drop (counted by the device)
             if res.endpoint is None:

@@ -93,3 +93,23 @@ def test_counters_per_batch_continue_single_path() -> None:
     # Keepalive used 0, the batch 1..5, so the next single message is counter 6.
     assert m.decode_transport_header(single).counter == 6
     assert p.b.receive_datagram(single, ENDPOINT_A, p.now) == [Delivered(p.a.identity.public, ipv4_packet(8))]
+
+
+def test_fallback_without_encrypt_into(monkeypatch) -> None:
+    # cryptography before 44 has no encrypt_into/decrypt_into: the copying path must give the same bytes.
+    from udpflannel.codec.wireguard import batch as batch_mod
+
+    p1, p2 = established(), established()
+    segs = [ipv4_packet(64), ipv4_packet(65), b""]  # the last is a keepalive
+    fast = bytearray(sealed_size(p1.a, [len(s) for s in segs]))
+    seal_batch(p1.a, p1.b.identity.public, segs, fast, p1.now)
+    monkeypatch.setattr(batch_mod, "_HAVE_INTO", False)
+    slow = bytearray(len(fast))
+    res = seal_batch(p2.a, p2.b.identity.public, segs, slow, p2.now)
+    assert slow == fast
+    views, pos = [], 0
+    for size in res.sizes:
+        views.append(memoryview(bytearray(slow[pos : pos + size])))
+        pos += size
+    opened = open_batch(p2.b, views, ENDPOINT_A, p2.now)
+    assert [bytes(v) for _, v in opened.delivered] == segs[:2]

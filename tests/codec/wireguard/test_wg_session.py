@@ -169,7 +169,7 @@ def test_keypair_rotation_previous_current_next() -> None:
 
 def test_allowed_ips_enforced() -> None:
     p = make_pair()
-    p.b.peers[p.a.identity.public].allowed_ips = [__import__("ipaddress").ip_network("198.19.1.0/24")]
+    p.b.peers[p.a.identity.public].set_allowed_ips(["198.19.1.0/24"])
     handshake(p)
     p.send(p.a, ipv4_packet(5, src="198.19.1.7"))
     p.send(p.a, ipv4_packet(5, src="198.19.9.7"))

@@ -70,11 +70,18 @@ class Peer:
     timers: PeerTimers
     endpoint: Endpoint | None = None
     allowed_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    # (version, network as int, mask as int) of allowed_ips, for a check without ipaddress objects
+    allowed_ranges: list[tuple[int, int, int]] = field(default_factory=list)
     previous: Keypair | None = None
     current: Keypair | None = None
     next: Keypair | None = None
     staged: collections.deque[bytes] = field(default_factory=collections.deque)
     stats: PeerStats = field(default_factory=PeerStats)
+
+    def set_allowed_ips(self, cidrs: Iterable[str]) -> None:
+        """Inner source addresses this peer may send from (empty: not checked here)."""
+        self.allowed_ips = [ipaddress.ip_network(c) for c in cidrs]
+        self.allowed_ranges = [(n.version, int(n.network_address), int(n.netmask)) for n in self.allowed_ips]
 
 
 @dataclass(slots=True)
@@ -148,8 +155,8 @@ class Device:
             cookie=CookieGenerator.for_public_key(public_key),
             timers=PeerTimers(self.timing, self.jitter, persistent_keepalive),
             endpoint=endpoint,
-            allowed_ips=[ipaddress.ip_network(a) for a in allowed_ips],
         )
+        peer.set_allowed_ips(allowed_ips)
         self.peers[public_key] = peer
         return peer
 
@@ -319,14 +326,17 @@ class Device:
         if n is None:
             return self._drop(DropReason.BAD_INNER_PACKET)
         payload = plain[:n]
-        if peer.allowed_ips and not self._allowed(peer, payload):
+        if peer.allowed_ranges and not self._allowed(peer, payload):
             return self._drop(DropReason.NOT_ALLOWED_IP)
         return Delivered(peer.public_key, payload)
 
     @staticmethod
     def _allowed(peer: Peer, packet: bytes | memoryview) -> bool:
-        src = ipaddress.ip_address(bytes(packet[12:16]) if packet[0] >> 4 == 4 else bytes(packet[8:24]))
-        return any(src in net for net in peer.allowed_ips)
+        if packet[0] >> 4 == 4:
+            version, src = 4, int.from_bytes(packet[12:16], "big")
+        else:
+            version, src = 6, int.from_bytes(packet[8:24], "big")
+        return any(v == version and src & mask == net for v, net, mask in peer.allowed_ranges)
 
     # -- driver: payloads from the TUN --------------------------------------------------------------------
 
