@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -41,6 +42,7 @@ from kube_wire import (
     strategic_merge,
     timestamp,
     validate_node,
+    write_self_signed_cert,
 )
 
 TEST_TOKEN = "test-token"  # the default token, allowed everything
@@ -75,12 +77,15 @@ class KubeApiDouble:
     _conns: set[socket.socket] = field(default_factory=set)
     _epoch: int = 0
     port: int = 0
+    tls_dir: str | None = None  # serve HTTPS with a self-signed certificate written here (ca_file)
+    ca_file: str | None = None
+    _key_file: str = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Listen on 127.0.0.1 (a free port first, the same port on a restart)."""
@@ -91,6 +96,12 @@ class KubeApiDouble:
 
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
+        if self.tls_dir is not None:
+            if self.ca_file is None:
+                self.ca_file, self._key_file = write_self_signed_cert(self.tls_dir)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self.ca_file, self._key_file)
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
@@ -445,7 +456,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorize(self, verb: str, resource: str) -> None:
         auth = self.headers.get("Authorization", "")
-        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
+        scheme, _, credential = auth.partition(" ")
+        # The apiserver takes the scheme in any case (in-cluster clients send "bearer").
+        token = credential.strip() if scheme.lower() == "bearer" else None
         if token is None:
             user = "system:anonymous"
             allowed: set[tuple[str, str]] | None = set()

@@ -408,3 +408,28 @@ def test_the_deploy_cluster_role_is_enough(double: KubeApiDouble, make_store) ->
     lease = store.create(NET1, None, attrs(1), ttl=600)
     assert [e.lease.subnet for e in store.watch(rev, timeout=3)] == [NET1]
     store.renew(lease, attrs(1), ttl=600)
+
+
+def test_in_cluster_config_over_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kubeconfig, no URL: the pod's service account (token + CA) and KUBERNETES_SERVICE_HOST/PORT."""
+    from kubernetes.config import incluster_config
+
+    with KubeApiDouble(tls_dir=str(tmp_path)) as double:
+        double.create_node("node-1", ["198.19.1.0/24"])
+        token = tmp_path / "token"
+        token.write_text(TOKEN)
+        monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+        monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", double.ca_file)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(double.port))
+        store = KubeStore("node-1", retry_for=3)
+        try:
+            assert store.assigned_subnets() == (NET1, None)
+            rev = store.list().revision
+            store.create(NET1, None, attrs(1), ttl=600)
+            assert [e.lease.subnet for e in store.watch(rev, timeout=3)] == [NET1]
+        finally:
+            store.close()
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+        with pytest.raises(StoreError, match="kubeconfig-file or --kube-api-url"):
+            KubeStore("node-1")
