@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 import numpy as np
 import pytest
 
 from udpflannel.codec import vxlan
 from udpflannel.dataplane.counters import INDEX, SLOTS
-from udpflannel.dataplane.engine import Engine, EngineConfig, flow_hash
+from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
 from udpflannel.dataplane.peers import Peer
+from udpflannel.dataplane.txprep import flow_hash
+from udpflannel.io.tun import TunRead
+from udpflannel.io.udp import Received, UdpStats
 from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
 
 scapy = pytest.importorskip("scapy.all")
 
@@ -18,64 +25,91 @@ PEER_MAC = "02:00:00:00:00:02"
 
 
 class FakeTun:
+    """io.tun.Tun in plain mode (no virtio header): packets in, written packets recorded."""
+
+    vnet = False
+
     def __init__(self, packets: list[bytes]) -> None:
         self.inbox = list(packets)
         self.written: list[bytes] = []
 
-    def read_batch(self, batch: PacketBatch, max_n: int) -> int:
-        n = 0
-        while self.inbox and n < max_n:
-            p = self.inbox.pop(0)
-            batch.buf[n, batch.offset : batch.offset + len(p)] = np.frombuffer(p, np.uint8)
-            batch.lengths[n] = len(p)
-            n += 1
-        batch.n = n
-        return n
+    def read_batch(self, max_packets: int, headroom: int, arena=None) -> TunRead:
+        take, self.inbox = self.inbox[:max_packets], self.inbox[max_packets:]
+        batch = PacketBatch.from_packets(take, headroom=headroom)
+        return TunRead(batch, np.zeros(batch.n, VNET_HDR_DTYPE))
 
-    def write(self, packet) -> bool:
+    def write_plain(self, packet) -> bool:
         self.written.append(bytes(packet))
         return True
 
+    def write_batch(self, writes) -> int:
+        for iov in writes:
+            self.written.append(b"".join(bytes(x) for x in iov))
+        return len(writes)
 
-class FakeUdp:
-    def __init__(self, datagrams: list[tuple[bytes, str]] = (), pool: int = 4) -> None:  # type: ignore[assignment]
+
+class FakeRx:
+    """io.udp.UdpSocket receive side: datagrams with their IPv4 sources."""
+
+    def __init__(self, datagrams) -> None:
         self.inbox = list(datagrams)
+
+    def recv_batch(self, max_messages=None) -> Received:
+        take, self.inbox = self.inbox[:64], self.inbox[64:]
+        batch = PacketBatch.from_packets([d for d, _ in take], headroom=HEADROOM)
+        src = np.array([list(ipaddress.IPv4Address(a).packed) for _, a in take], np.uint8).reshape(-1, 4)
+        return Received(batch, src, np.zeros(len(take), np.uint16), socket.AF_INET)
+
+
+class FakeSock:
+    """io.udp.UdpSocket send side: records (datagram, destination, socket) and keeps its stats."""
+
+    def __init__(self, index: int, log: list) -> None:
+        self.index = index
+        self.log = log
+        self.stats = UdpStats()
+
+    def send_segments(self, rows, seg_size, dest) -> int:
+        for r in rows:
+            self.log.append((bytes(r), dest, self.index))
+        self.stats.sent += len(rows)
+        self.stats.send_calls += 1
+        return len(rows)
+
+    def sendmmsg(self, items) -> int:
+        for r, dest in items:
+            self.log.append((bytes(r), dest, self.index))
+        self.stats.sent += len(items)
+        self.stats.send_calls += 1
+        return len(items)
+
+
+class Harness:
+    def __init__(self, encap: str, tun_packets=(), datagrams=(), mtu: int = 1450) -> None:
+        cfg = EngineConfig(
+            encap=encap,
+            mtu=mtu,
+            port=8472 if encap == "vxlan" else 8285,
+            vtep_mac=OUR_MAC,
+            icmp_src_v4="198.19.1.0",
+            icmp_src_v6="fd00:198:19:1::",
+        )
+        self.counters = np.zeros(SLOTS, dtype=np.int64)
         self.sent: list[tuple[bytes, tuple[str, int], int]] = []
-        self.pool = [object()] * pool
-
-    def recv_batch(self, batch: PacketBatch, max_n: int) -> list[str]:
-        sources = []
-        n = 0
-        while self.inbox and n < max_n:
-            d, src = self.inbox.pop(0)
-            batch.buf[n, batch.offset : batch.offset + len(d)] = np.frombuffer(d, np.uint8)
-            batch.lengths[n] = len(d)
-            sources.append(src)
-            n += 1
-        batch.n = n
-        return sources
-
-    def send(self, sock_index, views, dsts) -> int:
-        for i, (v, d) in enumerate(zip(views, dsts, strict=True)):
-            self.sent.append((bytes(v), d, int(sock_index[i])))
-        return 0
+        self.tun = FakeTun(list(tun_packets))
+        pool = [FakeSock(i, self.sent) for i in range(4)]
+        self.engine = Engine(cfg, self.tun, FakeRx(datagrams), pool, self.counters)
+        self.engine.set_peers(
+            [
+                Peer("198.19.2.0/24", "198.18.0.2", PEER_MAC),
+                Peer("fd00:198:19:2::/64", "198.18.0.2", PEER_MAC),
+            ]
+        )
 
 
 def _engine(encap: str, tun_packets=(), datagrams=(), mtu: int = 1450):
-    cfg = EngineConfig(
-        encap=encap,
-        mtu=mtu,
-        port=8472 if encap == "vxlan" else 8285,
-        vtep_mac=OUR_MAC,
-        icmp_src_v4="198.19.1.0",
-        icmp_src_v6="fd00:198:19:1::",
-    )
-    counters = np.zeros(SLOTS, dtype=np.int64)
-    eng = Engine(cfg, FakeTun(list(tun_packets)), FakeUdp(list(datagrams)), counters)
-    eng.set_peers(
-        [Peer("198.19.2.0/24", "198.18.0.2", PEER_MAC), Peer("fd00:198:19:2::/64", "198.18.0.2", PEER_MAC)]
-    )
-    return eng, counters
+    h = Harness(encap, tun_packets, datagrams, mtu)
+    return h, h.counters
 
 
 def _ip(dst: str = "198.19.2.5", size: int = 100, ttl: int = 64, df: bool = True, sport: int = 1000) -> bytes:
@@ -92,20 +126,23 @@ def test_vxlan_tx_encapsulates_to_the_peer():
         bytes(scapy.IPv6(src="fd00:198:19:1::", dst="fd00:198:19:2::7") / scapy.UDP()),
     ]
     eng, c = _engine("vxlan", inner)
-    assert eng.tx_once() == 3
-    assert len(eng.udp.sent) == 3
-    for (data, dst, _), orig in zip(eng.udp.sent, inner, strict=True):
+    assert eng.engine.tx_once() == 3
+    assert len(eng.sent) == 3
+    got = []
+    for data, dst, _ in eng.sent:  # grouped by source socket, so not in read order
         assert dst == ("198.18.0.2", 8472)
         frame = vxlan.decode_vxlan(data, 1, vxlan.parse_mac(PEER_MAC))
-        assert isinstance(frame, vxlan.VxlanFrame) and frame.inner == orig
+        assert isinstance(frame, vxlan.VxlanFrame)
         assert frame.src_mac == vxlan.parse_mac(OUR_MAC)
+        got.append(frame.inner)
+    assert sorted(got) == sorted(inner)
     assert c[INDEX["tx_packets"]] == 3
 
 
 def test_unknown_peer_gets_net_unreachable_and_is_counted():
     eng, c = _engine("vxlan", [_ip(dst="198.19.9.9")])
-    eng.tx_once()
-    assert eng.udp.sent == []
+    eng.engine.tx_once()
+    assert eng.sent == []
     assert c[INDEX["drop_unknown_peer"]] == 1
     reply = scapy.IP(eng.tun.written[0])
     assert reply.dst == "198.19.1.0" and reply[scapy.ICMP].type == 3 and reply[scapy.ICMP].code == 0
@@ -114,8 +151,8 @@ def test_unknown_peer_gets_net_unreachable_and_is_counted():
 @pytest.mark.parametrize("df", [True, False])
 def test_too_big_answers_frag_needed_only_with_df(df):
     eng, c = _engine("vxlan", [_ip(size=1500, df=df)], mtu=1450)
-    eng.tx_once()
-    assert eng.udp.sent == [] and c[INDEX["drop_too_big"]] == 1
+    eng.engine.tx_once()
+    assert eng.sent == [] and c[INDEX["drop_too_big"]] == 1
     if df:
         icmp = scapy.IP(eng.tun.written[0])[scapy.ICMP]
         assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, 1450)
@@ -126,16 +163,16 @@ def test_too_big_answers_frag_needed_only_with_df(df):
 def test_ipv6_too_big_answers_packet_too_big():
     big = bytes(scapy.IPv6(src="fd00:198:19:1::", dst="fd00:198:19:2::7") / scapy.UDP() / bytes(1500))
     eng, _ = _engine("vxlan", [big], mtu=1450)
-    eng.tx_once()
+    eng.engine.tx_once()
     reply = scapy.IPv6(eng.tun.written[0])
     assert reply[scapy.ICMPv6PacketTooBig].mtu == 1450
 
 
 def test_udp_tx_decrements_ttl_and_expires_at_one():
     eng, c = _engine("udp", [_ip(ttl=64), _ip(ttl=1)])
-    eng.tx_once()
-    assert len(eng.udp.sent) == 1
-    out = scapy.IP(eng.udp.sent[0][0])
+    eng.engine.tx_once()
+    assert len(eng.sent) == 1
+    out = scapy.IP(eng.sent[0][0])
     assert out.ttl == 63
     ref = scapy.IP(_ip(ttl=63))
     assert out.chksum == ref.chksum
@@ -155,7 +192,7 @@ def test_vxlan_rx_validates_and_delivers():
         (b"\x08", "198.18.0.2"),
     ]
     eng, c = _engine("vxlan", datagrams=datagrams)
-    assert eng.rx_once() == 5
+    assert eng.engine.rx_once() == 5
     assert eng.tun.written == [_ip()]
     for name in ("drop_not_a_peer_source", "drop_wrong_dst_mac", "drop_bad_vni", "drop_bad_header"):
         assert c[INDEX[name]] == 1, name
@@ -171,7 +208,7 @@ def test_garbage_never_escapes_the_loop():
     tun = [rng.integers(0, 256, int(rng.integers(1, 1500)), dtype=np.uint8).tobytes() for _ in range(300)]
     for encap in ("vxlan", "udp"):
         eng, c = _engine(encap, tun, datagrams)
-        while eng.rx_once() or eng.tx_once():
+        while eng.engine.rx_once() or eng.engine.tx_once():
             pass
         assert c[INDEX["drop_internal_error"]] == 0
 
@@ -183,3 +220,27 @@ def test_flow_hash_is_stable_per_flow_and_spreads_flows():
     h = flow_hash(batch.buf, batch.offset, batch.n)
     assert h[0] == h[-1]
     assert len(set((h[:-1] % 16).tolist())) >= 12
+
+
+def test_tcp_superpacket_is_split_encapsulated_and_sent_in_one_call():
+    payload = bytes(range(256)) * 40  # 10240 bytes -> 8 segments of 1410 - 40 and a shorter last one
+    inner = scapy.IP(src="198.19.1.0", dst="198.19.2.9") / scapy.TCP(sport=4, dport=5, flags="PA", seq=1000)
+    raw = bytearray(bytes(inner / payload))
+    mss = 1370
+    h = Harness("vxlan")
+    batch = PacketBatch.from_packets([bytes(raw)], headroom=HEADROOM)
+    headers = np.zeros(1, VNET_HDR_DTYPE)
+    headers[0] = (1, 1, 40, mss, 20, 16)  # NEEDS_CSUM, TCPV4
+    h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
+    assert h.counters[INDEX["tx_superpackets"]] == 1 and h.counters[INDEX["tx_send_calls"]] == 1
+    segs = [vxlan.decode_vxlan(d, 1, vxlan.parse_mac(PEER_MAC)) for d, _, _ in h.sent]
+    assert len({s for _, _, s in h.sent}) == 1  # one flow, one outer source port
+    data = b""
+    for i, f in enumerate(segs):
+        pkt = scapy.IP(f.inner)
+        assert pkt[scapy.TCP].seq == 1000 + i * mss
+        clean = scapy.IP(f.inner)
+        del clean.chksum, clean[scapy.TCP].chksum
+        assert bytes(scapy.IP(bytes(clean))) == f.inner  # every checksum is right
+        data += bytes(pkt[scapy.TCP].payload)
+    assert data == payload and len(segs) == -(-len(payload) // mss)

@@ -171,6 +171,21 @@ def test_udpflannel_to_udpflannel() -> None:
             assert st["handshakes"] == 1 and st.get("drop_decrypt_failed", 0) == 0
 
 
+@pytest.mark.parametrize("kinds", [("ours", "wggo"), ("wggo", "ours")])
+def test_ipv6_underlay_and_inner_ipv6(kinds: tuple[str, str]) -> None:
+    with WgLab(v6_underlay=True) as lab:
+        a, b = lab.node(1, kinds[0]), lab.node(2, kinds[1])
+        lab.connect(a, b)
+        lab.connect(b, a)
+        ping(a, b, v6=True)
+        ping(b, a)
+        ping(a, b, size=1300, v6=True)  # near the MTU: padding and the IPv6 outer header still fit
+        transfer(a, b, 10 * 1024 * 1024)
+        ours = a if a.kind == "ours" else b
+        peer = ours.stats()["peers"][0]
+        assert peer["endpoint"].startswith("fd00:198::"), peer
+
+
 def test_addresses_are_in_the_test_range() -> None:
     # The lab's own guard: every address used above is inside 198.18.0.0/15.
     for text in ("198.18.0.1", "198.18.0.2", "198.19.1.1", "198.19.2.1"):

@@ -1,8 +1,9 @@
 """Helpers of the WireGuard interop tests and benchmark: namespaces on one underlay (wire mode), each
 running our datapath worker (udpflannel.dataplane.wg_worker) or Debian's wireguard-go set up with wg(8).
 
-Addresses: node i has underlay 198.18.0.i/24 on eth0 and overlay 198.19.i.1/32 on its WireGuard interface,
-with 198.19.0.0/16 routed into it; its peer's allowed IPs are 198.19.j.0/24.
+Addresses: node i has underlay 198.18.0.i/24 (and fd00:198::i/64) on eth0 and overlay 198.19.i.1/32 and
+fd00:198:19:i::1/128 on its WireGuard interface, with 198.19.0.0/16 and fd00:198:19::/48 routed into it; its
+peer's allowed IPs are 198.19.j.0/24 and fd00:198:19:j::/64. A v6 lab uses the IPv6 underlay for endpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from udpflannel.lab.netns import Lab, Netns
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NETWORK = "198.19.0.0/16"
+NETWORK6 = "fd00:198:19::/48"
 MTU = 1420
 PORT = 51820
 
@@ -64,6 +66,18 @@ class WgNode:
     @property
     def subnet(self) -> str:
         return f"198.19.{self.index}.0/24"
+
+    @property
+    def underlay_ip6(self) -> str:
+        return f"fd00:198::{self.index}"
+
+    @property
+    def overlay_ip6(self) -> str:
+        return f"fd00:198:19:{self.index}::1"
+
+    @property
+    def subnet6(self) -> str:
+        return f"fd00:198:19:{self.index}::/64"
 
     # -- our worker's control channel
 
@@ -116,7 +130,8 @@ def read_line(proc: subprocess.Popen, key: str, timeout: float) -> dict:
 class WgLab:
     """Two or more WireGuard nodes on one underlay; close() removes every namespace, process and file."""
 
-    def __init__(self) -> None:
+    def __init__(self, v6_underlay: bool = False) -> None:
+        self.v6_underlay = v6_underlay
         self.lab = Lab()
         self._tmp = tempfile.TemporaryDirectory(prefix="udpflannel-wg-")
         self.tmp = pathlib.Path(self._tmp.name)
@@ -148,6 +163,7 @@ class WgLab:
         self.lab.veth(ns, hub, f"198.18.0.{index}/24", "198.18.255.254/32", name_b=f"p{index}")
         hub.exec("ip", "addr", "flush", "dev", f"p{index}")
         hub.exec("ip", "link", "set", f"p{index}", "master", "br0")
+        ns.exec("ip", "addr", "add", f"fd00:198::{index}/64", "dev", "eth0", "nodad")
         key = crypto.generate_private_key(os.urandom(32))
         ifname = f"{self.lab.prefix}wg{index}"
         tmp = self.tmp / f"n{index}"
@@ -155,7 +171,7 @@ class WgLab:
         node = WgNode(ns, index, kind, ifname, key, tmp)
         if kind == "ours":
             cmd = [sys.executable, "-m", "udpflannel.dataplane.wg_worker", "--tun", ifname]
-            cmd += ["--port", str(PORT), "--mtu", str(MTU)]
+            cmd += ["--port", str(PORT), "--mtu", str(MTU), "--bind", "::" if self.v6_underlay else "0.0.0.0"]
             if not offload:
                 cmd.append("--no-offload")
             env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -183,26 +199,30 @@ class WgLab:
         ns.exec("ip", "link", "set", ifname, "mtu", str(MTU), "up")
         ns.exec("ip", "addr", "add", f"{node.overlay_ip}/32", "dev", ifname)
         ns.exec("ip", "route", "add", NETWORK, "dev", ifname)
+        ns.exec("ip", "addr", "add", f"{node.overlay_ip6}/128", "dev", ifname, "nodad")
+        ns.exec("ip", "route", "add", NETWORK6, "dev", ifname)
         self.nodes.append(node)
         return node
 
     def connect(self, a: WgNode, b: WgNode, *, psk: bytes | None = None, keepalive: int = 0) -> None:
         """Tell a about b: public key, endpoint, allowed IPs (b's subnet)."""
+        host = b.underlay_ip6 if self.v6_underlay else b.underlay_ip
         if a.kind == "ours":
             a.peers = [p for p in a.peers if p["public_key"] != b64(b.public_key)]
             a.peers.append(
                 {
                     "public_key": b64(b.public_key),
-                    "endpoint": [b.underlay_ip, PORT],
-                    "allowed_ips": [b.subnet],
+                    "endpoint": [host, PORT],
+                    "allowed_ips": [b.subnet, b.subnet6],
                     "psk": b64(psk) if psk else None,
                     "keepalive": keepalive,
                 }
             )
             a.send({"op": "peers", "peers": a.peers}, "applied")
             return
-        cmd = ["wg", "set", a.ifname, "peer", b64(b.public_key), "endpoint", f"{b.underlay_ip}:{PORT}"]
-        cmd += ["allowed-ips", b.subnet]
+        endpoint = f"[{host}]:{PORT}" if self.v6_underlay else f"{host}:{PORT}"
+        cmd = ["wg", "set", a.ifname, "peer", b64(b.public_key), "endpoint", endpoint]
+        cmd += ["allowed-ips", f"{b.subnet},{b.subnet6}"]
         if psk:
             pskfile = a.tmp / "psk"
             pskfile.write_text(b64(psk) + "\n")

@@ -10,31 +10,27 @@ import os
 
 import numpy as np
 
-# Order is the memory layout; append only. Drop reasons follow DESIGN.md's naming (the metric label).
-COUNTER_NAMES: tuple[str, ...] = (
+from udpflannel.packet.drops import DropReason
+
+# Order is the memory layout: traffic counters, then one drop counter per DropReason (label = metric name).
+TRAFFIC_NAMES: tuple[str, ...] = (
     "tx_packets",  # inner packets encapsulated and handed to the kernel
     "tx_bytes",  # inner bytes of those
     "rx_packets",  # inner packets decapsulated and written to the TUN
     "rx_bytes",
     "tx_batches",
     "rx_batches",
+    "tx_superpackets",  # TUN reads that carried a GSO superpacket (offloaded path)
+    "rx_coalesced_writes",  # TUN writes (each may carry many coalesced segments)
+    "tx_send_calls",  # sendmsg/sendmmsg calls (the per-batch cost the offloads save)
     "icmp_sent",  # frag-needed / packet-too-big / unreachable / time-exceeded written back to the TUN
     "peer_updates",
-    "drop_bad_header",  # malformed outer payload or inner IP header
-    "drop_bad_vni",
-    "drop_wrong_dst_mac",
-    "drop_bad_ethertype",
-    "drop_unknown_peer",  # TX: no peer subnet covers the destination
-    "drop_not_a_peer_source",  # RX: the outer source is not a known peer's PublicIP
-    "drop_too_big",  # larger than the tunnel MTU (answered with ICMP when DF / IPv6)
-    "drop_ttl_exceeded",
-    "drop_send_error",  # the kernel refused the datagram (ENOBUFS, EMSGSIZE, unreachable, ...)
-    "drop_tun_write_error",
-    "drop_internal_error",  # a bug caught at the loop boundary: the batch is dropped, the loop goes on
-    "drop_no_route",  # udp backend: no peer for the destination of a received packet
 )
+DROP_NAMES: dict[DropReason, str] = {r: f"drop_{r.label}" for r in DropReason if r is not DropReason.NONE}
+COUNTER_NAMES: tuple[str, ...] = TRAFFIC_NAMES + tuple(DROP_NAMES.values())
 INDEX: dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
 SLOTS = 64  # room to append names without changing the mapping size
+assert len(COUNTER_NAMES) <= SLOTS
 
 
 class Counters:

@@ -7,6 +7,7 @@ with its last fd, taking its addresses and routes with it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -16,11 +17,15 @@ import time
 from dataclasses import dataclass, field
 
 from udpflannel.dataplane.counters import Counters
-from udpflannel.dataplane.engine import EngineConfig
+from udpflannel.dataplane.engine import HEADROOM, EngineConfig
 from udpflannel.dataplane.peers import Peer
-from udpflannel.dataplane.plainio import open_src_pool, open_tun, open_udp
+from udpflannel.io.tun import Tun
+from udpflannel.io.udp import UdpSocket
 
 READY_TIMEOUT = 10.0
+SRC_PORT_BASE = 32768  # outer source ports of the per-flow socket pool (Linux's ephemeral range start)
+SRC_PORT_LAST = 60999
+RECV_SLOTS = 64
 ACK_TIMEOUT = 5.0
 # "1": one worker does TX and RX; "2": one worker per direction. See perf/bench_vxlan.py for the numbers.
 WORKERS_ENV = "UDPFLANNEL_WORKERS"
@@ -47,9 +52,9 @@ class Dataplane:
     pool_size: int = 16  # outer source ports for vxlan; udp sends from rx_port as flannel does
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
-    _tun_fd: int = -1
-    _rx: socket.socket | None = None
-    _pool: list[socket.socket] = field(default_factory=list)
+    _tun: Tun | None = None
+    _rx: UdpSocket | None = None
+    _pool: list[UdpSocket] = field(default_factory=list)
     _counters: Counters | None = None
     _workers: list[_Worker] = field(default_factory=list)
     _seq: int = 0
@@ -60,10 +65,16 @@ class Dataplane:
         if self.workers not in (1, 2):
             raise ValueError(f"{WORKERS_ENV} must be 1 or 2, not {self.workers}")
         try:
-            self._tun_fd = open_tun(self.tun_name)
-            self._rx = open_udp(self.rx_bind_ip or self.bind_ip, self.rx_port)
+            self._tun = Tun.open(self.tun_name)
+            self._rx = UdpSocket.open(
+                socket.AF_INET,
+                self.rx_bind_ip or self.bind_ip,
+                self.rx_port,
+                recv_slots=RECV_SLOTS,
+                headroom=HEADROOM,
+            )
             if self.cfg.encap == "vxlan":
-                self._pool = open_src_pool(self.bind_ip, self.pool_size)
+                self._pool = self._open_pool()
             self._counters = Counters(self.workers)
             roles = ["both"] if self.workers == 1 else ["tx", "rx"]
             for index, role in enumerate(roles):
@@ -74,22 +85,65 @@ class Dataplane:
             self.stop()
             raise
 
+    def _open_pool(self) -> list[UdpSocket]:
+        """Send sockets on consecutive ports from 32768 (skipping taken ones), so each inner flow keeps one
+        outer source port, as Linux VXLAN does (spec/fastpath.md)."""
+        pool: list[UdpSocket] = []
+        port = SRC_PORT_BASE
+        while len(pool) < self.pool_size and port <= SRC_PORT_LAST:
+            try:
+                pool.append(UdpSocket.open(socket.AF_INET, self.bind_ip, port, gro=False, headroom=HEADROOM))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    for s in pool:
+                        s.close()
+                    raise
+            port += 1
+        return pool
+
+    def offloads(self) -> dict[str, list[str]]:
+        """Active offloads, for the agent's start-up log line."""
+        out: dict[str, list[str]] = {}
+        if self._tun is not None:
+            out["tun"] = self._tun.offloads
+        if self._rx is not None:
+            out["rx"] = self._rx.offloads
+        if self._pool:
+            out["tx"] = self._pool[0].offloads
+        return out
+
     def _spawn(self, index: int, role: str) -> _Worker:
-        assert self._rx is not None and self._counters is not None
+        assert self._rx is not None and self._counters is not None and self._tun is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socks = [self._rx, *self._pool]
         pool_fds = [s.fileno() for s in self._pool] or [self._rx.fileno()]
         spec = {
             "engine": self.cfg.to_json(),
             "role": role,
             "index": index,
             "workers": self.workers,
-            "tun_fd": self._tun_fd,
+            "tun": {
+                "fd": self._tun.fd,
+                "name": self._tun.name,
+                "vnet": self._tun.vnet,
+                "offload_flags": self._tun.offload_flags,
+            },
             "rx_fd": self._rx.fileno(),
             "pool_fds": pool_fds,
+            "udp": {
+                str(s.fileno()): {
+                    "gso": s.gso,
+                    "gro": s.gro,
+                    "max_segments": s.max_segments,
+                    "max_payload": s.max_payload,
+                    "recv_slots": s.recv_slots,
+                }
+                for s in socks
+            },
             "ctrl_fd": theirs.fileno(),
             "counters_fd": self._counters.fd,
         }
-        fds = (self._tun_fd, self._rx.fileno(), theirs.fileno(), self._counters.fd, *pool_fds)
+        fds = (self._tun.fd, theirs.fileno(), self._counters.fd, *(s.fileno() for s in socks))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "udpflannel.dataplane.worker", json.dumps(spec)],
@@ -153,9 +207,9 @@ class Dataplane:
         if self._rx is not None:
             self._rx.close()
             self._rx = None
-        if self._tun_fd >= 0:
-            os.close(self._tun_fd)
-            self._tun_fd = -1
+        if self._tun is not None:
+            self._tun.close()
+            self._tun = None
         if self._counters is not None:
             self._counters.close()
             self._counters = None

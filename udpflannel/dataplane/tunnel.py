@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TUN_TXQUEUELEN = 1000
+# spec/fastpath.md: every superpacket then fits one UDP_SEGMENT send (65507 bytes incl. VXLAN headers).
+GSO_MAX_SIZE = 61000
 
 
 class TunnelBackend:
@@ -69,7 +71,9 @@ class TunnelBackend:
         try:
             self.host = HostConfig()
             self.host.link_index(self.tun_name, wait=2.0)
-            self.host.set_link(self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN)
+            self.host.set_link(
+                self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN, gso_max_size=GSO_MAX_SIZE
+            )
             self.configure_tun(self.host, lease)
             self._push_peers()
         except BaseException:

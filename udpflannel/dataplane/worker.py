@@ -18,9 +18,10 @@ import socket
 import sys
 
 from udpflannel.dataplane.counters import Counters
-from udpflannel.dataplane.engine import Engine, EngineConfig
+from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
 from udpflannel.dataplane.peers import Peer
-from udpflannel.dataplane.plainio import PlainTun, PlainUdp
+from udpflannel.io.tun import Tun
+from udpflannel.io.udp import UdpSocket
 
 POLL_MS = 500
 # Bound the work done for one readiness event so TX, RX and control all get a turn.
@@ -49,17 +50,33 @@ def _handle_control(ctrl: socket.socket, engine: Engine) -> bool:
             return False
 
 
+def _udp_socket(fd: int, probed: dict) -> UdpSocket:
+    """Wrap an inherited socket with the offloads the parent probed (no second probe in the worker)."""
+    sock = socket.socket(fileno=fd)
+    return UdpSocket(
+        sock,
+        socket.AF_INET,
+        gso=probed["gso"],
+        gro=probed["gro"],
+        max_segments=probed["max_segments"],
+        max_payload=probed["max_payload"],
+        recv_slots=probed["recv_slots"],
+        headroom=HEADROOM,
+    )
+
+
 def run(spec: dict) -> int:
     cfg = EngineConfig.from_json(spec["engine"])
     role = spec.get("role", "both")
     counters = Counters(spec["workers"], fd=spec["counters_fd"])
-    tun = PlainTun(spec["tun_fd"])
-    rx = socket.socket(fileno=spec["rx_fd"])
-    pool = [socket.socket(fileno=fd) if fd != spec["rx_fd"] else rx for fd in spec["pool_fds"]]
-    udp = PlainUdp(rx, pool)
+    t = spec["tun"]
+    tun = Tun.from_fd(t["fd"], t["name"], vnet=t["vnet"], offload_flags=t["offload_flags"])
+    socks = {fd: _udp_socket(fd, spec["udp"][str(fd)]) for fd in {spec["rx_fd"], *spec["pool_fds"]}}
+    rx = socks[spec["rx_fd"]]
+    pool = [socks[fd] for fd in spec["pool_fds"]]
     ctrl = socket.socket(fileno=spec["ctrl_fd"])
     ctrl.setblocking(False)
-    engine = Engine(cfg, tun, udp, counters.row(spec["index"]))
+    engine = Engine(cfg, tun, rx, pool, counters.row(spec["index"]))
 
     stopping = False
 

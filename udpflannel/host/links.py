@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class HostError(RuntimeError):
@@ -62,8 +65,15 @@ class HostConfig:
         return int(link.get_attr("IFLA_MTU"))
 
     def set_link(
-        self, name: str, *, mtu: int | None = None, up: bool = True, txqlen: int | None = None
+        self,
+        name: str,
+        *,
+        mtu: int | None = None,
+        up: bool = True,
+        txqlen: int | None = None,
+        gso_max_size: int | None = None,
     ) -> None:
+        """MTU, queue length and state; gso_max_size caps TUN superpackets (best effort on old kernels)."""
         kwargs: dict[str, Any] = {}
         if mtu is not None:
             kwargs["mtu"] = mtu
@@ -73,6 +83,11 @@ class HostConfig:
         try:
             if kwargs:
                 self._ip().link("set", index=idx, **kwargs)
+            if gso_max_size is not None:
+                try:
+                    self._ip().link("set", index=idx, gso_max_size=gso_max_size)
+                except Exception as exc:  # old kernels: superpackets are then sent in chunks
+                    log.info("gso_max_size not set on %s: %s", name, exc)
             self._ip().link("set", index=idx, state="up" if up else "down")
         except Exception as exc:  # pyroute2 raises NetlinkError; keep the message, name the link
             raise HostError(f"setting link {name} {kwargs} up={up}: {exc}") from exc
