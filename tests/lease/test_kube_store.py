@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -50,6 +51,17 @@ def write_kubeconfig(path: Path, url: str, token: str) -> str:
         )
     )
     return str(path)
+
+
+def admin_api(double: KubeApiDouble) -> Any:
+    """Another API user (an admin, a kubelet) with the full official client."""
+    from kubernetes import client
+
+    conf = client.Configuration()
+    conf.host = double.url
+    conf.api_key = {"authorization": TOKEN}
+    conf.api_key_prefix = {"authorization": "Bearer"}
+    return client.CoreV1Api(client.ApiClient(conf))
 
 
 @pytest.fixture
@@ -210,7 +222,7 @@ def test_renew_survives_unrelated_node_updates(double: KubeApiDouble, make_store
     double.create_node("node-1", ["198.19.1.0/24"])
     store = make_store("node-1")
     lease = store.create(NET1, None, attrs(1), ttl=600)
-    kubelet = make_store("node-1")._core
+    kubelet = admin_api(double)
     kubelet.patch_node_status("node-1", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     renewed = store.renew(lease, attrs(1), ttl=600)
     assert renewed.attrs == attrs(1)
@@ -230,14 +242,14 @@ def test_a_node_annotated_by_flanneld_reads_as_a_peer(double: KubeApiDouble, mak
             f"{PREFIX}/kube-subnet-manager": "true",
         }
     double.create_node("node-a", ["198.19.1.0/24"])
-    make_store("node-a")._core.patch_node_status("node-a", {"metadata": {"annotations": annotations}})
+    admin_api(double).patch_node_status("node-a", {"metadata": {"annotations": annotations}})
     (peer,) = make_store("node-b").list().leases
     assert (peer.subnet, peer.attrs) == (NET1, attrs(1))
 
 
 def test_public_ip_overwrite_wins(double: KubeApiDouble, make_store) -> None:
     double.create_node("node-1", ["198.19.1.0/24"])
-    admin = make_store("node-1")._core
+    admin = admin_api(double)
     admin.patch_node_status(
         "node-1", {"metadata": {"annotations": {f"{PREFIX}/public-ip-overwrite": "198.18.9.9"}}}
     )
@@ -249,7 +261,7 @@ def test_public_ip_overwrite_wins(double: KubeApiDouble, make_store) -> None:
 def test_unreadable_nodes_are_counted_drops(double: KubeApiDouble, make_store) -> None:
     double.create_node("node-1", [])
     double.create_node("node-2", ["198.19.2.0/24"])
-    admin = make_store("node-1")._core
+    admin = admin_api(double)
     admin.patch_node_status(
         "node-1", {"metadata": {"annotations": {f"{PREFIX}/kube-subnet-manager": "true"}}}
     )
@@ -304,10 +316,10 @@ def test_watch_reports_only_flannel_changes(double: KubeApiDouble, make_store) -
         lease.revision,
     )
     # A kubelet-style update and an unrelated label: node events, but no flannel change.
-    writer._core.patch_node_status(
+    admin_api(double).patch_node_status(
         "node-1", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     )
-    writer._core.patch_node("node-1", {"metadata": {"labels": {"example.com/x": "1"}}})
+    admin_api(double).patch_node("node-1", {"metadata": {"labels": {"example.com/x": "1"}}})
     double.create_node("node-4", ["198.19.4.0/24"])
     assert watcher.watch(added.revision, timeout=1.2) == []
     # Resuming from an older revision reports the same change again (watch is a function of `after`).

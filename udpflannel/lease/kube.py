@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ PATCH_TRIES = 5  # a patch lost to an unrelated node update (kubelet) is re-read
 VIEW_HISTORY = 8  # flannel views remembered per node, to decide whether a watched change is one
 BACKOFF_START = 0.05
 BACKOFF_MAX = 2.0
+NODES = "/api/v1/nodes"
+SMP = "application/strategic-merge-patch+json"
 RBAC_HINT = "the service account needs deploy/rbac.yaml (nodes get/list/watch, nodes/status patch, pods get)"
 
 
@@ -95,6 +98,60 @@ def pod_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network 
     return v4, v6
 
 
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+class _CoreApi:
+    """The few core/v1 requests we make, through the official ApiClient's generic request path (auth,
+    TLS, token refresh, ApiException). Not CoreV1Api: importing its module alone costs ~22 MB of RSS."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        self._client = api_client
+        self._api_exception = ApiException
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        timeout: Any = None,
+    ) -> Any:
+        """The urllib3 response, body unread (streams stay streams); ApiException for a non-2xx answer."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        request = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self._client.call_api(*request, _request_timeout=timeout)
+        if not 200 <= resp.status <= 299:
+            resp.read()
+            raise self._api_exception.from_response(http_resp=resp, body=None, data=None)
+        return resp.response
+
+    def list_nodes(self, **kwargs: Any) -> Any:
+        """GET /api/v1/nodes in the shape kubernetes.watch.Watch.stream calls it (watch=True etc.)."""
+        names = {"resource_version": "resourceVersion", "timeout_seconds": "timeoutSeconds"}
+        names["allow_watch_bookmarks"] = "allowWatchBookmarks"
+        query = []
+        for key, value in sorted(kwargs.items()):
+            if key.startswith("_"):
+                continue
+            query.append((names.get(key, key), str(value).lower() if isinstance(value, bool) else value))
+        return self.request("GET", NODES, query=query, timeout=kwargs.get("_request_timeout"))
+
+
 class KubeStore:
     """Store protocol on Kubernetes Nodes (see the module docstring for the mapping).
 
@@ -124,7 +181,7 @@ class KubeStore:
         self._client_mod = client
         self._watch_mod = watch
         self._api_client = api_client or self._make_api_client(kube_api_url, kubeconfig)
-        self._core = client.CoreV1Api(self._api_client)
+        self._core = _CoreApi(self._api_client)
         self._keys = AnnotationKeys.with_prefix(annotation_prefix)
         self._set_condition = set_node_network_unavailable
         self._v4, self._v6 = enable_ipv4, enable_ipv6
@@ -191,7 +248,9 @@ class KubeStore:
             conf.host = kube_api_url
         return self._client_mod.ApiClient(conf)
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def _call(
+        self, what: str, method: str, path: str, body: Any = None, content_type: str | None = None
+    ) -> dict[str, Any]:
         """One API call as raw JSON, retried with backoff on transport errors and 5xx/429 for retry_for."""
         import urllib3
 
@@ -200,7 +259,9 @@ class KubeStore:
         delay = BACKOFF_START
         while True:
             try:
-                resp = fn(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
+                resp = self._core.request(
+                    method, path, body=body, content_type=content_type, timeout=self._timeout
+                )
                 return json.loads(resp.data)
             except api_exception as exc:
                 self._raise_for(what, exc)
@@ -239,7 +300,8 @@ class KubeStore:
         pod, namespace = environ.get("POD_NAME"), environ.get("POD_NAMESPACE")
         if not (pod and namespace):
             raise StoreError("Kubernetes mode needs NODE_NAME, or POD_NAME and POD_NAMESPACE (downward API)")
-        body = self._call(f"get pod {namespace}/{pod}", self._core.read_namespaced_pod, pod, namespace)
+        path = f"/api/v1/namespaces/{_quote(namespace)}/pods/{_quote(pod)}"
+        body = self._call(f"get pod {namespace}/{pod}", "GET", path)
         name = (body.get("spec") or {}).get("nodeName")
         if not name:
             raise StoreError(f"pod {namespace}/{pod} is not scheduled to a node yet (no spec.nodeName)")
@@ -328,7 +390,7 @@ class KubeStore:
     # ---- nodes -----------------------------------------------------------------------------------------
 
     def _get_node(self, name: str) -> dict[str, Any]:
-        return self._call(f"get node {name}", self._core.read_node, name)
+        return self._call(f"get node {name}", "GET", f"{NODES}/{_quote(name)}")
 
     def _node_for(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None) -> dict[str, Any] | None:
         """The node whose podCIDRs are this lease key: ours first (the common case), else any."""
@@ -339,7 +401,7 @@ class KubeStore:
                 return ours
         except NotFound:
             pass
-        for node in self._call("list nodes", self._core.list_node).get("items") or []:
+        for node in self._call("list nodes", "GET", NODES).get("items") or []:
             try:
                 if self._subnets_of(node) == with_key:
                     return node
@@ -396,7 +458,7 @@ class KubeStore:
                 ]
             }
         name = meta["name"]
-        return self._call(f"patch node {name} status", self._core.patch_node_status, name, body)
+        return self._call(f"patch node {name} status", "PATCH", f"{NODES}/{_quote(name)}/status", body, SMP)
 
     @staticmethod
     def _condition_is_set(node: Mapping[str, Any]) -> bool:
@@ -441,7 +503,7 @@ class KubeStore:
         return (v4 if self._v4 else None), (v6 if self._v6 else None)
 
     def list(self) -> LeaseSnapshot:
-        body = self._call("list nodes", self._core.list_node)
+        body = self._call("list nodes", "GET", NODES)
         leases = []
         for node in body.get("items") or []:
             meta = node.get("metadata") or {}
@@ -521,7 +583,7 @@ class KubeStore:
         api_exception = self._client_mod.exceptions.ApiException
         started = time.monotonic()
         stream = self._watch_mod.Watch().stream(
-            self._core.list_node,
+            self._core.list_nodes,
             resource_version=str(after),
             timeout_seconds=max(1, math.ceil(remaining)),  # the server ends the stream after we stop reading
             allow_watch_bookmarks=True,
