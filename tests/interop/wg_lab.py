@@ -251,21 +251,18 @@ class WgLab:
 
 
 def ping(
-    src: WgNode, dst: WgNode, count: int = 3, size: int = 56, wait: float = 3, timeout: float = 30
+    src: WgNode,
+    dst: WgNode,
+    count: int = 3,
+    size: int = 56,
+    wait: float = 3,
+    timeout: float = 30,
+    v6: bool = False,
 ) -> None:
-    """ping must get every reply (-W: seconds to wait for each)."""
+    """ping must get every reply (-W: seconds to wait for each); v6 pings the inner IPv6 address."""
+    target = dst.overlay_ip6 if v6 else dst.overlay_ip
     src.ns.exec(
-        "ping",
-        "-c",
-        str(count),
-        "-i",
-        "0.2",
-        "-W",
-        str(wait),
-        "-s",
-        str(size),
-        dst.overlay_ip,
-        timeout=timeout,
+        "ping", "-c", str(count), "-i", "0.2", "-W", str(wait), "-s", str(size), target, timeout=timeout
     )
 
 
