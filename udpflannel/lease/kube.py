@@ -21,11 +21,20 @@ import logging
 import math
 import os
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from udpflannel.lease.kube_api import (
+    BACKOFF_MAX,
+    BACKOFF_START,
+    NODES,
+    SMP,
+    NodeApi,
+    make_api_client,
+    quote,
+    raise_for,
+)
 from udpflannel.lease.model import (
     Event,
     EventType,
@@ -36,7 +45,7 @@ from udpflannel.lease.model import (
     LeaseSnapshot,
     subnet_key,
 )
-from udpflannel.lease.store import Compacted, Conflict, NotFound, StoreError
+from udpflannel.lease.store import Conflict, NotFound, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +56,6 @@ CONDITION_MESSAGE = "Flannel is running on this node"  # flannel's text, pkg/sub
 NOMINAL_TTL = 24 * 3600.0
 PATCH_TRIES = 5  # a patch lost to an unrelated node update (kubelet) is re-read and retried
 VIEW_HISTORY = 8  # flannel views remembered per node, to decide whether a watched change is one
-BACKOFF_START = 0.05
-BACKOFF_MAX = 2.0
-NODES = "/api/v1/nodes"
-SMP = "application/strategic-merge-patch+json"
-RBAC_HINT = "the service account needs deploy/rbac.yaml (nodes get/list/watch, nodes/status patch, pods get)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,60 +102,6 @@ def pod_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network 
     return v4, v6
 
 
-def _quote(name: str) -> str:
-    return urllib.parse.quote(name, safe="")
-
-
-class _CoreApi:
-    """The few core/v1 requests we make, through the official ApiClient's generic request path (auth,
-    TLS, token refresh, ApiException). Not CoreV1Api: importing its module alone costs ~22 MB of RSS."""
-
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        self._client = api_client
-        self._api_exception = ApiException
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: list[tuple[str, Any]] | None = None,
-        body: Any = None,
-        content_type: str | None = None,
-        timeout: Any = None,
-    ) -> Any:
-        """The urllib3 response, body unread (streams stay streams); ApiException for a non-2xx answer."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type or "application/json"
-        request = self._client.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = self._client.call_api(*request, _request_timeout=timeout)
-        if not 200 <= resp.status <= 299:
-            resp.read()
-            raise self._api_exception.from_response(http_resp=resp, body=None, data=None)
-        return resp.response
-
-    def list_nodes(self, **kwargs: Any) -> Any:
-        """GET /api/v1/nodes in the shape kubernetes.watch.Watch.stream calls it (watch=True etc.)."""
-        names = {"resource_version": "resourceVersion", "timeout_seconds": "timeoutSeconds"}
-        names["allow_watch_bookmarks"] = "allowWatchBookmarks"
-        query = []
-        for key, value in sorted(kwargs.items()):
-            if key.startswith("_"):
-                continue
-            query.append((names.get(key, key), str(value).lower() if isinstance(value, bool) else value))
-        return self.request("GET", NODES, query=query, timeout=kwargs.get("_request_timeout"))
-
-
 class KubeStore:
     """Store protocol on Kubernetes Nodes (see the module docstring for the mapping).
 
@@ -176,12 +126,11 @@ class KubeStore:
         environ: Mapping[str, str] = os.environ,
         api_client: Any = None,
     ) -> None:
-        from kubernetes import client, watch  # lazily: only Kubernetes mode pays for the client
+        from kubernetes import watch  # lazily: only Kubernetes mode pays for the client
 
-        self._client_mod = client
         self._watch_mod = watch
-        self._api_client = api_client or self._make_api_client(kube_api_url, kubeconfig)
-        self._core = _CoreApi(self._api_client)
+        client = api_client or make_api_client(kube_api_url, kubeconfig)
+        self._api = NodeApi(client, request_timeout, retry_for)
         self._keys = AnnotationKeys.with_prefix(annotation_prefix)
         self._set_condition = set_node_network_unavailable
         self._v4, self._v6 = enable_ipv4, enable_ipv6
@@ -213,95 +162,14 @@ class KubeStore:
 
     # ---- connection -------------------------------------------------------------------------------------
 
-    def _make_api_client(self, kube_api_url: str | None, kubeconfig: str | None) -> Any:
-        """flannel's order: --kubeconfig-file, else the in-cluster service account; --kube-api-url overrides
-        the server address of either."""
-        from kubernetes import config
-
-        if kubeconfig:
-            conf = self._client_mod.Configuration()
-            try:
-                config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
-            except (config.ConfigException, OSError) as exc:
-                raise StoreError(f"cannot load kubeconfig {kubeconfig}: {exc}") from None
-            if kube_api_url:
-                # The kubeconfig loader re-applies its server before every request (refresh_api_key_hook).
-                reload = conf.refresh_api_key_hook
-
-                def keep_url(c: Any) -> None:
-                    if reload is not None:
-                        reload(c)
-                    c.host = kube_api_url
-
-                conf.refresh_api_key_hook = keep_url
-                conf.host = kube_api_url
-            return self._client_mod.ApiClient(conf)
-        conf = self._client_mod.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=conf)
-        except config.ConfigException as exc:
-            if not kube_api_url:
-                raise StoreError(
-                    f"not running in a pod ({exc}): give --kubeconfig-file or --kube-api-url"
-                ) from None
-        if kube_api_url:
-            conf.host = kube_api_url
-        return self._client_mod.ApiClient(conf)
-
-    def _call(
-        self, what: str, method: str, path: str, body: Any = None, content_type: str | None = None
-    ) -> dict[str, Any]:
-        """One API call as raw JSON, retried with backoff on transport errors and 5xx/429 for retry_for."""
-        import urllib3
-
-        api_exception = self._client_mod.exceptions.ApiException
-        deadline = time.monotonic() + self._retry_for
-        delay = BACKOFF_START
-        while True:
-            try:
-                resp = self._core.request(
-                    method, path, body=body, content_type=content_type, timeout=self._timeout
-                )
-                return json.loads(resp.data)
-            except api_exception as exc:
-                self._raise_for(what, exc)
-                last = f"{exc.status} {exc.reason}"
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                last = str(exc)
-            if time.monotonic() + delay > deadline:
-                raise StoreError(f"Kubernetes API unreachable for {self._retry_for:.0f}s ({what}: {last})")
-            log.info("kube: %s failed (%s); retrying in %.2fs", what, last, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
-
-    @staticmethod
-    def _raise_for(what: str, exc: Any) -> None:
-        """Map an API error to the Store errors; return for the retryable ones."""
-        try:
-            status = json.loads(exc.body or "{}")
-            message = status.get("message") or exc.reason
-        except (ValueError, AttributeError):
-            message = exc.reason
-        code = exc.status
-        if code in (401, 403):
-            raise StoreError(f"{what}: {code} {message}; {RBAC_HINT}")
-        if code == 404:
-            raise NotFound(f"{what}: {message}")
-        if code == 409:
-            raise Conflict(f"{what}: {message}")
-        if code == 410:
-            raise Compacted(f"{what}: {message}")
-        if code and code < 500 and code != 429:
-            raise StoreError(f"{what}: {code} {message}")
-
     def _node_name_from(self, environ: Mapping[str, str]) -> str:
         if environ.get("NODE_NAME"):
             return environ["NODE_NAME"]
         pod, namespace = environ.get("POD_NAME"), environ.get("POD_NAMESPACE")
         if not (pod and namespace):
             raise StoreError("Kubernetes mode needs NODE_NAME, or POD_NAME and POD_NAMESPACE (downward API)")
-        path = f"/api/v1/namespaces/{_quote(namespace)}/pods/{_quote(pod)}"
-        body = self._call(f"get pod {namespace}/{pod}", "GET", path)
+        path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}"
+        body = self._api.call(f"get pod {namespace}/{pod}", "GET", path)
         name = (body.get("spec") or {}).get("nodeName")
         if not name:
             raise StoreError(f"pod {namespace}/{pod} is not scheduled to a node yet (no spec.nodeName)")
@@ -390,7 +258,7 @@ class KubeStore:
     # ---- nodes -----------------------------------------------------------------------------------------
 
     def _get_node(self, name: str) -> dict[str, Any]:
-        return self._call(f"get node {name}", "GET", f"{NODES}/{_quote(name)}")
+        return self._api.call(f"get node {name}", "GET", f"{NODES}/{quote(name)}")
 
     def _node_for(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None) -> dict[str, Any] | None:
         """The node whose podCIDRs are this lease key: ours first (the common case), else any."""
@@ -401,7 +269,7 @@ class KubeStore:
                 return ours
         except NotFound:
             pass
-        for node in self._call("list nodes", "GET", NODES).get("items") or []:
+        for node in self._api.call("list nodes", "GET", NODES).get("items") or []:
             try:
                 if self._subnets_of(node) == with_key:
                     return node
@@ -458,7 +326,9 @@ class KubeStore:
                 ]
             }
         name = meta["name"]
-        return self._call(f"patch node {name} status", "PATCH", f"{NODES}/{_quote(name)}/status", body, SMP)
+        return self._api.call(
+            f"patch node {name} status", "PATCH", f"{NODES}/{quote(name)}/status", body, SMP
+        )
 
     @staticmethod
     def _condition_is_set(node: Mapping[str, Any]) -> bool:
@@ -503,7 +373,7 @@ class KubeStore:
         return (v4 if self._v4 else None), (v6 if self._v6 else None)
 
     def list(self) -> LeaseSnapshot:
-        body = self._call("list nodes", "GET", NODES)
+        body = self._api.call("list nodes", "GET", NODES)
         leases = []
         for node in body.get("items") or []:
             meta = node.get("metadata") or {}
@@ -580,10 +450,10 @@ class KubeStore:
         """Events, [] when the stream ended or timed out without any, None when the connection failed."""
         import urllib3
 
-        api_exception = self._client_mod.exceptions.ApiException
+        api_exception = self._api.api_exception
         started = time.monotonic()
         stream = self._watch_mod.Watch().stream(
-            self._core.list_nodes,
+            self._api.list_nodes,
             resource_version=str(after),
             timeout_seconds=max(1, math.ceil(remaining)),  # the server ends the stream after we stop reading
             allow_watch_bookmarks=True,
@@ -596,7 +466,7 @@ class KubeStore:
                     if events:
                         return events
         except api_exception as exc:
-            self._raise_for("watch nodes", exc)
+            raise_for("watch nodes", exc)
             log.info("kube watch: %s %s; reconnecting", exc.status, exc.reason)
             return None
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
@@ -610,4 +480,4 @@ class KubeStore:
         return [] if time.monotonic() - started >= remaining - 0.01 else None
 
     def close(self) -> None:
-        self._api_client.close()
+        self._api.close()
