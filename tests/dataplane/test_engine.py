@@ -152,7 +152,7 @@ def test_unknown_peer_gets_net_unreachable_and_is_counted():
 def test_too_big_answers_frag_needed_only_with_df(df):
     eng, c = _engine("vxlan", [_ip(size=1500, df=df)], mtu=1450)
     eng.engine.tx_once()
-    assert eng.sent == [] and c[INDEX["drop_too_big"]] == 1
+    assert eng.sent == [] and c[INDEX["drop_over_mtu"]] == 1
     if df:
         icmp = scapy.IP(eng.tun.written[0])[scapy.ICMP]
         assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, 1450)

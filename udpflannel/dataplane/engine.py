@@ -163,7 +163,7 @@ class Engine:
         bad = ~((version == 4) & (lens >= 20)) & ~((version == 6) & (lens >= 40))
         peer = self.table.lookup_packets(batch.buf, off, n)
         codes = np.zeros(n, dtype=np.uint8)
-        codes[lens > self.cfg.mtu] = DropReason.TOO_BIG
+        codes[lens > self.cfg.mtu] = DropReason.OVER_MTU
         codes[peer == NO_PEER] = DropReason.UNKNOWN_PEER
         codes[bad] = DropReason.BAD_HEADER
         codes[~active] = DropReason.NONE
@@ -242,14 +242,14 @@ class Engine:
         """ICMP back into the TUN for what a router would answer (never for malformed packets)."""
         src4, src6 = self.cfg.icmp_src_v4, self.cfg.icmp_src_v6
         answerable = (
-            (codes == DropReason.TOO_BIG)
+            (codes == DropReason.OVER_MTU)
             | (codes == DropReason.UNKNOWN_PEER)
             | (codes == DropReason.TTL_EXCEEDED)
         )
         for i in np.flatnonzero(answerable).tolist():
             pkt = bytes(batch.packet(i))
             code = codes[i]
-            if code == DropReason.TOO_BIG:
+            if code == DropReason.OVER_MTU:
                 reply = (
                     icmp.packet_too_big(pkt, self.cfg.mtu, src4, src6) if icmp.is_dont_fragment(pkt) else None
                 )

@@ -1,0 +1,399 @@
+"""Side-by-side benchmark of the vxlan and udp datapaths against kernel VXLAN, on the same namespaces.
+
+Scenarios (two namespaces joined by one veth pair in wire mode, 198.18.0.1 <-> 198.18.0.2):
+  kernel-kernel   kernel VXLAN on both nodes, set up as flanneld sets up flannel.1
+  vxlan-vxlan     udpflannel vxlan on both nodes
+  udp-udp         udpflannel udp on both nodes
+  vxlan-kernel    udpflannel vxlan on A, kernel VXLAN on B (both directions measured)
+For each: iperf3 one TCP stream (A->B, 10 s x 3, or --quick), 64-byte UDP packet rate (iperf3 -u -l 64 at
+an unlimited rate; the receiver's count is the result), CPU-seconds per GiB of every agent process, RSS/PSS.
+Extra: one vs two worker processes (UDPFLANNEL_WORKERS), one-direction and bidirectional. --profile runs
+py-spy on the vxlan workers during one TCP run and prints where the time goes.
+
+Run as root: `.venv/bin/python perf/bench_vxlan.py [--quick] [--profile] [--json out.json]`.
+Every address is in 198.18.0.0/15; everything is removed at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from udpflannel.lab.netns import Lab, Netns  # noqa: E402
+
+NETWORK = "198.19.0.0/16"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+
+
+@dataclass
+class Node:
+    ns: Netns
+    index: int
+    kind: str
+    proc: subprocess.Popen | None = None
+    pids: list[int] = field(default_factory=list)
+    mac: str = ""
+
+    @property
+    def public_ip(self) -> str:
+        return f"198.18.0.{self.index}"
+
+    @property
+    def subnet(self) -> str:
+        return f"198.19.{self.index}.0/24"
+
+    @property
+    def tun_ip(self) -> str:
+        return f"198.19.{self.index}.0"
+
+
+def _readline(proc: subprocess.Popen, key: str, timeout: float = 20) -> dict:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        obj = json.loads(line)
+        if key in obj:
+            return obj
+    raise RuntimeError(f"dataplane runner gave no {key!r} (exit {proc.poll()})")
+
+
+def start_node(ns: Netns, index: int, kind: str, state: pathlib.Path, env: dict[str, str]) -> Node:
+    node = Node(ns, index, kind)
+    if kind == "kernel":
+        node.mac = f"02:5a:00:00:00:{index:02x}"
+        ns.exec(
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "address",
+            node.mac,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            node.public_ip,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        )
+        ns.exec("ip", "link", "set", "flannel.1", "mtu", "1450")
+        ns.exec("ip", "addr", "add", f"{node.tun_ip}/32", "dev", "flannel.1")
+        ns.exec("ip", "link", "set", "flannel.1", "up")
+        return node
+    cmd = [
+        sys.executable,
+        "-m",
+        "udpflannel.dataplane",
+        "--backend",
+        kind,
+        "--iface",
+        "eth0",
+        "--network",
+        NETWORK,
+        "--subnet",
+        node.subnet,
+        "--subnet-file",
+        str(state / f"n{index}" / "subnet.env"),
+    ]
+    node.proc = subprocess.Popen(
+        ns.cmd(*cmd),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    )
+    ready = _readline(node.proc, "ready")
+    node.pids = [node.proc.pid, *ready["pids"]]
+    if kind == "vxlan":
+        node.mac = ready["attrs"]["BackendData"]["VtepMAC"]
+    return node
+
+
+def connect(a: Node, b: Node) -> None:
+    if a.kind == "kernel":
+        a.ns.exec("ip", "route", "replace", b.subnet, "via", b.tun_ip, "dev", "flannel.1", "onlink")
+        a.ns.exec("ip", "neigh", "replace", b.tun_ip, "lladdr", b.mac, "dev", "flannel.1", "nud", "permanent")
+        a.ns.exec("bridge", "fdb", "replace", b.mac, "dev", "flannel.1", "dst", b.public_ip)
+        return
+    btype = "" if b.kind == "udp" else "vxlan"
+    data = {"VNI": 1, "VtepMAC": b.mac} if btype else None
+    msg = {
+        "op": "add",
+        "subnet": b.subnet,
+        "public_ip": b.public_ip,
+        "backend_type": btype,
+        "backend_data": data,
+    }
+    assert a.proc is not None and a.proc.stdin is not None
+    a.proc.stdin.write(json.dumps(msg) + "\n")
+    a.proc.stdin.flush()
+    _readline(a.proc, "applied")
+
+
+def stop_node(node: Node) -> None:
+    if node.proc is None:
+        return
+    try:
+        node.proc.stdin.close()  # type: ignore[union-attr]
+        node.proc.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        node.proc.kill()
+        node.proc.wait(timeout=5)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def memory(pids: list[int]) -> list[dict[str, float]]:
+    out = []
+    for pid in pids:
+        try:
+            text = pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        vals = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:] if line.strip()}
+        out.append({"pid": pid, "rss_mb": vals.get("Rss", 0) / 1024, "pss_mb": vals.get("Pss", 0) / 1024})
+    return out
+
+
+def iperf_tcp(client: Node, server: Node, seconds: int, bidir: bool = False) -> tuple[float, float]:
+    """Gbit/s received (sum of both directions with bidir) and bytes moved."""
+    server.ns.popen("iperf3", "-s", "-1", "-p", "5201")
+    time.sleep(0.3)
+    args = ["iperf3", "-c", server.tun_ip, "-p", "5201", "-t", str(seconds), "-J"]
+    if bidir:
+        args.append("--bidir")
+    out = json.loads(client.ns.exec(*args, timeout=seconds + 30))
+    end = out["end"]
+    if bidir:
+        bps = end["sum_received"]["bits_per_second"] + end["sum_received_bidir_reverse"]["bits_per_second"]
+        moved = end["sum_received"]["bytes"] + end["sum_received_bidir_reverse"]["bytes"]
+    else:
+        bps, moved = end["sum_received"]["bits_per_second"], end["sum_received"]["bytes"]
+    return bps / 1e9, moved
+
+
+def iperf_pps(client: Node, server: Node, seconds: int) -> tuple[float, float]:
+    """64-byte UDP datagrams per second received, and the sender's rate (to show it is not the bottleneck)."""
+    server.ns.popen("iperf3", "-s", "-1", "-p", "5202")
+    time.sleep(0.3)
+    out = json.loads(
+        client.ns.exec(
+            "iperf3",
+            "-c",
+            server.tun_ip,
+            "-p",
+            "5202",
+            "-u",
+            "-l",
+            "64",
+            "-b",
+            "0",
+            "-t",
+            str(seconds),
+            "-J",
+            timeout=seconds + 30,
+        )
+    )
+    summ = out["end"]["sum"]
+    sent = summ["packets"]
+    lost = summ.get("lost_packets", 0)
+    secs = summ["seconds"] or seconds
+    return (sent - lost) / secs, sent / secs
+
+
+def run_pair(
+    kind_a: str,
+    kind_b: str,
+    args,
+    env: dict[str, str],
+    label: str,
+    reverse: bool = False,
+    bidir_only: bool = False,
+) -> dict:
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-bench-") as tmp:
+        a_ns, b_ns = lab.netns("a"), lab.netns("b")
+        lab.veth(a_ns, b_ns, "198.18.0.1/16", "198.18.0.2/16")
+        for i in (1, 2):
+            (pathlib.Path(tmp) / f"n{i}").mkdir()
+        a = start_node(a_ns, 1, kind_a, pathlib.Path(tmp), env)
+        b = start_node(b_ns, 2, kind_b, pathlib.Path(tmp), env)
+        try:
+            connect(a, b)
+            connect(b, a)
+            a_ns.exec("ping", "-c", "2", "-i", "0.2", "-W", "2", b.tun_ip, timeout=20)
+            agents = a.pids + b.pids
+            result: dict = {"label": label, "a": kind_a, "b": kind_b}
+            directions = [(a, b, "A->B")] + ([(b, a, "B->A")] if reverse else [])
+            for client, server, name in directions:
+                gbps, cpu = [], []
+                for _ in range(args.reps):
+                    c0 = cpu_seconds(agents)
+                    g, moved = iperf_tcp(client, server, args.seconds, bidir=bidir_only)
+                    gbps.append(g)
+                    if agents:
+                        cpu.append((cpu_seconds(agents) - c0) / (moved / GIB))
+                result[f"tcp_gbps_{name}"] = gbps
+                if cpu:
+                    result[f"cpu_s_per_gib_{name}"] = statistics.median(cpu)
+            if not bidir_only:
+                pps, offered = iperf_pps(a, b, args.pps_seconds)
+                result["udp64_pps"] = pps
+                result["udp64_offered_pps"] = offered
+            result["memory"] = memory(agents)
+            if args.profile and kind_a == "vxlan" and kind_b == "vxlan" and not bidir_only and not env:
+                result["profile"] = profile(a, b, args)
+            return result
+        finally:
+            stop_node(a)
+            stop_node(b)
+
+
+def profile(a: Node, b: Node, args) -> dict[str, list[tuple[str, float]]]:
+    """py-spy on each side's worker during one TCP run: inclusive share of the top functions."""
+    b.ns.popen("iperf3", "-s", "-1", "-p", "5203")
+    time.sleep(0.3)
+    client = a.ns.popen("iperf3", "-c", b.tun_ip, "-p", "5203", "-t", str(args.seconds + 2))
+    time.sleep(1)
+    outs = {}
+    spies = []
+    for name, node in (("sender", a), ("receiver", b)):
+        path = pathlib.Path(tempfile.mkdtemp()) / f"{name}.txt"
+        spies.append(
+            (
+                name,
+                path,
+                subprocess.Popen(
+                    [
+                        str(REPO / ".venv/bin/py-spy"),
+                        "record",
+                        "-d",
+                        str(args.seconds),
+                        "-p",
+                        str(node.pids[1]),
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(path),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+            )
+        )
+    for name, path, spy in spies:
+        spy.wait(timeout=args.seconds + 30)
+        inc: collections.Counter = collections.Counter()
+        total = 0
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            total += int(n)
+            for fr in {x.split(" (")[0] for x in stack.split(";")}:
+                inc[fr] += int(n)
+        skip = {"<module>", "_run_module_as_main", "_run_code", "main", "run"}
+        outs[name] = [(k, round(v / max(total, 1), 3)) for k, v in inc.most_common(40) if k not in skip][:20]
+    client.wait(timeout=args.seconds + 30)
+    return outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 s runs, 1 repetition")
+    ap.add_argument("--profile", action="store_true", help="py-spy the vxlan workers during one TCP run")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--only", nargs="*", help="scenario labels to run")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench needs root (network namespaces)", file=sys.stderr)
+        return 2
+    args.seconds = 3 if args.quick else 10
+    args.reps = 1 if args.quick else 3
+    args.pps_seconds = 3 if args.quick else 5
+    scenarios = [
+        ("kernel-kernel", "kernel", "kernel", {}, False, False),
+        ("vxlan-vxlan", "vxlan", "vxlan", {}, False, False),
+        ("udp-udp", "udp", "udp", {}, False, False),
+        ("vxlan-kernel", "vxlan", "kernel", {}, True, False),
+        ("vxlan-vxlan 2 workers", "vxlan", "vxlan", {"UDPFLANNEL_WORKERS": "2"}, False, False),
+        ("vxlan-vxlan bidir 1 worker", "vxlan", "vxlan", {"UDPFLANNEL_WORKERS": "1"}, False, True),
+        ("vxlan-vxlan bidir 2 workers", "vxlan", "vxlan", {"UDPFLANNEL_WORKERS": "2"}, False, True),
+        ("kernel-kernel bidir", "kernel", "kernel", {}, False, True),
+    ]
+    results = []
+    for label, ka, kb, env, reverse, bidir in scenarios:
+        if args.only and label not in args.only:
+            continue
+        print(f"== {label}", flush=True)
+        res = run_pair(ka, kb, args, env, label, reverse=reverse, bidir_only=bidir)
+        results.append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
+    report(results)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def report(results: list[dict]) -> None:
+    by = {r["label"]: r for r in results}
+    kernel = by.get("kernel-kernel")
+    k_tcp = statistics.median(kernel["tcp_gbps_A->B"]) if kernel else None
+    k_pps = kernel.get("udp64_pps") if kernel else None
+    print(
+        "\nscenario                      TCP Gbit/s (median)  x kernel  64B kpps  x kernel  CPU-s/GiB  PSS MB"
+    )
+    for r in results:
+        for key in [k for k in r if k.startswith("tcp_gbps_")]:
+            g = statistics.median(r[key])
+            ratio = f"{g / k_tcp:.2f}" if k_tcp else "-"
+            pps = r.get("udp64_pps")
+            pratio = f"{pps / k_pps:.2f}" if (pps and k_pps) else "-"
+            cpu = r.get(key.replace("tcp_gbps_", "cpu_s_per_gib_"))
+            pss = sum(m["pss_mb"] for m in r.get("memory", []))
+            print(
+                f"{r['label'] + ' ' + key[9:]:30s} {g:8.2f} {r[key]!s:>14s} {ratio:>6s}"
+                f"  {(pps or 0) / 1e3:8.1f} {pratio:>8s}  {cpu if cpu is None else round(cpu, 2)!s:>9s}"
+                f"  {pss:6.1f}"
+            )
+    for r in results:
+        if "profile" in r:
+            for side, rows in r["profile"].items():
+                print(f"\nprofile ({side} worker, inclusive share of samples):")
+                for name, share in rows:
+                    print(f"  {share:6.1%} {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
