@@ -16,8 +16,8 @@ import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
-from udpflannel.packet.checksum import M
-from udpflannel.packet.parse import IpFields, ip_fields, validate_ip
+from udpflannel.packet.checksum import M, sum_rows_raw
+from udpflannel.packet.parse import IpFields, ip_fields, readable, validate_ip
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -47,6 +47,13 @@ def coalesce(
     n = batch.n
     if n == 0:
         return []
+    if codes is None and vnet and gro:
+        buf = readable(batch)
+        if (buf[:, batch.offset] == 0x45).all():
+            train = _v4_train(batch, buf)
+            if train is not None:
+                assert train.join is not None
+                return _emit(batch, buf, _groups(train.join, train.ok, train.plen, train.hlen), train)
     f = ip_fields(batch)
     if codes is None:
         codes = validate_ip(batch, l4_checksum=True, fields=f)
@@ -54,22 +61,71 @@ def coalesce(
     if not vnet:
         return [(v,) for v, k in zip(batch.views(), keep.tolist(), strict=True) if k]
     if not gro or n == 1:
-        return _emit(batch, f, [(i, i) for i in np.flatnonzero(keep).tolist()], None)
+        return _emit(batch, f.buf, [(i, i) for i in np.flatnonzero(keep).tolist()], None)
     t = _tcp_rows(batch, f, keep)
     join = _can_join(f, t)
-    return _emit(batch, f, _groups(join, keep, t.plen, t.hlen), t)
+    return _emit(batch, f.buf, _groups(join, keep, t.plen, t.hlen), t)
 
 
 @dataclass
 class _TcpRows:
     """Per-row TCP facts; meaningful where `ok` (kept, TCP, plain IP header, payload present)."""
 
-    ok: np.ndarray
+    ok: np.ndarray | None  # None: every row
     words: np.ndarray  # uint32 [n, 15]: the TCP header (options zeroed past the data offset), LE words
-    hlen: np.ndarray  # IP + TCP header length
+    hlen: np.ndarray | int  # IP + TCP header length (an int when every row shares it)
     plen: np.ndarray  # TCP payload length
     flags: np.ndarray
     seq: np.ndarray  # int64
+    l3: np.ndarray | int  # IP header length
+    v4: np.ndarray | bool
+    join: np.ndarray | None = None  # set by the fast path, which decides joins in the same pass
+
+
+# Big-endian 16-bit word columns of a plain IPv4 + TCP header that every segment of one flow shares:
+# version/IHL/TOS, flags/fragment, TTL/protocol, addresses, ports, ACK number, TCP data offset.
+_V4_TRAIN_MASK = np.zeros(20, np.int64)
+_V4_TRAIN_MASK[[0, 3, 4, 6, 7, 8, 9, 10, 11, 14, 15]] = 0xFFFF
+_V4_TRAIN_MASK[16] = 0xF000
+
+
+def _v4_train(batch: PacketBatch, buf: np.ndarray) -> _TcpRows | None:
+    """The common case in one pass: every row a sound, unfragmented, unpadded IPv4 TCP segment of one
+    flow, with every checksum right. Returns None otherwise, and the general path (which judges each row)
+    takes over; the result is the same either way."""
+    n, off = batch.n, batch.offset
+    a = buf[:, off : off + 40].view(">u2").astype(np.int64)  # IPv4 + fixed TCP header as 16-bit words
+    hl = h.IPV4_MIN_HLEN + (int(a[0, 16]) >> 12) * 4
+    if hl < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN or (int(a[0, 4]) & 0xFF) != h.IPPROTO_TCP:
+        return None
+    if int(a[0, 3]) & h.IPV4_MF_OFFSET_MASK:
+        return None
+    ip_len = a[:, 1]
+    plen = ip_len - hl
+    # Every row carries row 0's flow key; lengths agree with the buffer; there is payload.
+    if ((a ^ a[0]) & _V4_TRAIN_MASK).any() or not (ip_len == batch.lengths).all() or int(plen.min()) <= 0:
+        return None
+    if (a[:, :10].sum(axis=1) % M).any():  # RFC 791: a sound header sums to 0 mod 0xFFFF
+        return None
+    if hl > h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
+        opts = buf[:, off + 40 : off + hl]
+        if not (opts == opts[0]).all():
+            return None
+    # TCP checksums: the whole packet's sum (the IPv4 header adds 0 mod 0xFFFF) plus the pseudo-header,
+    # whose addresses every row shares.
+    pseudo = int(a[0, 6:10].sum()) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
+    if ((sum_rows_raw(buf[:, off:], ip_len) + ip_len + pseudo) % M).any():
+        return None
+    flags = a[:, 16] & 0xFF
+    seq = (a[:, 12] << 16) | a[:, 13]
+    join = np.zeros(n, bool)
+    join[1:] = (
+        (flags[:-1] == _ACK)
+        & ((flags[1:] | h.TCP_PSH) == _ACK_PSH)  # exactly ACK or ACK|PSH
+        & (((seq[1:] - seq[:-1] - plen[:-1]) & 0xFFFFFFFF) == 0)
+        & (plen[1:] <= plen[:-1])
+    )
+    return _TcpRows(None, a, hl, plen, flags, seq, h.IPV4_MIN_HLEN, True, join)
 
 
 def _tcp_rows(batch: PacketBatch, f: IpFields, keep: np.ndarray) -> _TcpRows:
@@ -99,7 +155,7 @@ def _tcp_rows(batch: PacketBatch, f: IpFields, keep: np.ndarray) -> _TcpRows:
     plen = f.ip_len - l3 - doff
     ok &= (doff >= h.TCP_MIN_HLEN) & (plen > 0)
     seq = th[:, h.TCP_SEQ : h.TCP_SEQ + 4].view(">u4")[:, 0].astype(np.int64)
-    return _TcpRows(ok, th.view("<u4"), l3 + doff, plen, th[:, h.TCP_FLAGS], seq)
+    return _TcpRows(ok, th.view("<u4"), l3 + doff, plen, th[:, h.TCP_FLAGS], seq, l3, f.version == 4)
 
 
 def _can_join(f: IpFields, t: _TcpRows) -> np.ndarray:
@@ -127,7 +183,9 @@ def _can_join(f: IpFields, t: _TcpRows) -> np.ndarray:
     return join
 
 
-def _groups(join: np.ndarray, keep: np.ndarray, plen: np.ndarray, hlen: np.ndarray) -> list[tuple[int, int]]:
+def _groups(
+    join: np.ndarray, keep: np.ndarray | None, plen: np.ndarray, hlen: np.ndarray | int
+) -> list[tuple[int, int]]:
     """(first, last) row of every output packet, in row order. A run is cut after a short segment and
     where the packet would pass 64 KiB. One Python step per output packet, not per row."""
     n = len(join)
@@ -135,7 +193,7 @@ def _groups(join: np.ndarray, keep: np.ndarray, plen: np.ndarray, hlen: np.ndarr
     ends = np.append(starts[1:], n) - 1
     out: list[tuple[int, int]] = []
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        if not keep[a]:
+        if keep is not None and not keep[a]:
             continue
         cur = a
         while cur <= b:
@@ -146,61 +204,58 @@ def _groups(join: np.ndarray, keep: np.ndarray, plen: np.ndarray, hlen: np.ndarr
             end = b
             if plen[b] != gso or plen[b - 1] != gso:  # sizes only fall within a run: find the first short one
                 end = cur + 1 + int(np.flatnonzero(plen[cur + 1 : b + 1] != gso)[0])
-            if int(hlen[cur]) + gso * (end - cur) + int(plen[end]) > h.IP_MAXPACKET:
+            hl = _at(hlen, cur)
+            if hl + gso * (end - cur) + int(plen[end]) > h.IP_MAXPACKET:
                 # Only full segments fit before the short one would: cut after as many as fit.
-                end = cur + max(1, (h.IP_MAXPACKET - int(hlen[cur])) // gso) - 1
+                end = cur + max(1, (h.IP_MAXPACKET - hl) // gso) - 1
             out.append((cur, end))
             cur = end + 1
     return out
 
 
-def _emit(batch: PacketBatch, f: IpFields, groups: list[tuple[int, int]], t: _TcpRows | None) -> list[Iovecs]:
+def _emit(
+    batch: PacketBatch, src: np.ndarray, groups: list[tuple[int, int]], t: _TcpRows | None
+) -> list[Iovecs]:
     """Single rows are written where they are (zero virtio header in their headroom); merged runs are
     assembled in a fresh buffer with one copy of their payloads (cheaper than one iovec per segment)."""
-    if not groups:
-        return []
     off, stride = batch.offset, batch.stride
-    ga = np.array(groups, np.int64).reshape(-1, 2)
-    is_merged = ga[:, 0] != ga[:, 1]
     in_place = off >= VNET_HDR_LEN
-    singles = ga[~is_merged, 0]
-    if in_place and singles.size:
-        batch.buf[singles, off - VNET_HDR_LEN : off] = 0
     lengths = batch.lengths.tolist()
     flat = memoryview(batch.buf.reshape(-1)) if batch.buf.flags.c_contiguous else None
     start = off - VNET_HDR_LEN if in_place else off
-    n_merged = int(is_merged.sum())
-    arena = np.empty((n_merged, VNET_HDR_LEN + h.IP_MAXPACKET), np.uint8) if n_merged else None
     out: list[Iovecs] = []
-    m = 0
+    singles: list[int] = []
     for a, b in groups:
         if a != b:
-            assert arena is not None and t is not None
-            out.append((_merge(batch, f, t, a, b, arena[m]),))
-            m += 1
-        elif flat is not None:
+            assert t is not None
+            out.append((_merge(batch, src, t, a, b),))
+            continue
+        singles.append(a)
+        if flat is not None:
             v = flat[a * stride + start : a * stride + off + lengths[a]]
-            out.append((v,) if in_place else (ZERO_VNET_HDR, v))
         else:
             v = batch.buf[a, start : off + lengths[a]].data
-            out.append((v,) if in_place else (ZERO_VNET_HDR, v))
+        out.append((v,) if in_place else (ZERO_VNET_HDR, v))
+    if in_place and singles:
+        batch.buf[singles, off - VNET_HDR_LEN : off] = 0
     return out
 
 
-def _merge(batch: PacketBatch, f: IpFields, t: _TcpRows, a: int, b: int, dst: np.ndarray) -> memoryview:
-    """Rows a..b as one superpacket in dst: virtio header, row a's headers (length, checksums and flags
+def _merge(batch: PacketBatch, src: np.ndarray, t: _TcpRows, a: int, b: int) -> memoryview:
+    """Rows a..b as one new superpacket: virtio header, row a's headers (length, checksums and flags
     patched), every payload. All rows but b carry exactly gso bytes (the run rules guarantee it)."""
-    off, src = batch.offset, f.buf
-    hl, l3, gso = int(t.hlen[a]), int(f.l3len[a]), int(t.plen[a])
+    off = batch.offset
+    hl, l3, gso = _at(t.hlen, a), _at(t.l3, a), int(t.plen[a])
     last = int(t.plen[b])
     full = b - a
     total = hl + full * gso + last
     v = VNET_HDR_LEN
+    dst = np.empty(v + total, np.uint8)
     dst[v : v + hl] = src[a, off : off + hl]
     dst[v + hl : v + hl + full * gso].reshape(full, gso)[:] = src[a:b, off + hl : off + hl + gso]
     dst[v + hl + full * gso : v + total] = src[b, off + hl : off + hl + last]
     mv = memoryview(dst)
-    v4 = f.version[a] == 4
+    v4 = bool(_at(t.v4, a))
     if v4:
         _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
         _H.pack_into(mv, v + h.IPV4_CSUM, 0)
@@ -215,6 +270,11 @@ def _merge(batch: PacketBatch, f: IpFields, t: _TcpRows, a: int, b: int, dst: np
     kind = VIRTIO_NET_HDR_GSO_TCPV4 if v4 else VIRTIO_NET_HDR_GSO_TCPV6
     VNET_HDR_STRUCT.pack_into(mv, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hl, gso, l3, h.TCP_CSUM)
     return mv[: v + total]
+
+
+def _at(x: np.ndarray | int, i: int) -> int:
+    """Element i of a per-row array, or the value itself when every row shares it."""
+    return x if isinstance(x, int) else int(x[i])
 
 
 def _sum16(b: memoryview) -> int:

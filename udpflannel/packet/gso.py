@@ -12,7 +12,7 @@ import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import TAILROOM, PacketBatch, round_up
-from udpflannel.packet.checksum import bytes_sum, finish, finish_positive, finish_udp, inet_sum
+from udpflannel.packet.checksum import M, bytes_sum, finish, finish_udp, inet_sum
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import (
@@ -128,85 +128,78 @@ def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool) -> Packet
 def _segment(
     pkt: np.ndarray, off: int, l3: int, hlen: int, mss: int, k: int, *, v4: bool, tcp: bool, proto: int
 ) -> PacketBatch:
-    """The split itself, for a superpacket already checked: replicate, patch per-row fields, checksum."""
+    """The split itself, for a superpacket already checked: replicate, patch per-row fields, checksum.
+
+    Only the last row is shorter and only the first and last rows have other TCP flags, so every per-row
+    sum is a shared constant (computed once, in plain Python, from the template header) plus the row's own
+    fields, with scalar fix-ups for those two rows. Checksum arithmetic is mod 0xFFFF (checksum.py)."""
     raw = pkt[:hlen].tobytes()
-    payload = len(pkt) - hlen
     full = k - 1
-    last = payload - full * mss
-    stride = round_up(off + hlen + mss + TAILROOM, 8)
+    last = len(pkt) - hlen - full * mss
+    wide = mss + (-mss % 4)  # payload columns summed as whole 32-bit words
+    stride = round_up(off + hlen + wide + TAILROOM, 8)
     buf = np.empty((k, stride), np.uint8)
-    buf[:, off : off + hlen] = pkt[:hlen]
     p0 = off + hlen
-    body = pkt[hlen : hlen + full * mss].reshape(full, mss)
-    buf[:full, p0 : p0 + mss] = body
+    buf[:, off:p0] = pkt[:hlen]
+    buf[:full, p0 : p0 + mss] = pkt[hlen : hlen + full * mss].reshape(full, mss)
     buf[full, p0 : p0 + last] = pkt[hlen + full * mss :]
+    buf[full, p0 + last : p0 + wide] = 0  # zeros do not change a sum, so every row sums the same columns
+    if wide != mss:
+        buf[:full, p0 + mss : p0 + wide] = 0
     lengths = np.full(k, hlen + mss, np.int32)
     lengths[-1] = hlen + last
+    short = last - mss  # how much shorter the last row is (0 or negative)
     ar = np.arange(k, dtype=np.int64)
-    l4len = lengths - l3
 
-    # Sums of everything the rows share, in plain Python over the template header, once per superpacket.
     if v4:
         ip = rows_view(buf, off, h.IPV4_HDR)
-        ip_id = (int.from_bytes(raw[h.IPV4_ID : h.IPV4_ID + 2], "big") + ar) & 0xFFFF
+        id0 = int.from_bytes(raw[h.IPV4_ID : h.IPV4_ID + 2], "big")
         ip["total_len"] = lengths
-        ip["id"] = ip_id
-        # total_len, id and checksum are per row; the rest of the header is summed once.
-        ip_base = bytes_sum(raw[:l3]) - bytes_sum(raw[h.IPV4_TOTAL_LEN : h.IPV4_ID + 2])
-        ip_base -= bytes_sum(raw[h.IPV4_CSUM : h.IPV4_CSUM + 2])
-        ip["csum"] = finish_positive(ip_base + lengths + ip_id)
+        ip["id"] = (id0 + ar) & 0xFFFF
+        # The header minus total length, id and checksum is shared; id wraps at 16 bits, and 0x10000 is
+        # 1 mod 0xFFFF, so the wrapped id sums like the unwrapped one minus 1.
+        shared = bytes_sum(raw[:l3]) - bytes_sum(raw[h.IPV4_TOTAL_LEN : h.IPV4_ID + 2])
+        shared -= bytes_sum(raw[h.IPV4_CSUM : h.IPV4_CSUM + 2])
+        s = ar + (shared + hlen + mss + id0 - 1)  # minus 1: finish_positive's offset, folded in
+        s[id0 + ar > 0xFFFF] -= 1
+        s[-1] += short
+        ip["csum"] = M - 1 - s % M
         pseudo = bytes_sum(raw[h.IPV4_SRC : h.IPV4_DST + 4]) + proto
     else:
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
         pseudo = bytes_sum(raw[h.IPV6_SRC : h.IPV6_DST + 16]) + proto
 
-    # L4 checksum = pseudo-header + header words + payload, each part summed where it is cheapest.
-    pay = _payload_sums(body, mss, pkt[hlen + full * mss :])
+    # Payload sums of all rows in one pass (little-endian words, times 256 for network order).
+    pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
+    l4len = hlen - l3 + mss
     if tcp:
         t = rows_view(buf, off + l3, h.TCP_HDR)
-        seq = (int.from_bytes(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4], "big") + mss * ar) & 0xFFFFFFFF
-        flags0 = raw[l3 + h.TCP_FLAGS]
-        flags = np.full(k, flags0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR), np.int64)
-        flags[0] = flags0 & ~(h.TCP_FIN | h.TCP_PSH)  # CWR only on the first segment
-        flags[-1] = (flags0 & ~h.TCP_CWR) if k > 1 else flags0  # FIN/PSH only on the last
+        seq0 = int.from_bytes(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4], "big")
+        seq = (seq0 + mss * ar) & 0xFFFFFFFF
         t["seq"] = seq
-        t["flags"] = flags
-        # the TCP header minus its per-row words (seq, data offset + flags, checksum)
+        f0 = raw[l3 + h.TCP_FLAGS]
+        mid = f0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR) & 0xFF
+        first = f0 & ~(h.TCP_FIN | h.TCP_PSH) & 0xFF  # CWR only on the first segment
+        final = f0 if k == 1 else f0 & ~h.TCP_CWR & 0xFF  # FIN and PSH only on the last
+        flags = t["flags"]
+        flags[:] = mid
+        flags[0] = first
+        flags[-1] = final
+        # the TCP header minus its per-row words (seq, flags, checksum); a 32-bit seq sums like its two
+        # 16-bit halves because 0x10000 is 1 mod 0xFFFF
         base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4])
-        base -= bytes_sum(raw[l3 + h.TCP_DOFF : l3 + h.TCP_FLAGS + 1]) + bytes_sum(
-            raw[l3 + h.TCP_CSUM : l3 + 18]
-        )
-        row = (seq >> 16) + (seq & 0xFFFF) + (raw[l3 + h.TCP_DOFF] << 8) + flags
-        t["csum"] = finish_positive(pseudo + base + l4len + row + pay)
+        base -= raw[l3 + h.TCP_FLAGS] + bytes_sum(raw[l3 + h.TCP_CSUM : l3 + h.TCP_CSUM + 2])
+        s = seq + pay + (pseudo + base + l4len + mid - 1)
+        if k > 1:
+            s[0] += first - mid
+        s[-1] += final - mid + short
+        t["csum"] = M - 1 - s % M
     else:
         u = rows_view(buf, off + l3, h.UDP_HDR)
-        u["len"] = l4len
+        u["len"] = lengths - l3
         base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.UDP_LEN : l3 + h.UDP_CSUM + 2])
         # the UDP length appears twice: in the pseudo-header and in the header itself
-        u["csum"] = finish_udp(pseudo + base + 2 * l4len + pay)
+        s = pay + (pseudo + base + 2 * l4len)
+        s[-1] += 2 * short
+        u["csum"] = finish_udp(s)
     return PacketBatch(buf, lengths, off, k)
-
-
-def _payload_sums(body: np.ndarray, mss: int, tail: np.ndarray) -> np.ndarray:
-    """Unfolded sums (checksum.py domain) of each full payload row of `body` and of the last, short one."""
-    full = body.shape[0]
-    q, r = divmod(mss, 4)
-    s = np.empty(full + 1, np.int64)
-    if full:
-        acc = (
-            body[:, : q * 4].view("<u4").sum(axis=1, dtype=np.int64) * 256 if q else np.zeros(full, np.int64)
-        )
-        if r:
-            # words are 16-bit pairs from each row's start: the 1-3 trailing bytes form a last, padded word
-            t = body[:, q * 4 :].astype(np.int64)
-            acc += (t[:, 0] << 8) + (t[:, 1] if r > 1 else 0) + ((t[:, 2] << 8) if r > 2 else 0)
-        s[:full] = acc
-    s[full] = _be_sum(tail)
-    return s
-
-
-def _be_sum(a: np.ndarray) -> int:
-    """Sum of the big-endian 16-bit words of one uint8 array (zero-padded to even length)."""
-    if len(a) % 2:
-        a = np.concatenate((a, np.zeros(1, np.uint8)))
-    return int(a.view(">u2").sum(dtype=np.int64))

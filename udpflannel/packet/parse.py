@@ -53,11 +53,11 @@ def ip_fields(batch: PacketBatch) -> IpFields:
     words = buf[:, off : off + 40].view(">u2")
     b0 = buf[:, off]
     if (b0 == 0x45).all():
-        proto = words[:, h.IPV4_PROTO // _W] & 0xFF
-        frag = (words[:, h.IPV4_FRAG // _W] & h.IPV4_MF_OFFSET_MASK) != 0
-        return IpFields(
-            buf, off, words, np.full(n, 4), np.full(n, 20), proto, words[:, 1].astype(np.int32), frag, True
-        )
+        # Plain IPv4 rows: the columns are views, computed only where something reads them.
+        w = words.astype(np.int32)
+        proto = w[:, h.IPV4_PROTO // _W] & 0xFF
+        frag = (w[:, h.IPV4_FRAG // _W] & h.IPV4_MF_OFFSET_MASK) != 0
+        return IpFields(buf, off, words, np.full(n, 4), np.full(n, 20), proto, w[:, 1], frag, True)
     version = b0 >> 4
     v4 = version == 4
     l3len = np.where(v4, (b0 & 0xF).astype(np.int32) * 4, h.IPV6_HLEN)
