@@ -140,7 +140,11 @@ class EtcdStore:
                 if self._username and "Authorization" not in client.session.headers:
                     self._authenticate(client)
                 return client.post(client.get_url(path), json=payload)
-            except (exc_mod.ConnectionFailedError, exc_mod.ConnectionTimeoutError) as exc:
+            except (
+                exc_mod.ConnectionFailedError,
+                exc_mod.ConnectionTimeoutError,
+                exc_mod.InternalServerError,  # leader changes, "request timed out": retry
+            ) as exc:
                 last = f"{self._endpoints[self._current]}: {exc.detail_text or exc}"
             except exc_mod.Etcd3Exception as exc:
                 detail = exc.detail_text or str(exc)
@@ -408,6 +412,9 @@ class EtcdStore:
                 body = resp.text[:300]
                 if self._username and "token" in body:
                     client.session.headers.pop("Authorization", None)  # expired: log in again, retry
+                    return None
+                if resp.status_code >= 500:
+                    log.info("etcd watch: HTTP %d (%s); retrying", resp.status_code, body)
                     return None
                 raise StoreError(f"etcd watch failed: HTTP {resp.status_code}: {body}")
             for line in resp.iter_lines():
