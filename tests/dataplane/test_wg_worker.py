@@ -1,0 +1,191 @@
+"""WgEngine without root: the TUN is a SOCK_SEQPACKET socketpair (one message per packet, as a TUN read),
+the underlay is two UdpSockets on 127.0.0.1. Handshake on first packet, staged packets, peer grouping,
+a TCP superpacket split and sealed as one batch, GRO on the receiving side, drops counted."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
+
+from udpflannel.codec.wireguard import crypto
+from udpflannel.codec.wireguard.session import Device
+from udpflannel.dataplane.wg_worker import WgEngine, WgPeerConfig
+from udpflannel.io.tun import Tun
+from udpflannel.io.udp import UdpSocket
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.gro import coalesce
+from udpflannel.packet.vnet import VNET_HDR_LEN, VnetHdr
+
+MTU = 1420
+
+
+class Node:
+    def __init__(self, index: int, vnet: bool) -> None:
+        self.key = crypto.generate_private_key(os.urandom(32))
+        self.outside, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inside.setblocking(False)
+        self.outside.settimeout(2)
+        self._inside = inside  # keep the socket object alive: Tun holds only its fd
+        self.tun = Tun.from_fd(inside.fileno(), f"fake{index}", vnet=vnet)
+        self.udp = UdpSocket.open(socket.AF_INET, "127.0.0.1", 0)
+        self.device = Device(self.key, wall_offset=time.time() - time.monotonic(), mtu=MTU)
+        self.engine = WgEngine(self.device, self.tun, self.udp)
+        self.subnet = f"198.19.{index}.0/24"
+        self.vnet = vnet
+
+    @property
+    def public_key(self) -> bytes:
+        return crypto.public_key(self.key)
+
+    def close(self) -> None:
+        self.udp.close()
+        self._inside.close()
+        self.outside.close()
+
+    def inject(self, packet: bytes, hdr: VnetHdr | None = None) -> None:
+        """What the kernel would hand the TUN reader."""
+        self.outside.send(((hdr or VnetHdr()).encode() if self.vnet else b"") + packet)
+
+    def written(self) -> list[bytes]:
+        out = []
+        self.outside.setblocking(False)
+        try:
+            while True:
+                out.append(self.outside.recv(1 << 17))
+        except BlockingIOError:
+            pass
+        finally:
+            self.outside.settimeout(2)
+        return out
+
+
+def pump(nodes: list[Node], rounds: int = 20) -> None:
+    """Run every engine's TX, RX and timers until nothing moves (bounded)."""
+    for _ in range(rounds):
+        moved = 0
+        for n in nodes:
+            now = time.monotonic()
+            moved += n.engine.tx_once(now) + n.engine.rx_once(now)
+            n.engine.run_timers(now)
+        if not moved:
+            time.sleep(0.01)
+            if not any(n.engine.rx_once(time.monotonic()) for n in nodes):
+                return
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "vnet"])
+def pair(request):
+    a, b = Node(1, request.param), Node(2, request.param)
+    for x, y in ((a, b), (b, a)):
+        cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
+        x.engine.set_peers([cfg], time.monotonic())
+    yield a, b
+    a.close()
+    b.close()
+
+
+def udp_packet(src: str, dst: str, n: int) -> bytes:
+    return bytes(
+        IP(src=src, dst=dst)
+        / UDP(sport=1000, dport=2000)
+        / Raw(bytes(range(256)) * (n // 256) + b"x" * (n % 256))
+    )
+
+
+def strip(node: Node, frames: list[bytes]) -> list[bytes]:
+    return [f[VNET_HDR_LEN:] if node.vnet else f for f in frames]
+
+
+def test_first_packet_handshakes_then_flows(pair) -> None:
+    a, b = pair
+    pkts = [udp_packet("198.19.1.1", "198.19.2.1", n) for n in (10, 500, 1300)]
+    for p in pkts:
+        a.inject(p)
+    pump([a, b])
+    assert strip(b, b.written()) == pkts
+    assert a.engine.counters.handshakes == 1 and b.engine.counters.handshakes == 1
+    reply = udp_packet("198.19.2.1", "198.19.1.1", 77)
+    b.inject(reply)
+    pump([a, b])
+    assert strip(a, a.written()) == [reply]
+    st = b.engine.stats(0.0)
+    assert st["rx_packets"] == 3 and st["peers"][0]["endpoint"].startswith("127.0.0.1:")
+
+
+def test_unknown_destination_and_spoofed_source_dropped(pair) -> None:
+    a, b = pair
+    a.inject(udp_packet("198.19.1.1", "198.19.9.1", 20))  # no peer covers 198.19.9.0
+    a.inject(udp_packet("198.19.7.7", "198.19.2.1", 20))  # B does not allow this source from A
+    a.inject(udp_packet("198.19.1.1", "198.19.2.1", 20))
+    pump([a, b])
+    assert len(b.written()) == 1
+    assert a.engine.counters.drops["unknown_peer"] == 1
+    assert b.engine.stats(0.0)["drop_not_allowed_ip"] == 1
+
+
+def tcp_superpacket(n_segments: int, mss: int = 1000) -> tuple[bytes, VnetHdr, bytes]:
+    """Build MSS-sized segments with scapy, coalesce them (packet/gro) into what a TSO TUN read returns."""
+    payload = os.urandom(n_segments * mss)
+    segs = [
+        bytes(
+            IP(src="198.19.1.1", dst="198.19.2.1", id=100 + i, flags="DF")
+            / TCP(sport=5000, dport=80, seq=1000 + i * mss, ack=1, flags="A", window=1000)
+            / Raw(payload[i * mss : (i + 1) * mss])
+        )
+        for i in range(n_segments)
+    ]
+    writes = coalesce(PacketBatch.from_packets(segs, headroom=VNET_HDR_LEN), vnet=True, gro=True)
+    assert len(writes) == 1
+    frame = b"".join(bytes(x) for x in writes[0])
+    return frame[VNET_HDR_LEN:], VnetHdr.decode(frame[:VNET_HDR_LEN]), payload
+
+
+def test_superpacket_split_sealed_and_coalesced_again() -> None:
+    a, b = Node(1, True), Node(2, True)
+    try:
+        for x, y in ((a, b), (b, a)):
+            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
+            x.engine.set_peers([cfg], time.monotonic())
+        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
+        pump([a, b])
+        b.written()
+        raw, hdr, payload = tcp_superpacket(20)
+        assert hdr.gso_type != 0
+        calls = a.engine.counters.tx_send_calls
+        a.inject(raw, hdr)
+        pump([a, b])
+        assert a.engine.counters.tx_send_calls - calls <= 2  # one UDP_SEGMENT sendmsg (or a fallback pair)
+        frames = b.written()
+        got = b""
+        for f in frames:
+            vh = VnetHdr.decode(f[:VNET_HDR_LEN])
+            pkt = f[VNET_HDR_LEN:]
+            ihl = (pkt[0] & 15) * 4
+            doff = (pkt[ihl + 12] >> 4) * 4
+            got += pkt[ihl + doff :]
+            assert vh.gso_type in (0, hdr.gso_type)
+        assert got == payload
+        assert len(frames) < 20  # coalesced on the way into B's TUN
+    finally:
+        a.close()
+        b.close()
+
+
+def test_peer_reconfiguration_keeps_session(pair) -> None:
+    a, b = pair
+    a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))
+    pump([a, b])
+    kp = a.device.peers[b.public_key].current
+    cfg = WgPeerConfig(b.public_key, ("127.0.0.1", b.udp.address[1]), (b.subnet, "198.19.22.0/24"))
+    a.engine.set_peers([cfg], time.monotonic())
+    assert a.device.peers[b.public_key].current is kp
+    a.inject(udp_packet("198.19.1.1", "198.19.22.5", 8))
+    pump([a, b])
+    assert len(b.written()) == 2
+    a.engine.set_peers([], time.monotonic())
+    assert a.device.peers == {} and a.device.index_table == {}
