@@ -111,7 +111,10 @@ def test_each_check_per_packet_and_batch(mutate, code):
     assert (vxlan.OK if isinstance(single, vxlan.VxlanFrame) else single) == code
     buf = np.full((1, 128), 0xAA, dtype=np.uint8)  # garbage after the datagram must not matter
     buf[0, 16 : 16 + len(data)] = np.frombuffer(data, dtype=np.uint8)
-    assert vxlan.decode_batch(buf, np.array([len(data)], dtype=np.int32), 16, 1, our).tolist() == [code]
+    lengths = np.array([len(data)], dtype=np.int32)
+    assert vxlan.decode_batch(buf, lengths, 16, 1, our).tolist() == [code]
+    fast = vxlan.expected_prefix(1, our)
+    assert vxlan.decode_batch(buf, lengths, 16, 1, our, fast).tolist() == [code]
 
 
 def test_every_truncated_prefix_is_a_code_not_an_exception():

@@ -53,9 +53,8 @@ class PeerTable:
         self.public_ips: list[str] = [p.public_ip for p in self.peers]
         self.sources: frozenset[str] = frozenset(self.public_ips)
         # Known outer sources as sorted uint32, for a vectorised np.isin over a receive batch.
-        self.source_v4 = np.array(
-            sorted({int(ipaddress.IPv4Address(ip)) for ip in self.sources if ":" not in ip}), dtype=np.uint32
-        )
+        self.source_set = frozenset(int(ipaddress.IPv4Address(ip)) for ip in self.sources if ":" not in ip)
+        self.source_v4 = np.array(sorted(self.source_set), dtype=np.uint32)
         by_len: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, peer in enumerate(self.peers):
             net = ipaddress.ip_network(peer.subnet, strict=False)
