@@ -38,11 +38,14 @@ class EtcdServer:
     client_port: int = field(default_factory=_free_port)
     peer_port: int = field(default_factory=_free_port)
     extra_args: list[str] = field(default_factory=list)
+    tls: tuple[str, str] | None = (
+        None  # (cert, key): serve https and require client certificates signed by cert
+    )
     proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -61,6 +64,7 @@ class EtcdServer:
                 "--log-level=error",
                 "--logger=zap",
                 *self.extra_args,
+                *(self._tls_args() if self.tls else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -70,15 +74,25 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.data_dir}/etcd.log")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/version", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass  # not listening yet
+            if self._ready():
+                return
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"etcd did not become healthy within {START_TIMEOUT}s")
+
+    def _tls_args(self) -> list[str]:
+        cert, key = self.tls or ("", "")
+        return [f"--cert-file={cert}", f"--key-file={key}", f"--trusted-ca-file={cert}", "--client-cert-auth"]
+
+    def _ready(self) -> bool:
+        if self.tls:  # a client certificate is needed for any request: a TCP connect will do
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.client_port)) == 0
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/version", timeout=1) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False  # not listening yet
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: the data dir stays for a restart."""

@@ -443,3 +443,24 @@ def test_username_password_and_token_expiry() -> None:
         finally:
             for s in (anonymous, store, wrong):
                 s.close()
+
+
+def test_tls_with_client_certificates(tmp_path) -> None:
+    """--etcd-cafile/--etcd-certfile/--etcd-keyfile: https with a client certificate, refused without one."""
+    from kube_wire import write_self_signed_cert
+
+    cert, key = write_self_signed_cert(str(tmp_path))
+    with EtcdServer(tls=(cert, key)) as server:
+        assert server.endpoint.startswith("https://")
+        store = EtcdStore([server.endpoint], cafile=cert, certfile=cert, keyfile=key, retry_for=5)
+        no_cert = EtcdStore([server.endpoint], cafile=cert, retry_for=0.5)
+        try:
+            rev = store.list().revision
+            lease = store.create(NET1, None, ATTRS_A, ttl=60)
+            (event,) = store.watch(rev, timeout=3)
+            assert event.revision == lease.revision
+            with pytest.raises(StoreError):
+                no_cert.list()
+        finally:
+            store.close()
+            no_cert.close()

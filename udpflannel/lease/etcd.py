@@ -108,6 +108,9 @@ class EtcdStore:
                     api_path=API_PATH,
                 )
             )
+        # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's CA file (psf/requests#3829):
+        # --etcd-cafile is passed with every request instead.
+        self._verify: dict[str, Any] = {"verify": cafile} if cafile else {}
         self._current = 0
         self._prefix = prefix.rstrip("/")
         self._subnets = f"{self._prefix}/subnets/"
@@ -124,7 +127,9 @@ class EtcdStore:
         """etcd's gateway wants the token of /v3/auth/authenticate in the Authorization header."""
         client.session.headers.pop("Authorization", None)
         resp = client.post(
-            client.get_url("auth/authenticate"), json={"name": self._username, "password": self._password}
+            client.get_url("auth/authenticate"),
+            json={"name": self._username, "password": self._password},
+            **self._verify,
         )
         client.session.headers["Authorization"] = resp["token"]
 
@@ -139,7 +144,7 @@ class EtcdStore:
             try:
                 if self._username and "Authorization" not in client.session.headers:
                     self._authenticate(client)
-                return client.post(client.get_url(path), json=payload)
+                return client.post(client.get_url(path), json=payload, **self._verify)
             except (
                 exc_mod.ConnectionFailedError,
                 exc_mod.ConnectionTimeoutError,
@@ -403,6 +408,7 @@ class EtcdStore:
                 json=request,
                 stream=True,
                 timeout=(min(remaining, self._request_timeout), remaining),
+                **self._verify,
             )
         except (requests.RequestException, self._etcd3gw.exceptions.Etcd3Exception) as exc:
             log.info("etcd watch: %s unreachable (%s); retrying", self._endpoints[self._current], exc)
