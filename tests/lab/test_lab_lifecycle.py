@@ -78,12 +78,13 @@ def test_up_builds_nodes_pods_and_down_from_state_removes_all(tmp_path: Path) ->
     state = labrun.state
     try:
         assert find_labs(tmp_path) == [state.path]
-        assert sorted(leftover_namespaces(state.prefix)) == sorted(state.namespaces)
+        assert sorted(leftover_namespaces(state.prefix)) == sorted(state.namespaces), state.prefix
         assert len(state.namespaces) == 3 + 1 + 6  # nodes, the underlay bridge, two pods per node
         assert [n.subnet for n in state.nodes.values()] == ["198.19.1.0/24", "198.19.2.0/24", "198.19.3.0/24"]
         node1, node3 = state.nodes["node1"], state.nodes["node3"]
         # Underlay: one L2 segment, in wire mode (tx checksum offload off).
-        assert ns_exec(node1.ns, "ping", "-c", "1", "-W", "2", "198.18.0.3").returncode == 0
+        underlay = ns_exec(node1.ns, "ping", "-c", "1", "-W", "2", "198.18.0.3")
+        assert underlay.returncode == 0, underlay.stdout + underlay.stderr
         features = ns_exec(node1.ns, "ethtool", "-k", "eth1").stdout
         assert "tx-checksumming: off" in features
         # Pods: cni0 gateway, the pod's default route, FLANNEL_MTU, reachability inside the node.
@@ -92,10 +93,12 @@ def test_up_builds_nodes_pods_and_down_from_state_removes_all(tmp_path: Path) ->
         assert "default via 198.19.1.1 dev eth0" in ns_exec(pod0.ns, "ip", "route").stdout
         assert "mtu 1450" in ns_exec(pod0.ns, "ip", "link", "show", "eth0").stdout
         assert "198.19.1.1/24" in ns_exec(node1.ns, "ip", "addr", "show", "cni0").stdout
-        assert ns_exec(pod0.ns, "ping", "-c", "1", "-W", "2", pod1.ip).returncode == 0
+        local = ns_exec(pod0.ns, "ping", "-c", "1", "-W", "2", pod1.ip)
+        assert local.returncode == 0, local.stdout + local.stderr
         # No dataplane here, so the other node's pod is unreachable: the lab itself does not leak routes.
         assert ns_exec(pod0.ns, "ping", "-c", "1", "-W", "1", node3.pods[0].ip).returncode != 0
-        assert len(processes_mentioning(state.dir)) == 3
+        agents = processes_mentioning(state.dir)
+        assert len(agents) == 3, [Path(f"/proc/{p}/cmdline").read_bytes() for p in agents]
     finally:
         # `down` as another process would do it: from the state directory alone.
         removed = down(state.path)
