@@ -325,7 +325,7 @@ def agent_stack(pid: int, lines: int = 12) -> list[str]:
         return []
     try:
         proc = subprocess.run(
-            [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=10
+            [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=3
         )
     except subprocess.TimeoutExpired:
         return ["(py-spy dump timed out)"]
