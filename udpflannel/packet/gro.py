@@ -47,10 +47,11 @@ def coalesce(
     n = batch.n
     if n == 0:
         return []
-    if codes is None and vnet and gro:
+    verified = codes is not None and not codes.any()
+    if (codes is None or verified) and vnet and gro:
         buf = readable(batch)
         if (buf[:, batch.offset] == 0x45).all():
-            train = _v4_train(batch, buf)
+            train = _v4_train(batch, buf, verified=verified)
             if train is not None:
                 assert train.join is not None
                 return _emit(batch, buf, _groups(train.join, train.ok, train.plen, train.hlen), train)
@@ -89,10 +90,10 @@ _V4_TRAIN_MASK[[0, 3, 4, 6, 7, 8, 9, 10, 11, 14, 15]] = 0xFFFF
 _V4_TRAIN_MASK[16] = 0xF000
 
 
-def _v4_train(batch: PacketBatch, buf: np.ndarray) -> _TcpRows | None:
+def _v4_train(batch: PacketBatch, buf: np.ndarray, *, verified: bool = False) -> _TcpRows | None:
     """The common case in one pass: every row a sound, unfragmented, unpadded IPv4 TCP segment of one
-    flow, with every checksum right. Returns None otherwise, and the general path (which judges each row)
-    takes over; the result is the same either way."""
+    flow, with every checksum right (`verified`: validate_ip(l4_checksum=True) already said so). Returns
+    None otherwise, and the general path (which judges each row) takes over; the result is the same."""
     n, off = batch.n, batch.offset
     a = buf[:, off : off + 40].view(">u2").astype(np.int64)  # IPv4 + fixed TCP header as 16-bit words
     hl = h.IPV4_MIN_HLEN + (int(a[0, 16]) >> 12) * 4
@@ -105,7 +106,7 @@ def _v4_train(batch: PacketBatch, buf: np.ndarray) -> _TcpRows | None:
     # Every row carries row 0's flow key; lengths agree with the buffer; there is payload.
     if ((a ^ a[0]) & _V4_TRAIN_MASK).any() or not (ip_len == batch.lengths).all() or int(plen.min()) <= 0:
         return None
-    if (a[:, :10].sum(axis=1) % M).any():  # RFC 791: a sound header sums to 0 mod 0xFFFF
+    if not verified and (a[:, :10].sum(axis=1) % M).any():  # RFC 791: a sound header sums to 0 mod 0xFFFF
         return None
     if hl > h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
         opts = buf[:, off + 40 : off + hl]
@@ -114,7 +115,7 @@ def _v4_train(batch: PacketBatch, buf: np.ndarray) -> _TcpRows | None:
     # TCP checksums: the whole packet's sum (the IPv4 header adds 0 mod 0xFFFF) plus the pseudo-header,
     # whose addresses every row shares.
     pseudo = int(a[0, 6:10].sum()) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
-    if ((sum_rows_raw(buf[:, off:], ip_len) + ip_len + pseudo) % M).any():
+    if not verified and ((sum_rows_raw(buf[:, off:], ip_len) + ip_len + pseudo) % M).any():
         return None
     flags = a[:, 16] & 0xFF
     seq = (a[:, 12] << 16) | a[:, 13]
@@ -189,10 +190,13 @@ def _groups(
     """(first, last) row of every output packet, in row order. A run is cut after a short segment and
     where the packet would pass 64 KiB. One Python step per output packet, not per row."""
     n = len(join)
-    starts = np.flatnonzero(~join)
-    ends = np.append(starts[1:], n) - 1
+    if join[1:].all():  # one run (a train from one flow): no need to look for its ends
+        runs = [(0, n - 1)]
+    else:
+        starts = np.flatnonzero(~join)
+        runs = list(zip(starts.tolist(), (np.append(starts[1:], n) - 1).tolist(), strict=True))
     out: list[tuple[int, int]] = []
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+    for a, b in runs:
         if keep is not None and not keep[a]:
             continue
         cur = a

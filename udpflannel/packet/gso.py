@@ -8,11 +8,13 @@ Input is never trusted: anything inconsistent gives an empty batch whose `drop` 
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import TAILROOM, PacketBatch, round_up
-from udpflannel.packet.checksum import M, bytes_sum, finish, finish_udp, inet_sum
+from udpflannel.packet.checksum import M, finish, finish_udp, inet_sum
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import (
@@ -134,6 +136,8 @@ def _segment(
     sum is a shared constant (computed once, in plain Python, from the template header) plus the row's own
     fields, with scalar fix-ups for those two rows. Checksum arithmetic is mod 0xFFFF (checksum.py)."""
     raw = pkt[:hlen].tobytes()
+    hw = struct.unpack(f"!{hlen // 2}H", raw)  # the template header as 16-bit words, for shared sums
+    t0 = l3 // 2  # first L4 word
     full = k - 1
     last = len(pkt) - hlen - full * mss
     wide = mss + (-mss % 4)  # payload columns summed as whole 32-bit words
@@ -158,16 +162,16 @@ def _segment(
         ip["id"] = (id0 + ar) & 0xFFFF
         # The header minus total length, id and checksum is shared; id wraps at 16 bits, and 0x10000 is
         # 1 mod 0xFFFF, so the wrapped id sums like the unwrapped one minus 1.
-        shared = bytes_sum(raw[:l3]) - bytes_sum(raw[h.IPV4_TOTAL_LEN : h.IPV4_ID + 2])
-        shared -= bytes_sum(raw[h.IPV4_CSUM : h.IPV4_CSUM + 2])
-        s = ar + (shared + hlen + mss + id0 - 1)  # minus 1: finish_positive's offset, folded in
-        s[id0 + ar > 0xFFFF] -= 1
+        shared = sum(hw[:t0]) - hw[h.IPV4_TOTAL_LEN // 2] - hw[h.IPV4_ID // 2] - hw[h.IPV4_CSUM // 2]
+        s = ar + (shared + hlen + mss + id0 - 1)  # minus 1: the offset of checksum.finish_positive
+        if 0x10000 - id0 < k:
+            s[0x10000 - id0 :] -= 1
         s[-1] += short
         ip["csum"] = M - 1 - s % M
-        pseudo = bytes_sum(raw[h.IPV4_SRC : h.IPV4_DST + 4]) + proto
+        pseudo = sum(hw[h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2]) + proto
     else:
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
-        pseudo = bytes_sum(raw[h.IPV6_SRC : h.IPV6_DST + 16]) + proto
+        pseudo = sum(hw[h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2]) + proto
 
     # Payload sums of all rows in one pass (little-endian words, times 256 for network order).
     pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
@@ -187,8 +191,8 @@ def _segment(
         flags[-1] = final
         # the TCP header minus its per-row words (seq, flags, checksum); a 32-bit seq sums like its two
         # 16-bit halves because 0x10000 is 1 mod 0xFFFF
-        base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.TCP_SEQ : l3 + h.TCP_SEQ + 4])
-        base -= raw[l3 + h.TCP_FLAGS] + bytes_sum(raw[l3 + h.TCP_CSUM : l3 + h.TCP_CSUM + 2])
+        base = sum(hw[t0:]) - hw[t0 + h.TCP_SEQ // 2] - hw[t0 + h.TCP_SEQ // 2 + 1]
+        base -= f0 + hw[t0 + h.TCP_CSUM // 2]
         s = seq + pay + (pseudo + base + l4len + mid - 1)
         if k > 1:
             s[0] += first - mid
@@ -197,7 +201,7 @@ def _segment(
     else:
         u = rows_view(buf, off + l3, h.UDP_HDR)
         u["len"] = lengths - l3
-        base = bytes_sum(raw[l3:hlen]) - bytes_sum(raw[l3 + h.UDP_LEN : l3 + h.UDP_CSUM + 2])
+        base = sum(hw[t0:]) - hw[t0 + h.UDP_LEN // 2] - hw[t0 + h.UDP_CSUM // 2]
         # the UDP length appears twice: in the pseudo-header and in the header itself
         s = pay + (pseudo + base + 2 * l4len)
         s[-1] += 2 * short
