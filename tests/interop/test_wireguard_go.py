@@ -171,6 +171,23 @@ def test_udpflannel_to_udpflannel() -> None:
             assert st["handshakes"] == 1 and st.get("drop_decrypt_failed", 0) == 0
 
 
+def test_persistent_keepalive_handshakes_and_keeps_sending() -> None:
+    with WgLab() as lab:
+        ours, wggo = lab.node(1, "ours"), lab.node(2, "wggo")
+        lab.connect(wggo, ours)
+        # Setting the interval starts a handshake and then sends a keepalive every second, with no traffic.
+        lab.connect(ours, wggo, keepalive=1)
+        deadline = time.monotonic() + 10
+        while wggo.handshake_time() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wggo.handshake_time() > 0
+        first = wggo.stats()["peers"][0]["rx_bytes"]
+        time.sleep(3.5)
+        later = wggo.stats()["peers"][0]["rx_bytes"]
+        assert later - first >= 2 * 32, (first, later)  # keepalives are 32-byte transport messages
+        assert ours.stats()["peers"][0]["persistent_keepalive"] == 1
+
+
 @pytest.mark.parametrize("kinds", [("ours", "wggo"), ("wggo", "ours")])
 def test_ipv6_underlay_and_inner_ipv6(kinds: tuple[str, str]) -> None:
     with WgLab(v6_underlay=True) as lab:
