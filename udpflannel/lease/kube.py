@@ -267,8 +267,8 @@ class KubeStore:
             ours = self._get_node(self.node_name)
             if self._subnets_of(ours) == with_key:
                 return ours
-        except NotFound:
-            pass
+        except (NotFound, ValueError):
+            pass  # our node is gone or has a malformed podCIDR: look at the others
         for node in self._api.call("list nodes", "GET", NODES).get("items") or []:
             try:
                 if self._subnets_of(node) == with_key:
