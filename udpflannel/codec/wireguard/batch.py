@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from udpflannel.codec.wireguard import messages as m
 from udpflannel.codec.wireguard.events import Drop, DropReason, Endpoint, Event, Queued
-from udpflannel.codec.wireguard.session import Device, Keypair, inner_packet_length
+from udpflannel.codec.wireguard.keypairs import Keypair
+from udpflannel.codec.wireguard.session import Device, inner_packet_length
 from udpflannel.codec.wireguard.timers import TimerKind
 
 _NONCE_PREFIX = b"\x00\x00\x00\x00"

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from udpflannel.codec.wireguard import crypto, noise
 from udpflannel.codec.wireguard import messages as m
@@ -32,7 +31,7 @@ from udpflannel.codec.wireguard.events import (
     Queued,
     Reply,
 )
-from udpflannel.codec.wireguard.replay import Filter
+from udpflannel.codec.wireguard.keypairs import IndexTable, Keypair
 from udpflannel.codec.wireguard.timers import PeerTimers, TimerKind, Timing
 
 Rand = Callable[[int], bytes]
@@ -41,18 +40,6 @@ _U64 = struct.Struct("<Q")
 # Handshake messages seen within one second above which we ask for cookies (wireguard-go: a handshake queue
 # 1/8 full); the state lasts UNDER_LOAD_AFTER_TIME.
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
-
-
-@dataclass(slots=True)
-class Keypair:
-    send: ChaCha20Poly1305
-    recv: ChaCha20Poly1305
-    created: float
-    is_initiator: bool
-    local_index: int
-    remote_index: int
-    send_nonce: int = 0
-    replay: Filter = field(default_factory=Filter)
 
 
 @dataclass(slots=True)
@@ -82,12 +69,6 @@ class Peer:
         """Inner source addresses this peer may send from (empty: not checked here)."""
         self.allowed_ips = [ipaddress.ip_network(c) for c in cidrs]
         self.allowed_ranges = [(n.version, int(n.network_address), int(n.netmask)) for n in self.allowed_ips]
-
-
-@dataclass(slots=True)
-class _IndexEntry:
-    peer: Peer
-    keypair: Keypair | None  # None: the index names the peer's in-progress handshake
 
 
 def inner_packet_length(payload: bytes | memoryview) -> int | None:
@@ -128,7 +109,7 @@ class Device:
         self.checker = CookieChecker.for_public_key(self.identity.public, rand)
         self.rate_limiter = RateLimiter()
         self.peers: dict[bytes, Peer] = {}
-        self.index_table: dict[int, _IndexEntry] = {}
+        self.index_table = IndexTable(rand)
         self.drops: collections.Counter[DropReason] = collections.Counter()
         self.force_under_load = False
         self._under_load_until = float("-inf")
@@ -226,7 +207,7 @@ class Device:
         peer.timers.on_any_authenticated_packet_traversal(now)
         peer.timers.on_any_authenticated_packet_received(now)
         hs = peer.handshake
-        index = self._new_handshake_index(peer)
+        index = self.index_table.new_handshake_index(peer)
         response = noise.create_response(hs, index, crypto.generate_private_key(self.rand(32)))
         response = peer.cookie.add_macs(response, now)
         hs.last_sent_handshake = now
@@ -299,11 +280,8 @@ class Device:
         peer.endpoint = src
         peer.stats.rx_bytes += size
         events: list[Event] = []
-        if kp is peer.next:
-            # First data under the responder's new keypair confirms the handshake (wireguard-go
-            # ReceivedWithKeypair): rotate next -> current and release what was staged.
-            self._drop_keypair(peer.previous)
-            peer.previous, peer.current, peer.next = peer.current, kp, None
+        if self.index_table.confirm_next(peer, kp):
+            # First data under the responder's new keypair confirms the handshake: release what was staged.
             peer.timers.on_handshake_complete(now)
             peer.stats.last_handshake = now
             events.append(HandshakeCompleted(peer.public_key, initiator=False))
@@ -425,7 +403,7 @@ class Device:
         if now - hs.last_sent_handshake < self.timing.rekey_timeout or peer.endpoint is None:
             return []
         hs.last_sent_handshake = now
-        index = self._new_handshake_index(peer)
+        index = self.index_table.new_handshake_index(peer)
         unix = now + self.wall_offset
         msg = noise.create_initiation(
             self.identity, hs, index, unix, crypto.generate_private_key(self.rand(32))
@@ -480,64 +458,14 @@ class Device:
             self._zero_key_material(peer)
         return []
 
-    # -- indices and keypairs -----------------------------------------------------------------------------
-
-    def _new_index(self) -> int:
-        for _ in range(64):
-            index = int.from_bytes(self.rand(4), "little")
-            if index not in self.index_table:
-                return index
-        raise RuntimeError("could not find a free session index in 64 tries: the random source is broken")
-
-    def _new_handshake_index(self, peer: Peer) -> int:
-        old = self.index_table.get(peer.handshake.local_index)
-        if old is not None and old.keypair is None and old.peer is peer:
-            del self.index_table[peer.handshake.local_index]
-        index = self._new_index()
-        self.index_table[index] = _IndexEntry(peer, None)
-        return index
+    # -- keypairs ----------------------------------------------------------------------------------------
 
     def _begin_session(self, peer: Peer, keys: noise.SessionKeys, now: float) -> None:
-        kp = Keypair(
-            send=ChaCha20Poly1305(keys.send_key),
-            recv=ChaCha20Poly1305(keys.recv_key),
-            created=now,
-            is_initiator=keys.is_initiator,
-            local_index=keys.local_index,
-            remote_index=keys.remote_index,
-        )
-        self.index_table[keys.local_index] = _IndexEntry(peer, kp)
-        # Rotation as wireguard-go BeginSymmetricSession: the initiator uses the new keypair at once, the
-        # responder keeps it as `next` until the initiator's first packet under it arrives.
-        if kp.is_initiator:
-            old_previous = peer.previous
-            if peer.next is not None:
-                self._drop_keypair(peer.current)
-                peer.previous, peer.next = peer.next, None
-            else:
-                peer.previous = peer.current
-            self._drop_keypair(old_previous)
-            peer.current = kp
-        else:
-            self._drop_keypair(peer.next)
-            self._drop_keypair(peer.previous)
-            peer.next, peer.previous = kp, None
+        self.index_table.install(peer, keys, now)
         peer.timers.on_session_derived(now)
 
-    def _drop_keypair(self, kp: Keypair | None) -> None:
-        if kp is not None:
-            entry = self.index_table.get(kp.local_index)
-            if entry is not None and entry.keypair is kp:
-                del self.index_table[kp.local_index]
-
     def _zero_key_material(self, peer: Peer) -> None:
-        for kp in (peer.previous, peer.current, peer.next):
-            self._drop_keypair(kp)
-        peer.previous = peer.current = peer.next = None
-        entry = self.index_table.get(peer.handshake.local_index)
-        if entry is not None and entry.peer is peer and entry.keypair is None:
-            del self.index_table[peer.handshake.local_index]
-        peer.handshake.clear()
+        self.index_table.forget(peer)
         if peer.staged:
             self.drops[DropReason.NO_SESSION] += len(peer.staged)
             peer.staged.clear()
