@@ -111,3 +111,45 @@ def test_count_drops_and_labels() -> None:
     counts = count_drops(np.array([2], np.uint8), counts)
     assert counts[R.TRUNCATED] == 1
     assert R.BAD_L4_CHECKSUM.label == "bad_l4_checksum"
+
+
+def _samples() -> list[bytes]:
+    tcp4 = _ok_tcp4()
+    sp = build_udp(v6=True, payload=b"y" * 21, mss=1000)
+    udp6 = reference.split(sp.raw, VnetHdr(1, 0, 0, 0, 40, 6))[0]
+    sp = build_tcp(v6=True, payload=b"z" * 30, mss=1000)
+    tcp6 = reference.split(sp.raw, VnetHdr(1, 0, 0, 0, 40, 16))[0]
+    ip = IP(src="198.19.0.1", dst="198.19.0.2")
+    udp4 = bytes(ip / UDP(sport=1, dport=2) / Raw(b"abcde"))
+    udp4_zero = bytes(ip / UDP(sport=1, dport=2, chksum=0) / Raw(b"abcde"))
+    icmp = bytes(ip / ICMP() / Raw(b"ping"))
+    return [tcp4, udp6, tcp6, udp4, udp4_zero, icmp]
+
+
+@given(
+    picks=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 200), st.integers(0, 255), st.integers(-3, 6)),
+        min_size=1,
+        max_size=12,
+    ),
+    headroom=st.sampled_from([0, 16]),
+    one_flow=st.booleans(),
+)
+@settings(max_examples=400, deadline=None)
+def test_matches_per_packet_twin(
+    picks: list[tuple[int, int, int, int]], headroom: int, one_flow: bool
+) -> None:
+    """Mutated packets (one byte changed, cut short or padded) get the same code and trimmed length from
+    validate_ip as from reference.validate, row by row; one_flow keeps to IPv4 TCP (the fast path)."""
+    base = _samples()
+    rows = []
+    for which, pos, value, resize in picks:
+        p = bytearray(base[0 if one_flow else which])
+        if pos < len(p):
+            p[pos] = value
+        p = p[: len(p) + resize] if resize < 0 else p + bytes(resize)
+        rows.append(bytes(p))
+    batch = PacketBatch.from_packets(rows, headroom=headroom)
+    codes = validate_ip(batch, l4_checksum=True)
+    want = [reference.validate(r) for r in rows]
+    assert [(int(c), int(ln)) for c, ln in zip(codes, batch.lengths, strict=True)] == want

@@ -160,10 +160,12 @@ def l4_checksum_ok(batch: PacketBatch, f: IpFields, ok: np.ndarray | None = None
         add6 = 4 * M - w[:, 0] - w[:, 1] - w[:, h.IPV6_NEXT_HDR // _W] + proto
         s += np.where(f.version == 4, add4, add6)
     good = s % M == 0
-    # IPv4 UDP checksum 0 means "not computed" (RFC 768); IPv6 forbids it (RFC 8200 section 8.1).
-    udp4 = l4 & (f.version == 4) & (f.proto == h.IPPROTO_UDP)
-    if udp4.any():
+    # UDP checksum 0 means "not computed" in IPv4 (RFC 768) and is forbidden in IPv6 (RFC 8200 section 8.1).
+    udp = l4 & (f.proto == h.IPPROTO_UDP) & (f.ip_len >= f.l3len + h.UDP_HLEN)
+    if udp.any():
         col = np.minimum(off + f.l3len + h.UDP_CSUM, f.buf.shape[1] - 2)
         rows = np.arange(n)
-        good |= udp4 & (f.buf[rows, col] == 0) & (f.buf[rows, col + 1] == 0)
+        zero = udp & (f.buf[rows, col] == 0) & (f.buf[rows, col + 1] == 0)
+        v4 = f.version == 4
+        good = (good | (zero & v4)) & ~(zero & ~v4)
     return ~l4 | good

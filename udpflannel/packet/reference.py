@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 
 from udpflannel.packet import headers as h
+from udpflannel.packet.drops import DropReason
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -110,3 +111,45 @@ def coalesce_run(segments: list[bytes]) -> bytes:
     gso = len(first) - hlen
     vh = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hlen, gso, l3, h.TCP_CSUM)
     return vh.encode() + bytes(out)
+
+
+def validate(pkt: bytes, l4_checksum: bool = True) -> tuple[int, int]:
+    """What validate_ip says about one packet: (DropReason value, length after trimming link padding)."""
+    n = len(pkt)
+    if n == 0:
+        return DropReason.TRUNCATED, n
+    version = pkt[0] >> 4
+    if version not in (4, 6):
+        return DropReason.BAD_HEADER, n
+    if version == 4:
+        l3 = (pkt[0] & 0xF) * 4
+        if l3 < h.IPV4_MIN_HLEN:
+            return DropReason.BAD_HEADER, n
+        if n < l3:
+            return DropReason.TRUNCATED, n
+        ip_len = struct.unpack_from("!H", pkt, h.IPV4_TOTAL_LEN)[0]
+        proto = pkt[h.IPV4_PROTO]
+        fragment = struct.unpack_from("!H", pkt, h.IPV4_FRAG)[0] & h.IPV4_MF_OFFSET_MASK != 0
+    else:
+        if n < h.IPV6_HLEN:
+            return DropReason.TRUNCATED, n
+        l3 = h.IPV6_HLEN
+        ip_len = struct.unpack_from("!H", pkt, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
+        proto = pkt[h.IPV6_NEXT_HDR]
+        fragment = False
+    if ip_len > n:
+        return DropReason.TRUNCATED, n
+    if version == 4 and ip_len < l3:
+        return DropReason.BAD_HEADER, n
+    if version == 4 and checksum(pkt[:l3]) != 0:
+        return DropReason.BAD_IP_CHECKSUM, n
+    if l4_checksum and proto in (h.IPPROTO_TCP, h.IPPROTO_UDP) and not fragment and ip_len > l3:
+        l4 = pkt[l3:ip_len]
+        col = h.TCP_CSUM if proto == h.IPPROTO_TCP else h.UDP_CSUM
+        field = l4[col : col + 2] if len(l4) >= col + 2 else None
+        if proto == h.IPPROTO_UDP and field == b"\0\0":
+            if version == 6:  # RFC 8200 section 8.1: a zero UDP checksum is not allowed
+                return DropReason.BAD_L4_CHECKSUM, ip_len
+        elif checksum(l4, pseudo_header(pkt, proto, len(l4))) not in (0, 0xFFFF):
+            return DropReason.BAD_L4_CHECKSUM, ip_len
+    return DropReason.NONE, ip_len
