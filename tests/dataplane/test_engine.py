@@ -244,3 +244,26 @@ def test_tcp_superpacket_is_split_encapsulated_and_sent_in_one_call():
         assert bytes(scapy.IP(bytes(clean))) == f.inner  # every checksum is right
         data += bytes(pkt[scapy.TCP].payload)
     assert data == payload and len(segs) == -(-len(payload) // mss)
+
+
+def test_flow_cache_follows_peer_changes():
+    inner = (
+        scapy.IP(src="198.19.1.0", dst="198.19.2.9") / scapy.TCP(sport=4, dport=5, flags="A") / bytes(4000)
+    )
+    h = Harness("vxlan")
+    headers = np.zeros(1, VNET_HDR_DTYPE)
+    headers[0] = (1, 1, 40, 1370, 20, 16)
+
+    def send() -> None:
+        batch = PacketBatch.from_packets([bytes(inner)], headroom=HEADROOM)
+        h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
+
+    send()
+    assert len(h.sent) == 3 and h.sent[0][1] == ("198.18.0.2", 8472)
+    h.engine.set_peers([Peer("198.19.2.0/24", "198.18.0.7", PEER_MAC)])
+    send()
+    assert h.sent[-1][1] == ("198.18.0.7", 8472)
+    h.engine.set_peers([])
+    before = len(h.sent)
+    send()
+    assert len(h.sent) == before and h.counters[INDEX["drop_unknown_peer"]] == 3

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_ERRORS_LOGGED = 5
 TX_BATCH = 64  # TUN reads per batch (each may be a 64 KiB superpacket)
+FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 HEADROOM = 64  # >= virtio header (10) and VXLAN + Ethernet (22), cache-line aligned
 
 # codec result code -> DropReason, as lookup arrays indexed by the code
@@ -90,6 +91,7 @@ class Engine:
         self.tx_arena: PacketBatch | None = None
         self._dsts: list[tuple[str, int]] = []
         self._errors_logged = 0
+        self._flows: dict[bytes, tuple[int, int]] = {}
 
     def _count(self, name: str, value: int = 1) -> None:
         self.counters[INDEX[name]] += value
@@ -111,6 +113,7 @@ class Engine:
         """Swap in a new peer table (between batches, so traffic does not stop)."""
         self.table = PeerTable(peers)
         self._dsts = [(ip, self.cfg.port) for ip in self.table.public_ips]
+        self._flows.clear()  # cached peer choices may be stale now
         self._count("peer_updates")
 
     # --- TX -----------------------------------------------------------------------------------------------
@@ -121,7 +124,10 @@ class Engine:
             from udpflannel.io.tun import new_read_arena
 
             self.tx_arena = new_read_arena(TX_BATCH, HEADROOM)
-        read = self.tun.read_batch(TX_BATCH, HEADROOM, self.tx_arena)
+        try:
+            read = self.tun.read_batch(TX_BATCH, HEADROOM, self.tx_arena)
+        except OSError:  # EIO/EBADFD while the device is being taken down: nothing to read now
+            return 0
         n = read.batch.n
         if n == 0:
             return 0
@@ -175,13 +181,24 @@ class Engine:
         5-tuple, and as few UDP_SEGMENT sends as the limits allow. Anything unusual takes the general path."""
         n = segs.n
         lens = segs.lengths[:n]
-        peer = int(self.table.lookup_packets(segs.buf, segs.offset, 1)[0])
+        off = segs.offset
+        # Flows repeat superpacket after superpacket: cache (peer, socket) by the address+port bytes.
+        key = segs.buf[0, off : off + 44].tobytes()
+        key = key[8:44] if key[0] >> 4 == 6 else key[12:24]
+        hit = self._flows.get(key)
+        if hit is None:
+            peer = int(self.table.lookup_packets(segs.buf, off, 1)[0])
+            hit = (peer, int(flow_hash(segs.buf, off, 1)[0] % len(self.pool)))
+            if len(self._flows) >= FLOW_CACHE_MAX:
+                self._flows.clear()
+            self._flows[key] = hit
+        peer, sock_index = hit
         if peer == NO_PEER or int(lens.max()) > self.cfg.mtu or not self.is_vxlan:
             self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True)
             return
         mac = self.table.macs[peer : peer + 1]
-        vxlan_codec.encode_batch(segs.buf, lens, segs.offset, self.template, np.broadcast_to(mac, (n, 6)))
-        sock = self.pool[int(flow_hash(segs.buf, segs.offset, 1)[0] % len(self.pool))]
+        vxlan_codec.encode_batch(segs.buf, lens, off, self.template, np.broadcast_to(mac, (n, 6)))
+        sock = self.pool[sock_index]
         calls, before = sock.stats.send_calls, sock.stats.sent
         sock.send_segments(segs.views(head=self.head), None, self._dsts[peer])
         sent = sock.stats.sent - before  # datagrams the kernel took

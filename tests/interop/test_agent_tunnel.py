@@ -1,0 +1,85 @@
+"""The vxlan and udp backends through the real agent: two `udpflannel run` processes in two namespaces
+share an embedded lease store, learn each other from it, and carry pings and a checked TCP transfer."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+import pytest
+from tunnel_lab import SINK, SOURCE
+
+from udpflannel.lab.netns import Lab
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+    pytest.skip("needs root and /dev/net/tun", allow_module_level=True)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _env_file(path: pathlib.Path, deadline: float) -> dict[str, str]:
+    while time.monotonic() < deadline:
+        if path.exists():
+            return dict(line.split("=", 1) for line in path.read_text().split())
+        time.sleep(0.1)
+    logs = "\n".join(p.read_text()[-1500:] for p in path.parents[1].glob("*.log"))
+    raise AssertionError(f"{path} never appeared; agent logs:\n{logs}")
+
+
+@pytest.mark.parametrize(("kind", "mtu"), [("vxlan", "1450"), ("udp", "1472")])
+def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-agent-") as tmp, ExitStack() as stack:
+        root = pathlib.Path(tmp)
+        (root / "net-conf.json").write_text(
+            json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": kind}})
+        )
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.veth(a, b, "198.18.0.1/16", "198.18.0.2/16")
+        procs = []
+        logs = [stack.enter_context(open(root / f"{name}.log", "w")) for name in ("a", "b")]
+        for (name, ns), log in zip((("a", a), ("b", b)), logs, strict=True):
+            (root / name).mkdir()
+            cmd = [
+                sys.executable, "-c", "import sys; from udpflannel.cli import main; sys.exit(main())",
+                "run", "--iface", "eth0",
+                f"--sqlite-path={root / 'leases.db'}", f"--net-config-path={root / 'net-conf.json'}",
+                f"--subnet-file={root / name / 'subnet.env'}",
+            ]  # fmt: skip
+            procs.append(ns.popen(*cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=log))
+        deadline = time.monotonic() + 30
+        env_a = _env_file(root / "a" / "subnet.env", deadline)
+        env_b = _env_file(root / "b" / "subnet.env", deadline)
+        assert env_a["FLANNEL_MTU"] == env_b["FLANNEL_MTU"] == mtu
+        ip_a = env_a["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0"
+        ip_b = env_b["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0"
+        assert ip_a != ip_b
+        # The peer arrives through the store's watch: allow it a few seconds.
+        for _ in range(40):
+            if (
+                a.exec("ping", "-c", "1", "-W", "1", ip_b, check=False, timeout=10)
+                and not subprocess.run(
+                    a.cmd("ping", "-c", "1", "-W", "1", ip_b), capture_output=True
+                ).returncode
+            ):
+                break
+            time.sleep(0.25)
+        a.exec("ping", "-c", "3", "-i", "0.2", "-W", "2", ip_b, timeout=20)
+        b.exec("ping", "-c", "3", "-i", "0.2", "-W", "2", ip_a, timeout=20)
+        sink = b.popen(sys.executable, "-c", SINK, ip_b, "7000", "60", stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
+        out = a.exec(sys.executable, "-c", SOURCE, ip_b, "7000", str(20_000_000), "60", timeout=90)
+        sent, digest, _, got_n, got_digest = out.split()
+        assert sent == got_n and digest == got_digest
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=20) == 0, (root / "a.log").read_text()[-2000:]
+        tun = "flannel.1" if kind == "vxlan" else "flannel0"
+        assert tun not in a.exec("ip", "link") and "198.19." not in a.exec("ip", "route")
