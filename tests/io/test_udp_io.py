@@ -175,3 +175,44 @@ def test_sockaddr_roundtrip(family: int, addr: str) -> None:
     raw = encode_sockaddr(family, addr, 8472)
     assert len(raw) == 28
     assert decode_sockaddr(raw) == (addr, 8472)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("offload", [True, False], ids=["gso-gro", "fallback"])
+def test_ipv6_gso_gro(pair: tuple[Lab, str, str], offload: bool) -> None:
+    lab, a, b = pair
+    lab.namespaces["a"].exec("ip", "addr", "add", "fd00:198::1/64", "dev", "eth0", "nodad")
+    lab.namespaces["b"].exec("ip", "addr", "add", "fd00:198::2/64", "dev", "eth0", "nodad")
+    tx = call_in_netns(a, lambda: UdpSocket.open(socket.AF_INET6, "fd00:198::1", 0, gso=offload, gro=offload))
+    rx = call_in_netns(
+        b, lambda: UdpSocket.open(socket.AF_INET6, "fd00:198::2", PORT, gso=offload, gro=offload)
+    )
+    try:
+        sent = _payloads(100, 1200, 77)
+        assert tx.send_segments(sent, 1200, ("fd00:198::2", PORT)) == len(sent)
+        got, sources = _receive_all(rx, len(sent))
+        assert got == sent
+        assert {s for s, _ in sources} == {"fd00:198::1"}
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.root
+def test_send_errors_are_counted_not_raised(pair: tuple[Lab, str, str]) -> None:
+    """A datagram larger than UDP allows, and a destination with no route, are refused by the kernel:
+    both are counted, nothing raises, and the next send still works."""
+    _, a, b = pair
+    tx = _open(a, "198.18.0.1", 0)
+    rx = _open(b, "198.18.0.2", PORT, gro=False)
+    try:
+        assert tx.sendmmsg([(bytes(70000), ("198.18.0.2", PORT))]) == 0
+        assert tx.send_segments([b"x" * 10], 10, ("198.18.9.9", PORT)) == 0  # no route in the namespace
+        assert tx.stats.send_errors == 2
+        assert tx.send_segments([b"ok"], 2, ("198.18.0.2", PORT)) == 1
+        got, _ = _receive_all(rx, 1)
+        assert got == [b"ok"]
+        assert rx.recv_batch().batch.n == 0  # nothing more waits: an empty batch, no exception
+    finally:
+        tx.close()
+        rx.close()

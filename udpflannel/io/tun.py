@@ -27,6 +27,8 @@ MAX_READ = 65535 + VNET_HDR_LEN
 @dataclass
 class TunStats:
     reads: int = 0
+    read_errors: int = 0
+    last_read_errno: int = 0
     writes: int = 0
     write_errors: int = 0
     last_write_errno: int = 0
@@ -138,6 +140,10 @@ class Tun:
             n = os.readv(self.fd, [buf])
         except BlockingIOError:
             return 0
+        except OSError as exc:
+            self.stats.read_errors += 1
+            self.stats.last_read_errno = exc.errno or 0
+            return 0
         self.stats.reads += 1
         return n
 
@@ -155,10 +161,16 @@ class Tun:
         lengths = arena.lengths
         hdr = VNET_HDR_LEN if self.vnet else 0
         n = 0
-        while n < count:
+        for _ in range(2 * count):  # bounded even if the kernel returned nonsense every time
+            if n == count:
+                break
             try:
                 got = os.readv(self.fd, [flat[n * stride + start : (n + 1) * stride]])
             except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. the device went away: report it, keep what we have
+                self.stats.read_errors += 1
+                self.stats.last_read_errno = exc.errno or 0
                 break
             if got <= hdr:
                 continue  # nothing a packet could be; the kernel never does this

@@ -41,6 +41,8 @@ class UdpStats:
     received: int = 0
     recv_calls: int = 0
     truncated: int = 0  # datagrams bigger than a receive slot (MSG_TRUNC), dropped
+    recv_errors: int = 0
+    last_recv_errno: int = 0
 
 
 @dataclass
@@ -158,32 +160,34 @@ class UdpSocket:
         for a, b in _gso_calls(lengths, seg, self.max_segments, self.max_payload):
             chunk = views[a:b]
             if b - a == 1:
-                n = self._sendmsg(chunk, (), dest)
-            else:
-                n = self._sendmsg(chunk, [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))], dest, gso=True)
-                if n == -1:  # GSO refused for good: this chunk and the rest go one datagram at a time
-                    return sent + self.sendmmsg_to(views[a:], dest)
-                n = (b - a) if n > 0 else 0
-            sent += max(n, 0)
+                sent += self._sendmsg(chunk, (), dest, datagrams=1)
+                continue
+            n = self._sendmsg(
+                chunk, [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))], dest, datagrams=b - a
+            )
+            if n < 0:  # GSO refused for good: this chunk and the rest go one datagram at a time
+                return sent + self.sendmmsg_to(views[a:], dest)
+            sent += n
         return sent
 
     def _sendmsg(
-        self, bufs: Sequence[Buffer], anc: Sequence, dest: tuple[str, int], gso: bool = False
+        self, bufs: Sequence[Buffer], anc: Sequence, dest: tuple[str, int], *, datagrams: int
     ) -> int:
-        """One sendmsg; returns bytes sent, 0 when refused (counted), -1 when GSO must be abandoned."""
+        """One sendmsg carrying `datagrams` datagrams (several with UDP_SEGMENT). Returns how many went out:
+        all or none (a refusal is counted); -1 when a GSO send failed in a way that means GSO cannot work."""
         self.stats.send_calls += 1
         try:
-            n = self.sock.sendmsg(bufs, anc, 0, dest)
+            self.sock.sendmsg(bufs, anc, 0, dest)
         except OSError as exc:
-            if gso and exc.errno in _GSO_GIVE_UP:
+            if anc and exc.errno in _GSO_GIVE_UP:
                 self.gso = False
                 self.stats.gso_fallbacks += 1
                 return -1
-            self.stats.send_errors += len(bufs) if gso else 1
+            self.stats.send_errors += datagrams
             self.stats.last_send_errno = exc.errno or 0
             return 0
-        self.stats.sent += len(bufs) if gso else 1
-        return n
+        self.stats.sent += datagrams
+        return datagrams
 
     def sendmmsg(self, items: Sequence[tuple[Buffer, tuple[str, int]]]) -> int:
         """Send each (payload, dest) as one datagram with as few sendmmsg calls as possible."""
@@ -247,7 +251,9 @@ class UdpSocket:
         arena = self._arena
         try:
             m = arena.recv(self.sock.fileno(), max_messages)
-        except OSError:
+        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: report, never raise
+            self.stats.recv_errors += 1
+            self.stats.last_recv_errno = exc.errno or 0
             m = 0
         self.stats.recv_calls += 1
         return self._split_trains(arena, m)
