@@ -21,6 +21,7 @@ import select
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,8 @@ class WgWorkerProcess:
     proc: subprocess.Popen | None = None
     seq: int = 0
     info: dict = field(default_factory=dict)
+    # /metrics (health server thread) and lease events (agent thread) share the pipe: one request at a time.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "udpflannel.dataplane.wg_worker", "--tun", self.tun]
@@ -134,12 +137,16 @@ class WgWorkerProcess:
         )
 
     def request(self, obj: dict, key: str) -> dict:
-        self.seq += 1
-        self._write({**obj, "seq": self.seq})
-        return self._read(key, REPLY_TIMEOUT)
+        with self.lock:
+            if self.proc is None:
+                raise WireguardError(f"wireguard worker for {self.tun} is not running")
+            self.seq += 1
+            self._write({**obj, "seq": self.seq})
+            return self._read(key, REPLY_TIMEOUT)
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
+        with self.lock:
+            proc, self.proc = self.proc, None
         if proc is None:
             return
         with contextlib.suppress(OSError, ValueError):
@@ -272,18 +279,22 @@ class WireguardBackend:
     def wg_stats(self) -> dict[str, dict]:
         """Per device: the worker's full stats (interface counters, drops, peers), for format_wg_show."""
         out = {}
-        for version, worker in self.workers.items():
+        for worker in list(self.workers.values()):
             st = worker.request({"op": "stats"}, "stats")["stats"]
             st["device"] = worker.tun
             st["listen_port"] = worker.port
             out[worker.tun] = st
-            del version
         return out
 
     def stats(self) -> dict[str, int]:
         """Counters for /metrics, summed over the devices (peers' details are in wg_stats)."""
         total: dict[str, int] = {}
-        for st in self.wg_stats().values():
+        try:
+            per_device = self.wg_stats()
+        except (WireguardError, OSError, ValueError) as exc:
+            log.warning("wireguard stats unavailable: %s", exc)
+            return {"wireguard_stats_errors": 1}
+        for st in per_device.values():
             for k, v in st.items():
                 if isinstance(v, int) and not isinstance(v, bool) and k != "listen_port":
                     total[k] = total.get(k, 0) + v
