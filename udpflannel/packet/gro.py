@@ -50,8 +50,10 @@ def coalesce(
     verified = codes is not None and not codes.any()
     if (codes is None or verified) and vnet and gro:
         buf = readable(batch)
-        if (buf[:, batch.offset] == 0x45).all():
-            train = _v4_train(batch, buf, verified=verified)
+        first = buf[:, batch.offset]
+        v6 = bool(first[0] >> 4 == 6)
+        if (first == 0x45).all() if not v6 else ((first >> 4) == 6).all():
+            train = _train(batch, buf, v6=v6, verified=verified)
             if train is not None:
                 assert train.join is not None
                 return _emit(batch, buf, _groups(train.join, train.ok, train.plen, train.hlen), train)
@@ -83,42 +85,65 @@ class _TcpRows:
     join: np.ndarray | None = None  # set by the fast path, which decides joins in the same pass
 
 
-# Big-endian 16-bit word columns of a plain IPv4 + TCP header that every segment of one flow shares:
-# version/IHL/TOS, flags/fragment, TTL/protocol, addresses, ports, ACK number, TCP data offset.
+# Big-endian 16-bit word columns of the IP + fixed TCP header that every segment of one flow shares.
+# IPv4: version/IHL/TOS, flags/fragment, TTL/protocol, addresses; IPv6: version/class/flow label, next
+# header/hop limit, addresses; then TCP ports, ACK number and data offset (0xF000 of its word).
 _V4_TRAIN_MASK = np.zeros(20, np.int64)
 _V4_TRAIN_MASK[[0, 3, 4, 6, 7, 8, 9, 10, 11, 14, 15]] = 0xFFFF
 _V4_TRAIN_MASK[16] = 0xF000
+_V6_TRAIN_MASK = np.zeros(30, np.int64)
+_V6_TRAIN_MASK[[0, 1, 3, *range(4, 20), 20, 21, 24, 25]] = 0xFFFF
+_V6_TRAIN_MASK[26] = 0xF000
 
 
-def _v4_train(batch: PacketBatch, buf: np.ndarray, *, verified: bool = False) -> _TcpRows | None:
-    """The common case in one pass: every row a sound, unfragmented, unpadded IPv4 TCP segment of one
-    flow, with every checksum right (`verified`: validate_ip(l4_checksum=True) already said so). Returns
-    None otherwise, and the general path (which judges each row) takes over; the result is the same."""
+def _train(batch: PacketBatch, buf: np.ndarray, *, v6: bool, verified: bool = False) -> _TcpRows | None:
+    """The common case in one pass: every row a sound, unfragmented, unpadded TCP segment of one flow
+    (IPv4 without options, or IPv6 without extension headers), with every checksum right (`verified`:
+    validate_ip(l4_checksum=True) already said so). Returns None otherwise, and the general path (which
+    judges each row) takes over; the result is the same either way."""
     n, off = batch.n, batch.offset
-    a = buf[:, off : off + 40].view(">u2").astype(np.int64)  # IPv4 + fixed TCP header as 16-bit words
-    hl = h.IPV4_MIN_HLEN + (int(a[0, 16]) >> 12) * 4
-    if hl < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN or (int(a[0, 4]) & 0xFF) != h.IPPROTO_TCP:
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
+    tw = l3 // 2  # the first TCP word
+    a = buf[:, off : off + l3 + h.TCP_MIN_HLEN].view(">u2").astype(np.int64)  # the headers as 16-bit words
+    a0 = a[0].tolist()
+    hl = l3 + (a0[tw + 6] >> 12) * 4
+    if hl < l3 + h.TCP_MIN_HLEN:
         return None
-    if int(a[0, 3]) & h.IPV4_MF_OFFSET_MASK:
-        return None
-    ip_len = a[:, 1]
+    if v6:
+        if a0[h.IPV6_NEXT_HDR // 2] >> 8 != h.IPPROTO_TCP:
+            return None
+        ip_len = a[:, h.IPV6_PAYLOAD_LEN // 2] + h.IPV6_HLEN
+        mask = _V6_TRAIN_MASK
+    else:
+        if a0[h.IPV4_PROTO // 2] & 0xFF != h.IPPROTO_TCP or a0[h.IPV4_FRAG // 2] & h.IPV4_MF_OFFSET_MASK:
+            return None
+        ip_len = a[:, h.IPV4_TOTAL_LEN // 2]
+        mask = _V4_TRAIN_MASK
     plen = ip_len - hl
     # Every row carries row 0's flow key; lengths agree with the buffer; there is payload.
-    if ((a ^ a[0]) & _V4_TRAIN_MASK).any() or not (ip_len == batch.lengths).all() or int(plen.min()) <= 0:
+    if ((a ^ a[0]) & mask).any() or not (ip_len == batch.lengths).all() or int(plen.min()) <= 0:
         return None
-    if not verified and (a[:, :10].sum(axis=1) % M).any():  # RFC 791: a sound header sums to 0 mod 0xFFFF
-        return None
-    if hl > h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
-        opts = buf[:, off + 40 : off + hl]
+    if hl > l3 + h.TCP_MIN_HLEN:
+        opts = buf[:, off + l3 + h.TCP_MIN_HLEN : off + hl]
         if not (opts == opts[0]).all():
             return None
-    # TCP checksums: the whole packet's sum (the IPv4 header adds 0 mod 0xFFFF) plus the pseudo-header,
-    # whose addresses every row shares.
-    pseudo = int(a[0, 6:10].sum()) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
-    if not verified and ((sum_rows_raw(buf[:, off:], ip_len) + ip_len + pseudo) % M).any():
-        return None
-    flags = a[:, 16] & 0xFF
-    seq = (a[:, 12] << 16) | a[:, 13]
+    if not verified:
+        if not v6 and (a[:, :10].sum(axis=1) % M).any():  # RFC 791: a sound header sums to 0 mod 0xFFFF
+            return None
+        # TCP checksums: the whole packet's sum plus what turns it into pseudo-header + segment. IPv4:
+        # its header adds 0 (mod 0xFFFF), add addresses, protocol, L4 length. IPv6: the header holds the
+        # addresses and the payload length already; take out version/class/flow and next header/hop
+        # limit, add the next header alone. Everything but the length is the same in every row.
+        if v6:
+            fix = 4 * M - a0[0] - a0[1] - a0[h.IPV6_NEXT_HDR // 2] + h.IPPROTO_TCP
+            s = sum_rows_raw(buf[:, off:], ip_len) + fix
+        else:
+            fix = sum(a0[h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2]) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
+            s = sum_rows_raw(buf[:, off:], ip_len) + ip_len + fix
+        if (s % M).any():
+            return None
+    flags = a[:, tw + 6] & 0xFF
+    seq = (a[:, tw + 2] << 16) | a[:, tw + 3]
     join = np.zeros(n, bool)
     join[1:] = (
         (flags[:-1] == _ACK)
@@ -126,7 +151,7 @@ def _v4_train(batch: PacketBatch, buf: np.ndarray, *, verified: bool = False) ->
         & (((seq[1:] - seq[:-1] - plen[:-1]) & 0xFFFFFFFF) == 0)
         & (plen[1:] <= plen[:-1])
     )
-    return _TcpRows(None, a, hl, plen, flags, seq, h.IPV4_MIN_HLEN, True, join)
+    return _TcpRows(None, a, hl, plen, flags, seq, l3, not v6, join)
 
 
 def _tcp_rows(batch: PacketBatch, f: IpFields, keep: np.ndarray) -> _TcpRows:
