@@ -51,3 +51,10 @@ def test_never_answer_an_icmp_error_or_garbage():
     assert icmp.net_unreachable(err, "198.19.1.0", None) is None
     assert icmp.net_unreachable(b"\x45" + bytes(5), "198.19.1.0", None) is None
     assert icmp.packet_too_big(_v4(), 1450, None, None) is None
+
+
+def test_never_answer_packets_to_multicast():
+    mld = bytes(scapy.IPv6(src="fe80::1", dst="ff02::16") / scapy.ICMPv6EchoRequest())
+    assert icmp.net_unreachable(mld, None, "fd00:198:19:1::") is None
+    v4 = bytes(scapy.IP(src="198.19.1.0", dst="224.0.0.22") / scapy.UDP())
+    assert icmp.net_unreachable(v4, "198.19.1.0", None) is None

@@ -66,6 +66,13 @@ def is_dont_fragment(packet: bytes) -> bool:
     return bool(frag & IPV4_DF)
 
 
+def _is_multicast(packet: bytes) -> bool:
+    """RFC 1122 3.2.2 / RFC 4443 2.4(e): no ICMP errors about packets sent to a multicast address."""
+    if packet[0] >> 4 == 4:
+        return packet[16] >> 4 == 0xE or packet[16:20] == b"\xff\xff\xff\xff"
+    return packet[24] == 0xFF
+
+
 def _is_icmp_error(packet: bytes) -> bool:
     """RFC 1122 3.2.2 / RFC 4443 2.4(e): never answer an ICMP error with another one."""
     if packet[0] >> 4 == 4:
@@ -97,11 +104,11 @@ def _error(
     v6: tuple[int, int],
     mtu: int,
 ) -> bytes | None:
-    if len(packet) < 20:
+    if len(packet) < 20 or (packet[0] >> 4 == 6 and len(packet) < 40) or _is_multicast(packet):
         return None
     version = packet[0] >> 4
     if version == 4 and src_v4 and not _is_icmp_error(packet):
         return _icmpv4(src_v4, packet, v4[0], v4[1], mtu & 0xFFFF)
-    if version == 6 and src_v6 and len(packet) >= 40 and not _is_icmp_error(packet):
+    if version == 6 and src_v6 and not _is_icmp_error(packet):
         return _icmpv6(src_v6, packet, v6[0], v6[1], mtu)
     return None
