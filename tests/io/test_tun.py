@@ -235,3 +235,24 @@ def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
         assert all(reference.validate(s) == (0, len(s)) for s in segs)
     finally:
         tun.close()
+
+
+def test_configure_sets_mtu_queue_and_gso_max_size(lab: Lab) -> None:
+    ns = lab.netns("c")
+
+    def make() -> Tun:
+        tun = Tun.open(f"{lab.prefix}tc", offload=True)
+        tun.configure(
+            mtu=1450, addresses=["198.19.8.1/24", "fd00:198:8::1/64"], txqueuelen=2000, gso_max_size=61000
+        )
+        return tun
+
+    tun = call_in_netns(ns.name, make)
+    try:
+        out = ns.exec("ip", "-d", "link", "show", tun.name)
+        assert ("mtu 1450" in out and "qlen 2000" in out and "state UNKNOWN" in out) or "UP" in out
+        assert "gso_max_size 61000" in out
+        addrs = ns.exec("ip", "addr", "show", tun.name)
+        assert "198.19.8.1/24" in addrs and "fd00:198:8::1/64" in addrs
+    finally:
+        tun.close()
