@@ -184,15 +184,16 @@ class WgEngine:
         if unknown.any():
             self.counters.drops["unknown_peer"] += int(unknown.sum())
         keys = self.row_keys
+        views = batch.views()  # memoryview slices of one flat view: cheaper than a numpy slice per row
         first = int(peer_of[0])
         if first != NO_PEER and (peer_of == first).all():
             # One destination (always so for a split superpacket): no per-packet grouping.
-            self._seal_and_send(keys[first], [batch.packet(i) for i in rows.tolist()], now)
+            self._seal_and_send(keys[first], views if len(rows) == batch.n else [views[i] for i in rows], now)
             return
         groups: dict[bytes, list[memoryview]] = {}
         for i, row in zip(rows.tolist(), peer_of.tolist(), strict=True):
             if row != NO_PEER:
-                groups.setdefault(keys[row], []).append(batch.packet(i))
+                groups.setdefault(keys[row], []).append(views[i])
         for key, segs in groups.items():
             self._seal_and_send(key, segs, now)
 
