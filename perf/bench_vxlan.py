@@ -195,8 +195,11 @@ def iperf_tcp(client: Node, server: Node, seconds: int, bidir: bool = False) -> 
     args = ["iperf3", "-c", server.tun_ip, "-p", "5201", "-t", str(seconds), "-J"]
     if bidir:
         args.append("--bidir")
-    out = json.loads(client.ns.exec(*args, timeout=seconds + 30))
-    end = out["end"]
+    out = json.loads(client.ns.exec(*args, check=False, timeout=seconds + 30) or "{}")
+    end = out.get("end", {})
+    if "error" in out or "sum_received" not in end:
+        print(f"iperf3 failed: {out.get('error', 'no summary')}", file=sys.stderr)
+        return 0.0, 0
     if bidir:
         bps = end["sum_received"]["bits_per_second"] + end["sum_received_bidir_reverse"]["bits_per_second"]
         moved = end["sum_received"]["bytes"] + end["sum_received_bidir_reverse"]["bytes"]
@@ -263,7 +266,7 @@ def run_pair(
                     c0 = cpu_seconds(agents)
                     g, moved = iperf_tcp(client, server, args.seconds, bidir=bidir_only)
                     gbps.append(g)
-                    if agents:
+                    if agents and moved:
                         cpu.append((cpu_seconds(agents) - c0) / (moved / GIB))
                 result[f"tcp_gbps_{name}"] = gbps
                 if cpu:
@@ -357,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and label not in args.only:
             continue
         print(f"== {label}", flush=True)
-        res = run_pair(ka, kb, args, env, label, reverse=reverse, bidir_only=bidir)
+        try:
+            res = run_pair(ka, kb, args, env, label, reverse=reverse, bidir_only=bidir)
+        except Exception as exc:  # one broken scenario must not lose the others' numbers
+            print(f"scenario {label} failed: {exc!r}", file=sys.stderr)
+            continue
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
     report(results)
