@@ -24,19 +24,29 @@ def emit(obj: dict) -> None:
 
 
 def lease_from(obj: dict) -> Lease:
-    return Lease(ipaddress.IPv4Network(obj["Subnet"]), LeaseAttrs.from_json(obj["Attrs"]))
+    v6 = obj.get("IPv6Subnet")
+    return Lease(
+        ipaddress.IPv4Network(obj["Subnet"]),
+        LeaseAttrs.from_json(obj["Attrs"]),
+        ipaddress.IPv6Network(v6) if v6 else None,
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subnet", required=True)
+    ap.add_argument("--subnet6", default=None, help="dual-stack: our IPv6 subnet (fd00:198:19::/48 network)")
     ap.add_argument("--backend", required=True, help="net-conf Backend object as JSON")
     args = ap.parse_args()
-    config = parse_net_conf(json.dumps({"Network": "198.19.0.0/16", "Backend": json.loads(args.backend)}))
-    iface = select_interface(iface=["eth0"], public_ip="", want_ipv6=False)
+    conf = {"Network": "198.19.0.0/16", "Backend": json.loads(args.backend)}
+    if args.subnet6:
+        conf |= {"EnableIPv6": True, "IPv6Network": "fd00:198:19::/48"}
+    config = parse_net_conf(json.dumps(conf))
+    iface = select_interface(iface=["eth0"], public_ip="", want_ipv6=bool(args.subnet6))
     backend = create_backend(config, None, iface)
     attrs = backend.lease_attrs()
-    lease = Lease(ipaddress.IPv4Network(args.subnet), attrs)
+    subnet6 = ipaddress.IPv6Network(args.subnet6) if args.subnet6 else None
+    lease = Lease(ipaddress.IPv4Network(args.subnet), attrs, subnet6)
     backend.start(lease)
     try:
         emit({"ready": True, "lease": lease.to_json()})

@@ -205,7 +205,7 @@ def test_ipv6_underlay_and_inner_ipv6(kinds: tuple[str, str]) -> None:
         transfer(a, b, 10 * 1024 * 1024)
         ours = a if a.kind == "ours" else b
         peer = ours.stats()["peers"][0]
-        assert peer["endpoint"].startswith("fd00:198::"), peer
+        assert peer["endpoint"].startswith("[fd00:198::"), peer
 
 
 def test_addresses_are_in_the_test_range() -> None:

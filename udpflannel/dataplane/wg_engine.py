@@ -320,7 +320,7 @@ class WgEngine:
             peers.append(
                 {
                     "public_key": base64.b64encode(key).decode(),
-                    "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else None,
+                    "endpoint": format_endpoint(peer.endpoint),
                     "allowed_ips": [str(n) for n in peer.allowed_ips],
                     "latest_handshake": hs + wall_offset if hs is not None else None,
                     "rx_bytes": peer.stats.rx_bytes,
@@ -340,6 +340,14 @@ class WgEngine:
             **drops,
             "peers": peers,
         }
+
+
+def format_endpoint(endpoint: tuple | None) -> str | None:
+    """host:port as wg(8) prints it ([v6]:port for IPv6)."""
+    if endpoint is None:
+        return None
+    host, port = endpoint[0], endpoint[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray) -> np.ndarray:
