@@ -161,7 +161,8 @@ def test_apply_tracks_peers_without_workers(key_file):
     assert [p["allowed_ips"] for p in b.peer_configs(4)] == [["198.19.2.0/24"]]
     b.apply([Event(EventType.REMOVED, peer)])
     assert b.peer_configs(4) == []
-    assert b.stats() == {}
+    assert b.stats() == {"wireguard_worker_restarts": 0}
+    assert b.check()  # nothing started, nothing to restart
 
 
 def test_format_wg_show():

@@ -97,6 +97,11 @@ def test_two_nodes_from_leases_and_a_wireguard_go_node() -> None:
             assert shown["stats"]["handshakes"] == 1 and shown["stats"]["wireguard_peers"] == 1
             if have_wireguard_go():
                 wireguard_go_peer(lab, nodes[2], procs[0], leases[0], tmp)
+            # A crashed worker takes its TUN with it; the next stats/apply call brings the datapath back.
+            send(procs[1], {"op": "kill_worker"}, "killed")
+            shown = send(procs[1], {"op": "show"}, "show")
+            assert shown["stats"]["wireguard_worker_restarts"] == 1
+            nodes[0].exec("ping", "-c", "2", "-i", "0.2", "-W", "3", "198.19.2.0")
             # A removed lease takes the peer away: traffic to it is dropped as unknown.
             send(procs[0], {"op": "remove", "lease": leases[1]}, "applied")
             with pytest.raises(LabError):

@@ -1,6 +1,7 @@
 """Runs WireguardBackend inside a test's network namespace (`ip netns exec ... python wg_backend_runner.py`).
 
-stdin: {"op": "add"|"remove", "lease": <Lease JSON as Lease.to_json()>} / {"op": "show"} / EOF to stop.
+stdin: {"op": "add"|"remove", "lease": <Lease JSON as Lease.to_json()>} / {"op": "show"} /
+{"op": "kill_worker"} (simulates a datapath crash) / EOF to stop.
 stdout: {"ready": true, "attrs": {...}}, {"applied": 1}, {"show": text, "stats": {...}}.
 """
 
@@ -56,6 +57,11 @@ def main() -> int:
                 kind = EventType.ADDED if obj["op"] == "add" else EventType.REMOVED
                 backend.apply([Event(kind, lease_from(obj["lease"]))])
                 emit({"applied": 1})
+            elif obj["op"] == "kill_worker":
+                worker = backend.workers[4]
+                worker.proc.kill()
+                worker.proc.wait(timeout=5)
+                emit({"killed": worker.proc.pid})
             elif obj["op"] == "show":
                 stats = backend.wg_stats()
                 emit({"show": format_wg_show(stats), "stats": backend.stats()})

@@ -193,6 +193,9 @@ class WireguardBackend:
         self.peers: dict[str, Lease] = {}
         self.workers: dict[int, WgWorkerProcess] = {}
         self.host: Any = None
+        self.restarts = 0
+        # The agent thread (start/apply/stop) and the /metrics thread (stats) share the workers.
+        self._lock = threading.RLock()
 
     # -- what we publish
 
@@ -233,6 +236,10 @@ class WireguardBackend:
     # -- Backend protocol
 
     def start(self, lease: Lease) -> None:
+        with self._lock:
+            self._start(lease)
+
+    def _start(self, lease: Lease) -> None:
         from udpflannel.host.links import HostConfig, Route  # pyroute2: only after the workers exist
 
         self.lease = lease
@@ -259,10 +266,32 @@ class WireguardBackend:
                     self.host.add_route(Route(str(network), fam.device, src=addr))
             self._push_peers()
         except BaseException:
-            self.stop()
+            self._stop()
             raise
 
+    def check(self) -> bool:
+        """Restart the datapath if a worker died (its TUN, addresses and routes went with it); True if
+        everything was running. Called before each apply and stats, so the agent recovers on its own."""
+        with self._lock:
+            dead = [w.tun for w in self.workers.values() if w.proc is None or w.proc.poll() is not None]
+            if not dead or self.lease is None:
+                return True
+            log.error("wireguard worker(s) for %s exited: restarting the datapath", ", ".join(dead))
+            self.restarts += 1
+            lease = self.lease
+            self._stop()
+            self._start(lease)
+            # Peers still hold sessions with the dead worker: handshake now instead of after their timeout.
+            for worker in self.workers.values():
+                worker.request({"op": "handshake"}, "handshake")
+            return False
+
     def apply(self, events: list[Event]) -> None:
+        self.check()
+        with self._lock:
+            self._apply(events)
+
+    def _apply(self, events: list[Event]) -> None:
         changed = False
         for ev in events:
             key = ev.lease.key
@@ -278,6 +307,7 @@ class WireguardBackend:
 
     def wg_stats(self) -> dict[str, dict]:
         """Per device: the worker's full stats (interface counters, drops, peers), for format_wg_show."""
+        self.check()
         out = {}
         for worker in list(self.workers.values()):
             st = worker.request({"op": "stats"}, "stats")["stats"]
@@ -291,7 +321,7 @@ class WireguardBackend:
         total: dict[str, int] = {}
         try:
             per_device = self.wg_stats()
-        except (WireguardError, OSError, ValueError) as exc:
+        except Exception as exc:  # metrics must answer even when the datapath cannot be brought back
             log.warning("wireguard stats unavailable: %s", exc)
             return {"wireguard_stats_errors": 1}
         for st in per_device.values():
@@ -299,9 +329,14 @@ class WireguardBackend:
                 if isinstance(v, int) and not isinstance(v, bool) and k != "listen_port":
                     total[k] = total.get(k, 0) + v
             total["wireguard_peers"] = total.get("wireguard_peers", 0) + len(st.get("peers", []))
+        total["wireguard_worker_restarts"] = self.restarts
         return total
 
     def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.host is not None:
             self.host.undo()
             self.host.close()

@@ -2,9 +2,10 @@
 
 `python -m udpflannel.dataplane.wg_worker --tun NAME --port P [--mtu M]`: the worker opens its TUN and UDP
 socket, then reads JSON lines on stdin: first {"op": "key", "private_key": b64, "timing": {...}?} (never on
-the command line), then {"op": "peers", "peers": [...]}, {"op": "stats"}, {"op": "under_load", "on": bool},
-{"op": "stop"}. It answers JSON lines on stdout ({"ready": ...}, {"stats": ...}, {"applied": n}). EOF on
-stdin (the agent is gone) stops it. The clock is read here (time.monotonic), once per loop turn.
+the command line), then any of {"op": "peers", "peers": [...]}, {"op": "stats"}, {"op": "handshake"}
+(initiate with every peer now), {"op": "under_load", "on": bool}, {"op": "stop"}. It answers JSON lines on
+stdout ({"ready": ...}, {"stats": ...}, {"applied": n}, ...). EOF on stdin (the agent is gone) stops it.
+The clock is read here (time.monotonic), once per loop turn.
 """
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ def _control(ctrl: _Control, engine: WgEngine, wall_offset: float, now: float) -
             emit({"applied": len(engine.device.peers), "seq": msg.get("seq", 0)})
         elif op == "stats":
             emit({"stats": engine.stats(wall_offset), "seq": msg.get("seq", 0)})
+        elif op == "handshake":
+            # After a restart nobody knows our new sessions: start them now rather than when a peer's
+            # 15 s no-reply timer fires.
+            for key in list(engine.device.peers):
+                engine.send_events(engine.device.initiate(key, now))
+            emit({"handshake": len(engine.device.peers), "seq": msg.get("seq", 0)})
         elif op == "under_load":
             engine.device.force_under_load = bool(msg.get("on"))
             emit({"under_load": engine.device.force_under_load, "seq": msg.get("seq", 0)})
