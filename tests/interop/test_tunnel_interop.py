@@ -68,6 +68,11 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
     with TunnelLab() as lab:
         a = lab.node(1, "vxlan", env=env)
         k = lab.node(2, "kernel")
+        # The mode under test is really the one running: offloads on by default, all off when disabled.
+        if no_offload:
+            assert a.offloads == {"tun": [], "rx": [], "tx": []}, a.offloads
+        else:
+            assert "vnet_hdr" in a.offloads["tun"] and "gro" in a.offloads["rx"] and "gso" in a.offloads["tx"]
         lab.connect(a, k)
         lab.connect(k, a)
         cap = _capture(a)
@@ -79,6 +84,7 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
         transfer(k, a, MEDIUM, a.tun_ip, port=7001)
         stats = a.stats()
         assert stats["rx_packets"] > 1000 and stats["tx_packets"] > 1000
+        assert (stats["tx_superpackets"] > 0) is not no_offload
         _no_drops(stats, "drop_unknown_peer")
         # The kernel peer must not have dropped our frames either.
         kstats = k.ns.exec("ip", "-s", "-j", "link", "show", "flannel.1")

@@ -31,6 +31,7 @@ class Node:
     proc: subprocess.Popen | None = None
     mac: str = ""
     pids: list[int] = field(default_factory=list)
+    offloads: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def public_ip(self) -> str:
@@ -184,6 +185,7 @@ class TunnelLab:
             ready = _read_line(node.proc, "ready", 20)
             attrs = ready["attrs"]
             node.pids = ready["pids"]
+            node.offloads = ready.get("offloads", {})
             if kind == "vxlan":
                 node.mac = attrs["BackendData"]["VtepMAC"]
         self.nodes[index] = node

@@ -3,8 +3,9 @@ fed as JSON lines on stdin. For tests, the lab and benchmarks before (and beside
 
 stdin lines: {"op": "add", "subnet": CIDR, "subnet6": CIDR?, "public_ip": IP, "backend_type": "vxlan",
 "backend_data": {...}} / {"op": "remove", "subnet": ..., "subnet6": ...} / {"op": "stats"}.
-stdout lines: {"ready": true, "attrs": {...}, "pids": [...]} once running; {"stats": {...}} per stats request;
-{"applied": n} after each add/remove. EOF on stdin (or SIGTERM) stops and cleans up.
+stdout lines: {"ready": true, "attrs": {...}, "pids": [...], "offloads": {...}} once running;
+{"stats": {...}} per stats request; {"applied": n} after each add/remove.
+EOF on stdin (or SIGTERM) stops and cleans up.
 """
 
 from __future__ import annotations
@@ -78,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     backend.start(lease)
     try:
-        pids = backend.dataplane.pids() if getattr(backend, "dataplane", None) else []
-        _emit({"ready": True, "attrs": attrs.to_json(), "mtu": backend.mtu, "pids": pids})
+        dp = getattr(backend, "dataplane", None)
+        pids = dp.pids() if dp else []
+        offloads = dp.offloads() if dp else {}
+        _emit(
+            {"ready": True, "attrs": attrs.to_json(), "mtu": backend.mtu, "pids": pids, "offloads": offloads}
+        )
         for line in sys.stdin:
             line = line.strip()
             if not line:

@@ -68,6 +68,13 @@ class TunnelBackend:
             self.engine_config(lease), self.tun_name, bind_ip, self.port, rx_bind_ip="0.0.0.0"
         )
         self.dataplane.start()
+        log.info(
+            "%s datapath: TUN %s, workers %s, offloads %s",
+            self.type,
+            self.tun_name,
+            self.dataplane.pids(),
+            self.dataplane.offloads(),
+        )
         try:
             self.host = HostConfig()
             self.host.link_index(self.tun_name, wait=2.0)
