@@ -24,7 +24,14 @@ import time
 from udpflannel.codec.wireguard import messages as wgm
 from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import Timing
-from udpflannel.dataplane.wg_engine import BATCH, HEADROOM, MAX_BATCHES_PER_WAKE, WgEngine, WgPeerConfig
+from udpflannel.dataplane.wg_engine import (
+    BATCH,
+    HEADROOM,
+    MAX_BATCHES_PER_WAKE,
+    WgEngine,
+    WgPeerConfig,
+    warm_up,
+)
 from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket
 
@@ -95,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         private_key, timing=parse_timing(key_msg.get("timing")), wall_offset=wall_offset, mtu=args.mtu
     )
     engine = WgEngine(device, tun, udp)
+    # Allocate the receive arena now (it is made on first use) and run the codec once, so the first
+    # handshake does not pay for either.
+    udp.recv_batch(BATCH)
+    warm_up()
     stopping = False
 
     def _term(_sig: int, _frame: object) -> None:
