@@ -65,7 +65,9 @@ class Store(Protocol):
         """Remove a lease we hold (NotFound if already gone)."""
         ...
 
-    def reserve(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs) -> Lease:
+    def reserve(
+        self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None, attrs: LeaseAttrs
+    ) -> Lease:
         """Create a reservation: a lease that never expires and only attrs.public_ip may take."""
         ...
 
