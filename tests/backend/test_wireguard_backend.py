@@ -14,11 +14,13 @@ import pytest
 from udpflannel.backend import ExternalInterface, create_backend
 from udpflannel.backend.wireguard import (
     KEY_FILE_ENV,
+    WgDevice,
     WireguardBackend,
     WireguardError,
     format_wg_show,
     load_or_create_key,
     peer_config,
+    plan_devices,
 )
 from udpflannel.codec.wireguard import crypto
 from udpflannel.config import parse_net_conf
@@ -103,18 +105,22 @@ def test_options_and_ipv6_device(key_file):
     )
     b = WireguardBackend(conf, None, IFACE6)
     assert (b.mtu, b.keepalive, b.psk) == (8920, 25, bytes(range(32)))
-    assert [(f.version, f.device, f.port) for f in b.families] == [
-        (4, "flannel-wg", 51000),
-        (6, "flannel-wg-v6", 51001),
+    assert [(d.name, d.port, d.endpoint, d.carries, d.bind) for d in b.devices] == [
+        ("flannel-wg", 51000, "ipv4", (4,), "0.0.0.0"),
+        ("flannel-wg-v6", 51001, "ipv6", (6,), "::"),
     ]
     attrs = b.lease_attrs().to_json()
     assert attrs["PublicIPv6"] == "fd00:198::1"
     assert attrs["BackendData"]["Port"] == 51000 and attrs["BackendV6Data"]["Port"] == 51001
 
 
+V4_DEV = WgDevice("flannel-wg", 51820, "ipv4", (4,))
+V6_DEV = WgDevice("flannel-wg-v6", 51821, "ipv6", (6,))
+
+
 def test_peer_config_from_lease():
     data = {"PublicKey": base64.b64encode(PEER_KEY).decode(), "Port": 51999}
-    cfg = peer_config(_lease("198.19.2.0/24", "198.18.0.2", data), 4, bytes(32), 25, 51820)
+    cfg = peer_config(_lease("198.19.2.0/24", "198.18.0.2", data), V4_DEV, bytes(32), 25)
     assert cfg == {
         "public_key": data["PublicKey"],
         "endpoint": ["198.18.0.2", 51999],
@@ -124,7 +130,7 @@ def test_peer_config_from_lease():
     }
     # Older flannel publishes no Port: our listen port is assumed.
     old = peer_config(
-        _lease("198.19.2.0/24", "198.18.0.2", {"PublicKey": data["PublicKey"]}), 4, None, 0, 51820
+        _lease("198.19.2.0/24", "198.18.0.2", {"PublicKey": data["PublicKey"]}), V4_DEV, None, 0
     )
     assert old["endpoint"] == ["198.18.0.2", 51820] and old["psk"] is None
 
@@ -141,16 +147,54 @@ def test_peer_config_from_lease():
     ],
 )
 def test_unusable_peer_leases_ignored(data, btype):
-    assert peer_config(_lease("198.19.2.0/24", "198.18.0.2", data, btype), 4, None, 0, 51820) is None
+    assert peer_config(_lease("198.19.2.0/24", "198.18.0.2", data, btype), V4_DEV, None, 0) is None
+
+
+def _dual_lease():
+    data = {"PublicKey": base64.b64encode(PEER_KEY).decode(), "Port": 51820}
+    data6 = {**data, "Port": 51821}
+    return _lease(
+        "198.19.2.0/24", "198.18.0.2", data, subnet6="fd00:198:19:2::/64", ip6="fd00:198::2", v6data=data6
+    )
 
 
 def test_ipv6_peer_uses_public_ipv6():
-    data = {"PublicKey": base64.b64encode(PEER_KEY).decode(), "Port": 51821}
-    lease = _lease(
-        "198.19.2.0/24", "198.18.0.2", data, subnet6="fd00:198:19:2::/64", ip6="fd00:198::2", v6data=data
-    )
-    cfg = peer_config(lease, 6, None, 0, 51821)
+    cfg = peer_config(_dual_lease(), V6_DEV, None, 0)
     assert cfg["endpoint"] == ["fd00:198::2", 51821] and cfg["allowed_ips"] == ["fd00:198:19:2::/64"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "have_ipv4", "endpoint"),
+    [
+        ("auto", True, ["::ffff:198.18.0.2", 51820]),  # IPv4 on both sides: preferred, via the v6 socket
+        ("auto", False, ["fd00:198::2", 51821]),
+        ("ipv4", True, ["198.18.0.2", 51820]),
+        ("ipv6", True, ["fd00:198::2", 51821]),
+    ],
+)
+def test_single_device_modes(key_file, mode, have_ipv4, endpoint):
+    conf = _conf({"Type": "wireguard", "Mode": mode}, v6=True)
+    b = WireguardBackend(conf, None, IFACE6)
+    assert [(d.name, d.port, d.carries) for d in b.devices] == [("flannel-wg", 51820, (4, 6))]
+    cfg = peer_config(_dual_lease(), b.devices[0], None, 0, have_ipv4=have_ipv4)
+    assert cfg["endpoint"] == endpoint
+    assert cfg["allowed_ips"] == ["198.19.2.0/24", "fd00:198:19:2::/64"]
+    attrs = b.lease_attrs().to_json()
+    assert attrs["BackendData"]["Port"] == attrs["BackendV6Data"]["Port"] == 51820
+
+
+def test_plan_devices_ipv6_only():
+    conf = parse_net_conf(
+        json.dumps(
+            {
+                "EnableIPv4": False,
+                "EnableIPv6": True,
+                "IPv6Network": "fd00:198:19::/48",
+                "Backend": {"Type": "wireguard"},
+            }
+        )
+    )
+    assert [(d.name, d.carries) for d in plan_devices(conf)] == [("flannel-wg-v6", (6,))]
 
 
 def test_apply_tracks_peers_without_workers(key_file):
@@ -158,9 +202,9 @@ def test_apply_tracks_peers_without_workers(key_file):
     data = {"PublicKey": base64.b64encode(PEER_KEY).decode()}
     peer = _lease("198.19.2.0/24", "198.18.0.2", data)
     b.apply([Event(EventType.ADDED, peer)])
-    assert [p["allowed_ips"] for p in b.peer_configs(4)] == [["198.19.2.0/24"]]
+    assert [p["allowed_ips"] for p in b.peer_configs(b.devices[0])] == [["198.19.2.0/24"]]
     b.apply([Event(EventType.REMOVED, peer)])
-    assert b.peer_configs(4) == []
+    assert b.peer_configs(b.devices[0]) == []
     assert b.stats() == {"wireguard_worker_restarts": 0}
     assert b.check()  # nothing started, nothing to restart
 

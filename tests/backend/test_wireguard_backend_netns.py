@@ -31,9 +31,9 @@ pytestmark = [
 PSK = base64.b64encode(bytes(range(7, 39))).decode()
 
 
-def start(ns, index: int, tmp: pathlib.Path, dual: bool = False) -> subprocess.Popen:
+def start(ns, index: int, tmp: pathlib.Path, dual: bool = False, mode: str = "separate") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WIREGUARD_KEY_FILE": str(tmp / f"wgkey{index}")}
-    backend = json.dumps({"Type": "wireguard", "PSK": PSK, "PersistentKeepaliveInterval": 0})
+    backend = json.dumps({"Type": "wireguard", "PSK": PSK, "PersistentKeepaliveInterval": 0, "Mode": mode})
     cmd = [sys.executable, str(HERE / "wg_backend_runner.py"), "--subnet", f"198.19.{index}.0/24"]
     cmd += ["--backend", backend]
     if dual:
@@ -115,27 +115,34 @@ def test_two_nodes_from_leases_and_a_wireguard_go_node() -> None:
         assert "198.19.0.0/16" not in nodes[0].exec("ip", "route", "show")
 
 
-def test_dual_stack_two_devices() -> None:
-    """EnableIPv6: flannel-wg on 51820 over the IPv4 underlay and flannel-wg-v6 on 51821 over the IPv6
-    underlay (PublicIPv6 endpoints, BackendV6Data), as flannel's "separate" mode."""
+@pytest.mark.parametrize(
+    ("mode", "endpoints"),
+    [
+        # flannel's Mode: two devices, or one carrying both families with IPv4 or IPv6 endpoints.
+        ("separate", {"flannel-wg": "198.18.0.2:51820", "flannel-wg-v6": "[fd00:198::2]:51821"}),
+        ("auto", {"flannel-wg": "[::ffff:198.18.0.2]:51820"}),
+        ("ipv6", {"flannel-wg": "[fd00:198::2]:51820"}),
+    ],
+)
+def test_dual_stack(mode: str, endpoints: dict[str, str]) -> None:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-wgb-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
         a, b = lab.netns("d1"), lab.netns("d2")
         lab.veth(a, b, "198.18.0.1/24", "198.18.0.2/24")
         a.exec("ip", "addr", "add", "fd00:198::1/64", "dev", "eth0", "nodad")
         b.exec("ip", "addr", "add", "fd00:198::2/64", "dev", "eth0", "nodad")
-        procs = [start(a, 1, tmp, dual=True), start(b, 2, tmp, dual=True)]
+        procs = [start(a, 1, tmp, dual=True, mode=mode), start(b, 2, tmp, dual=True, mode=mode)]
         try:
             leases = [read_line(p, "ready", 30)["lease"] for p in procs]
-            attrs = leases[0]["Attrs"]
-            assert attrs["PublicIPv6"] == "fd00:198::1" and attrs["BackendV6Data"]["Port"] == 51821
+            assert leases[0]["Attrs"]["PublicIPv6"] == "fd00:198::1"
             send(procs[0], {"op": "add", "lease": leases[1]}, "applied")
             send(procs[1], {"op": "add", "lease": leases[0]}, "applied")
             a.exec("ping", "-c", "2", "-i", "0.2", "-W", "3", "fd00:198:19:2::")
             a.exec("ping", "-c", "2", "-i", "0.2", "-W", "3", "198.19.2.0")
             shown = send(procs[0], {"op": "show"}, "show")["show"]
-            assert "interface: flannel-wg-v6" in shown and "endpoint: [fd00:198::2]:51821" in shown
-            assert "endpoint: 198.18.0.2:51820" in shown
+            assert shown.count("interface:") == len(endpoints)
+            for device, endpoint in endpoints.items():
+                assert f"interface: {device}\n" in shown + "\n" and f"endpoint: {endpoint}" in shown, shown
         finally:
             for proc in procs:
                 stop(proc)

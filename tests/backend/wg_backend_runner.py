@@ -58,7 +58,7 @@ def main() -> int:
                 backend.apply([Event(kind, lease_from(obj["lease"]))])
                 emit({"applied": 1})
             elif obj["op"] == "kill_worker":
-                worker = backend.workers[4]
+                worker = backend.workers["flannel-wg"]
                 worker.proc.kill()
                 worker.proc.wait(timeout=5)
                 emit({"killed": worker.proc.pid})

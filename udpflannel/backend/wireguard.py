@@ -164,10 +164,34 @@ class WgWorkerProcess:
 
 
 @dataclass(frozen=True, slots=True)
-class _Family:
-    version: int
-    device: str
+class WgDevice:
+    """One WireGuard interface of ours: its name, port, which peer address it sends to, what it carries."""
+
+    name: str
     port: int
+    endpoint: str  # "ipv4", "ipv6" or "auto" (a peer's PublicIP if both sides have IPv4, else PublicIPv6)
+    carries: tuple[int, ...]  # inner address families routed into it
+
+    @property
+    def bind(self) -> str:
+        # A "::" socket also receives IPv4 (as v4-mapped addresses); an IPv4-only device binds 0.0.0.0.
+        return "0.0.0.0" if self.endpoint == "ipv4" else "::"
+
+
+def plan_devices(config: Any) -> list[WgDevice]:
+    """flannel's Mode: "separate" (default) is flannel-wg for IPv4 on ListenPort and flannel-wg-v6 for IPv6
+    on ListenPortV6; "auto", "ipv4" and "ipv6" are one flannel-wg carrying both families."""
+    b = config.backend
+    v4, v6 = bool(getattr(config, "enable_ipv4", True)), bool(getattr(config, "enable_ipv6", False))
+    port = int(b.listen_port or wgm.DEFAULT_PORT)
+    mode = (getattr(b, "mode", "") or "separate").lower()
+    if mode == "separate":
+        devices = [WgDevice(DEVICE_V4, port, "ipv4", (4,))] if v4 else []
+        if v6:
+            devices.append(WgDevice(DEVICE_V6, int(b.listen_port_v6 or wgm.DEFAULT_PORT_V6), "ipv6", (6,)))
+        return devices
+    carries = tuple(f for f, on in ((4, v4), (6, v6)) if on)
+    return [WgDevice(DEVICE_V4, port, mode, carries)] if carries else []
 
 
 class WireguardBackend:
@@ -184,14 +208,10 @@ class WireguardBackend:
         self.keepalive = int(getattr(b, "persistent_keepalive_interval", 0) or 0)
         self.private_key = load_or_create_key(key_file_path())
         self.public_key = crypto.public_key(self.private_key)
-        self.families: list[_Family] = []
-        if getattr(config, "enable_ipv4", True):
-            self.families.append(_Family(4, DEVICE_V4, int(b.listen_port or wgm.DEFAULT_PORT)))
-        if getattr(config, "enable_ipv6", False):
-            self.families.append(_Family(6, DEVICE_V6, int(b.listen_port_v6 or wgm.DEFAULT_PORT_V6)))
+        self.devices = plan_devices(config)
         self.lease: Lease | None = None
         self.peers: dict[str, Lease] = {}
-        self.workers: dict[int, WgWorkerProcess] = {}
+        self.workers: dict[str, WgWorkerProcess] = {}
         self.host: Any = None
         self.restarts = 0
         # The agent thread (start/apply/stop) and the /metrics thread (stats) share the workers.
@@ -199,39 +219,41 @@ class WireguardBackend:
 
     # -- what we publish
 
-    def backend_data(self, family: _Family) -> dict[str, Any]:
-        return {"PublicKey": base64.b64encode(self.public_key).decode(), "Port": family.port}
+    def _port_for(self, family: int) -> int:
+        return next((d.port for d in self.devices if family in d.carries), wgm.DEFAULT_PORT)
+
+    def backend_data(self, family: int) -> dict[str, Any]:
+        return {"PublicKey": base64.b64encode(self.public_key).decode(), "Port": self._port_for(family)}
 
     def lease_attrs(self) -> LeaseAttrs:
-        by_version = {f.version: f for f in self.families}
-        v4, v6 = by_version.get(4), by_version.get(6)
+        carried = {f for d in self.devices for f in d.carries}
+        v4, v6 = 4 in carried, 6 in carried
         return LeaseAttrs(
             public_ip=ipaddress.IPv4Address(self.iface.public_ip) if v4 and self.iface.public_ip else None,
             public_ipv6=ipaddress.IPv6Address(self.iface.public_ipv6)
             if v6 and self.iface.public_ipv6
             else None,
             backend_type=self.type,
-            backend_data=self.backend_data(v4) if v4 else None,
-            backend_v6_data=self.backend_data(v6) if v6 else None,
+            backend_data=self.backend_data(4) if v4 else None,
+            backend_v6_data=self.backend_data(6) if v6 else None,
         )
 
     # -- peers
 
-    def peer_configs(self, version: int) -> list[dict]:
-        """The worker's peer list for one family, from the peer leases we hold."""
+    def peer_configs(self, device: WgDevice) -> list[dict]:
+        """The worker's peer list for one device, from the peer leases we hold."""
         out = []
         for lease in self.peers.values():
-            cfg = peer_config(lease, version, self.psk, self.keepalive, self._family(version).port)
+            cfg = peer_config(lease, device, self.psk, self.keepalive, have_ipv4=bool(self.iface.public_ip))
             if cfg is not None:
                 out.append(cfg)
         return out
 
-    def _family(self, version: int) -> _Family:
-        return next(f for f in self.families if f.version == version)
-
     def _push_peers(self) -> None:
-        for version, worker in self.workers.items():
-            worker.request({"op": "peers", "peers": self.peer_configs(version)}, "applied")
+        for device in self.devices:
+            worker = self.workers.get(device.name)
+            if worker is not None:
+                worker.request({"op": "peers", "peers": self.peer_configs(device)}, "applied")
 
     # -- Backend protocol
 
@@ -243,27 +265,26 @@ class WireguardBackend:
         from udpflannel.host.links import HostConfig, Route  # pyroute2: only after the workers exist
 
         self.lease = lease
+        subnets = {4: lease.subnet, 6: lease.ipv6_subnet}
+        networks = {4: getattr(self.config, "network", None), 6: getattr(self.config, "ipv6_network", None)}
         try:
-            for fam in self.families:
-                subnet = lease.subnet if fam.version == 4 else lease.ipv6_subnet
-                if subnet is None:
-                    continue
-                bind = "0.0.0.0" if fam.version == 4 else "::"
-                worker = WgWorkerProcess(fam.device, fam.port, bind, self.mtu, self.private_key)
+            active = [d for d in self.devices if any(subnets[f] is not None for f in d.carries)]
+            for dev in active:
+                worker = WgWorkerProcess(dev.name, dev.port, dev.bind, self.mtu, self.private_key)
                 worker.start()
-                self.workers[fam.version] = worker
+                self.workers[dev.name] = worker
             self.host = HostConfig()
-            for fam in self.families:
-                if fam.version not in self.workers:
-                    continue
-                subnet = lease.subnet if fam.version == 4 else lease.ipv6_subnet
-                network = self.config.network if fam.version == 4 else self.config.ipv6_network
-                addr = str(subnet.network_address)
-                self.host.link_index(fam.device, wait=2.0)
-                self.host.set_link(fam.device, mtu=self.mtu, up=True)
-                self.host.add_address(fam.device, f"{addr}/{32 if fam.version == 4 else 128}")
-                if network is not None:
-                    self.host.add_route(Route(str(network), fam.device, src=addr))
+            for dev in active:
+                self.host.link_index(dev.name, wait=2.0)
+                self.host.set_link(dev.name, mtu=self.mtu, up=True)
+                for family in dev.carries:
+                    subnet, network = subnets[family], networks[family]
+                    if subnet is None:
+                        continue
+                    addr = str(subnet.network_address)
+                    self.host.add_address(dev.name, f"{addr}/{32 if family == 4 else 128}")
+                    if network is not None:
+                        self.host.add_route(Route(str(network), dev.name, src=addr))
             self._push_peers()
         except BaseException:
             self._stop()
@@ -347,31 +368,36 @@ class WireguardBackend:
 
 
 def peer_config(
-    lease: Lease, version: int, psk: bytes | None, keepalive: int, default_port: int
+    lease: Lease, device: WgDevice, psk: bytes | None, keepalive: int, have_ipv4: bool = True
 ) -> dict | None:
-    """A peer lease as the worker's peer entry for one family, or None (logged) when it is unusable."""
+    """A peer lease as the worker's peer entry for one of our devices, or None (logged) when unusable."""
     attrs = lease.attrs
     if attrs.backend_type != WireguardBackend.type:
         log.warning("peer %s has backend %r, not wireguard: ignored", lease.key, attrs.backend_type)
         return None
-    subnet = lease.subnet if version == 4 else lease.ipv6_subnet
-    public_ip = attrs.public_ip if version == 4 else attrs.public_ipv6
-    data = attrs.backend_data if version == 4 else (attrs.backend_v6_data or attrs.backend_data)
-    if subnet is None or public_ip is None:
+    subnets = {4: lease.subnet, 6: lease.ipv6_subnet}
+    allowed = [str(subnets[f]) for f in device.carries if subnets[f] is not None]
+    use_v4 = device.endpoint == "ipv4" or (device.endpoint == "auto" and have_ipv4 and attrs.public_ip)
+    public_ip = attrs.public_ip if use_v4 else attrs.public_ipv6
+    data = attrs.backend_data if use_v4 else (attrs.backend_v6_data or attrs.backend_data)
+    if not allowed or public_ip is None:
         return None
     try:
         public_key = base64.b64decode(str(data["PublicKey"]), validate=True)
-        port = int(data.get("Port") or default_port)
+        port = int(data.get("Port") or device.port)
     except (TypeError, KeyError, ValueError, AttributeError, binascii.Error):
         log.warning("peer %s: BackendData %r has no usable PublicKey: ignored", lease.key, data)
         return None
     if len(public_key) != crypto.KEY_SIZE or not 0 < port < 65536:
         log.warning("peer %s: bad PublicKey or Port in %r: ignored", lease.key, data)
         return None
+    host = str(public_ip)
+    if device.bind == "::" and public_ip.version == 4:
+        host = f"::ffff:{host}"  # an IPv4 peer reached through our dual-stack socket
     return {
         "public_key": base64.b64encode(public_key).decode(),
-        "endpoint": [str(public_ip), port],
-        "allowed_ips": [str(subnet)],
+        "endpoint": [host, port],
+        "allowed_ips": allowed,
         "psk": base64.b64encode(psk).decode() if psk else None,
         "keepalive": keepalive,
     }
