@@ -122,3 +122,26 @@ def test_apply_tracks_peers_and_skips_our_own_lease(tmp_path, btype):
     assert list(b.peers) == [peer.key]
     b.apply([Event(EventType.REMOVED, peer)])
     assert b.peers == {}
+
+
+def test_vxlan_ipv6_underlay_when_both_ends_have_one(tmp_path):
+    iface = ExternalInterface("eth0", 2, 1500, "198.18.0.1", "fd00:198::1", "198.18.0.1", "fd00:198::1")
+    b = VxlanBackend(_conf({"Type": "vxlan"}, v6=True), Opts(str(tmp_path / "s")), iface)
+    assert b.v6_underlay and b.mtu == 1430  # one TUN, IPv6 frames over IPv6: flannel-v6.1's overhead of 70
+    mac4, mac6 = "02:aa:00:00:00:02", "02:aa:00:00:00:06"
+    attrs = LeaseAttrs(
+        ipaddress.IPv4Address("198.18.0.2"),
+        ipaddress.IPv6Address("fd00:198::2"),
+        "vxlan",
+        {"VNI": 1, "VtepMAC": mac4},
+        {"VNI": 1, "VtepMAC": mac6},
+    )
+    lease = Lease(ipaddress.IPv4Network("198.19.2.0/24"), attrs, ipaddress.IPv6Network("fd00:198:19:2::/64"))
+    assert [(r.subnet, r.public_ip, r.vtep_mac) for r in b.peer_rows(lease)] == [
+        ("198.19.2.0/24", "198.18.0.2", mac4),
+        ("fd00:198:19:2::/64", "fd00:198::2", mac6),
+    ]
+    # Without our own IPv6 underlay, IPv6 subnets ride IPv4 to the same node.
+    v4only = VxlanBackend(_conf({"Type": "vxlan"}, v6=True), Opts(str(tmp_path / "s")), IFACE)
+    assert not v4only.v6_underlay and v4only.mtu == 1450
+    assert v4only.peer_rows(lease)[1].public_ip == "198.18.0.2"

@@ -3,6 +3,7 @@ kernel VXLAN set up as flanneld sets up flannel.1, per-packet mode, and peer chu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,27 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
                 assert (src, dst) == (a.mac, k.mac)
             else:
                 assert (src, dst) == (k.mac, a.mac)
+
+
+def test_dual_stack_with_kernel_flannel_v6_device():
+    """IPv6 inner traffic to a kernel node goes over the IPv6 underlay to its flannel-v6.1, as flanneld's
+    dual-stack vxlan backend does; IPv4 keeps using flannel.1."""
+    with TunnelLab() as lab:
+        a = lab.node(1, "vxlan", dual=True, v6_underlay=True)
+        k = lab.node(2, "kernel", v6_underlay=True)
+        assert "rx6" in a.offloads
+        lab.connect(a, k, dual=True)
+        lab.connect(k, a, dual=True)
+        ping(a, k.tun_ip6)
+        ping(k, a.tun_ip6)
+        ping(a, k.tun_ip)
+        transfer(a, k, MEDIUM, k.tun_ip6)
+        transfer(k, a, MEDIUM, a.tun_ip6, port=7001)
+        stats = a.stats()
+        _no_drops(stats, "drop_unknown_peer")
+        # The IPv6 frames really crossed the IPv6 underlay: the kernel's v6 device carried them.
+        v6dev = json.loads(k.ns.exec("ip", "-s", "-j", "link", "show", "flannel-v6.1"))[0]
+        assert v6dev["stats64"]["rx"]["bytes"] > MEDIUM and v6dev["stats64"]["tx"]["bytes"] > MEDIUM
 
 
 def test_peer_churn_does_not_break_a_transfer():

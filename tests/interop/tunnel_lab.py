@@ -32,6 +32,8 @@ class Node:
     mac: str = ""
     pids: list[int] = field(default_factory=list)
     offloads: dict[str, list[str]] = field(default_factory=dict)
+    v6_underlay: bool = False
+    mac6: str = ""  # kernel nodes: flannel-v6.1's MAC (udpflannel uses one MAC for both families)
 
     @property
     def public_ip(self) -> str:
@@ -64,8 +66,14 @@ class Node:
         }
         if dual:
             out["subnet6"] = self.subnet6
-            out["backend_v6_data"] = data
+            out["backend_v6_data"] = {"VNI": VNI, "VtepMAC": self.mac6 or self.mac} if btype else None
+            if self.v6_underlay:
+                out["public_ipv6"] = self.public_ipv6
         return out
+
+    @property
+    def public_ipv6(self) -> str:
+        return f"fd00:198::{self.index}"
 
     def send(self, obj: dict, expect: str, timeout: float = 10.0) -> dict:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
@@ -121,7 +129,14 @@ class TunnelLab:
             self.hub.exec("ip", "link", "set", "br0", "up")
         return self.hub
 
-    def node(self, index: int, kind: str, env: dict[str, str] | None = None, dual: bool = False) -> Node:
+    def node(
+        self,
+        index: int,
+        kind: str,
+        env: dict[str, str] | None = None,
+        dual: bool = False,
+        v6_underlay: bool = False,
+    ) -> Node:
         """A node namespace with eth0 = 198.18.0.<index>/16 on the shared underlay, running `kind`."""
         hub = self._hub()
         ns = self.lab.netns(f"n{index}")
@@ -130,7 +145,34 @@ class TunnelLab:
         hub.exec("ip", "link", "set", f"p{index}", "master", "br0")
         state = pathlib.Path(self.tmp.name) / f"n{index}"
         state.mkdir()
-        node = Node(ns, index, kind, state)
+        node = Node(ns, index, kind, state, v6_underlay=v6_underlay)
+        if v6_underlay:
+            ns.exec("ip", "-6", "addr", "add", f"{node.public_ipv6}/64", "dev", "eth0", "nodad")
+        if kind == "kernel" and v6_underlay:
+            # flanneld's dual-stack vxlan: a second device, flannel-v6.1, over the IPv6 underlay.
+            node.mac6 = f"02:5a:00:00:06:{index:02x}"
+            ns.exec(
+                "ip",
+                "link",
+                "add",
+                "flannel-v6.1",
+                "address",
+                node.mac6,
+                "type",
+                "vxlan",
+                "id",
+                str(VNI),
+                "local",
+                node.public_ipv6,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            )
+            ns.exec("ip", "link", "set", "flannel-v6.1", "mtu", "1430")
+            ns.exec("ip", "-6", "addr", "add", f"{node.tun_ip6}/128", "dev", "flannel-v6.1", "nodad")
+            ns.exec("ip", "link", "set", "flannel-v6.1", "up")
         if kind == "kernel":
             node.mac = f"02:5a:00:00:00:{index:02x}"
             ns.exec(
@@ -204,6 +246,23 @@ class TunnelLab:
 
     def connect(self, a: Node, b: Node, dual: bool = False) -> None:
         """Tell a about b (a lease event, or flanneld's route + neighbour + fdb for a kernel node)."""
+        if a.kind == "kernel" and dual:
+            dev = "flannel-v6.1"
+            a.ns.exec("ip", "-6", "route", "replace", b.subnet6, "via", b.tun_ip6, "dev", dev, "onlink")
+            a.ns.exec(
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                b.tun_ip6,
+                "lladdr",
+                b.mac6 or b.mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            )
+            a.ns.exec("bridge", "fdb", "replace", b.mac6 or b.mac, "dev", dev, "dst", b.public_ipv6)
         if a.kind == "kernel":
             a.ns.exec("ip", "route", "replace", b.subnet, "via", b.tun_ip, "dev", "flannel.1", "onlink")
             a.ns.exec(

@@ -16,6 +16,7 @@ from typing import Any
 from udpflannel.codec.vxlan import (
     VXLAN_DEFAULT_VNI,
     VXLAN_OVERHEAD,
+    VXLAN_OVERHEAD_V6,
     VXLAN_PORT,
     format_mac,
     parse_mac,
@@ -58,6 +59,8 @@ def load_or_create_mac(path: pathlib.Path) -> str:
 class VxlanBackend(TunnelBackend):
     type = "vxlan"
     overhead = VXLAN_OVERHEAD
+    overhead_v6 = VXLAN_OVERHEAD_V6
+    supports_v6_underlay = True
 
     def __init__(self, config: Any, options: Any, iface: Any) -> None:
         super().__init__(config, options, iface)
@@ -116,7 +119,7 @@ class VxlanBackend(TunnelBackend):
             if vni != self.vni:
                 log.warning("peer %s uses VNI %d, we use %d: ignored", lease.key, vni, self.vni)
                 continue
-            public_ip = peer_public_ip(lease, subnet.version)
+            public_ip = peer_public_ip(lease, subnet.version, self.v6_underlay)
             if public_ip is None:
                 continue
             rows.append(Peer(str(subnet), public_ip, mac))

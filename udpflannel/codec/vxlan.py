@@ -22,7 +22,9 @@ ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 VXLAN_HEADROOM = VXLAN_HEADER_LEN + ETH_HEADER_LEN  # bytes we prepend to an inner IP packet: 22
 OUTER_IPV4_UDP_LEN = 20 + 8
+OUTER_IPV6_UDP_LEN = 40 + 8
 VXLAN_OVERHEAD = OUTER_IPV4_UDP_LEN + VXLAN_HEADROOM  # 50: flannel's vxlan MTU overhead
+VXLAN_OVERHEAD_V6 = OUTER_IPV6_UDP_LEN + VXLAN_HEADROOM  # 70: over an IPv6 underlay (flannel-v6.1)
 VNI_MAX = (1 << 24) - 1
 
 # Result codes of decode_batch; the dataplane maps them to its DropReason members.

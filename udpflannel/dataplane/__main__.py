@@ -24,6 +24,7 @@ def _lease(obj: dict) -> Lease:
     attrs = LeaseAttrs.from_json(
         {
             "PublicIP": obj.get("public_ip"),
+            "PublicIPv6": obj.get("public_ipv6"),
             "BackendType": obj.get("backend_type", ""),
             "BackendData": obj.get("backend_data"),
             "BackendV6Data": obj.get("backend_v6_data"),
@@ -56,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # Import after argument parsing: the datapath workers are separate interpreters anyway.
     from udpflannel.backend import create_backend
-    from udpflannel.host.iface import select_interface
+    from udpflannel.host.iface import InterfaceError, select_interface
 
-    iface = select_interface(iface=[args.iface], public_ip=args.public_ip, want_ipv6=False)
+    try:
+        # Dual-stack with an IPv6 address on the underlay: IPv6 rides IPv6, as flanneld's flannel-v6.1.
+        iface = select_interface(
+            iface=[args.iface], public_ip=args.public_ip, want_ipv6=args.network6 is not None
+        )
+    except InterfaceError:
+        # No IPv6 underlay address: IPv6 inner traffic rides the IPv4 underlay (udpflannel peers only).
+        iface = select_interface(iface=[args.iface], public_ip=args.public_ip, want_ipv6=False)
     backend_cfg = SimpleNamespace(type=args.backend, vni=args.vni, port=args.port, mtu=args.mtu)
     config = SimpleNamespace(
         enable_ipv4=True,

@@ -76,11 +76,23 @@ class Engine:
     """Owns the peer table and the per-batch pipelines. tun: io.tun.Tun; rx: the UdpSocket on our port;
     pool: UdpSockets to send from (one per outer source port; udp backend: [rx])."""
 
-    def __init__(self, cfg: EngineConfig, tun, rx, pool: list, counters: np.ndarray) -> None:
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        tun,
+        rx,
+        pool: list,
+        counters: np.ndarray,
+        rx6=None,
+        pool6: list | None = None,
+    ) -> None:
         self.cfg = cfg
         self.tun = tun
         self.rx = rx
         self.pool = pool
+        self.rx6 = rx6  # IPv6 underlay (optional): peers whose outer address is IPv6 are sent from pool6
+        self.pool6 = pool6 or []
+        self._pools = (self.pool, self.pool6 or self.pool)
         self.counters = counters
         self.table = PeerTable()
         self.is_vxlan = cfg.encap == "vxlan"
@@ -198,7 +210,8 @@ class Engine:
             return
         mac = self.table.macs[peer : peer + 1]
         vxlan_codec.encode_batch(segs.buf, lens, off, self.template, np.broadcast_to(mac, (n, 6)))
-        sock = self.pool[sock_index]
+        pool = self._pools[int(self.table.outer_v6[peer])]
+        sock = pool[sock_index % len(pool)]
         calls, before = sock.stats.send_calls, sock.stats.sent
         sock.send_segments(segs.views(head=self.head), None, self._dsts[peer])
         sent = sock.stats.sent - before  # datagrams the kernel took
@@ -231,21 +244,24 @@ class Engine:
         npool = len(self.pool)
         if one_flow:
             # A split superpacket: one flow, one peer, one outer 5-tuple, as few UDP_SEGMENT sends as fit.
-            sock = self.pool[int(flow_hash(batch.buf[send[:1]], batch.offset, 1)[0] % npool)]
+            pool = self._pools[int(self.table.outer_v6[peer[send[0]]])]
+            sock = pool[int(flow_hash(batch.buf[send[:1]], batch.offset, 1)[0] % len(pool))]
             rows = [views[i] for i in send.tolist()]
             calls, before = sock.stats.send_calls, sock.stats.sent
             sock.send_segments(rows, None, self._dsts[int(peer[send[0]])])
             sent = sock.stats.sent - before  # datagrams the kernel took
             self._count("tx_send_calls", sock.stats.send_calls - calls)
         else:
-            which = flow_hash(batch.buf[send], batch.offset, len(send)) % np.uint32(npool)
+            which = (flow_hash(batch.buf[send], batch.offset, len(send)) % np.uint32(npool)).astype(np.int64)
+            which += np.where(self.table.outer_v6[peer[send]], npool, 0)  # IPv6 underlay: the second pool
             sent = 0
             for s in np.unique(which).tolist():
                 rows = send[which == s]
                 items = [
                     (views[i], self._dsts[p]) for i, p in zip(rows.tolist(), peer[rows].tolist(), strict=True)
                 ]
-                sock = self.pool[s]
+                pool = self._pools[s // npool]
+                sock = pool[(s % npool) % len(pool)]
                 calls, before = sock.stats.send_calls, sock.stats.sent
                 sock.sendmmsg(items)
                 sent += sock.stats.sent - before
@@ -279,7 +295,14 @@ class Engine:
                 self._count("icmp_sent")
 
     def _strangers(self, src_addr: np.ndarray) -> np.ndarray:
-        """Rows whose outer IPv4 source (uint8 [n, 4]) is no peer's PublicIP."""
+        """Rows whose outer source (uint8 [n, 4] IPv4 or [n, 16] IPv6) is no peer's PublicIP(v6)."""
+        if src_addr.shape[1] == 16:
+            known6 = self.table.source6_set
+            if (src_addr == src_addr[0]).all():
+                return np.full(len(src_addr), src_addr[0].tobytes() not in known6)
+            return np.fromiter(
+                (row.tobytes() not in known6 for row in src_addr), dtype=bool, count=len(src_addr)
+            )
         known = self.table.source_v4
         src = np.ascontiguousarray(src_addr).view(">u4").reshape(-1)
         if len(known) == 0:
@@ -292,9 +315,10 @@ class Engine:
 
     # --- RX -----------------------------------------------------------------------------------------------
 
-    def rx_once(self) -> int:
-        """Receive one batch of datagrams and deliver it; returns datagrams received."""
-        rec = self.rx.recv_batch()
+    def rx_once(self, sock=None) -> int:
+        """Receive one batch of datagrams (from `sock`, default the IPv4 socket) and deliver it; returns
+        datagrams received."""
+        rec = (sock or self.rx).recv_batch()
         n = rec.batch.n
         if n == 0:
             return 0

@@ -55,6 +55,9 @@ class PeerTable:
         # Known outer sources as sorted uint32, for a vectorised np.isin over a receive batch.
         self.source_set = frozenset(int(ipaddress.IPv4Address(ip)) for ip in self.sources if ":" not in ip)
         self.source_v4 = np.array(sorted(self.source_set), dtype=np.uint32)
+        self.source6_set = frozenset(ipaddress.IPv6Address(ip).packed for ip in self.sources if ":" in ip)
+        # Which peers are reached over the IPv6 underlay (their outer destination is an IPv6 address).
+        self.outer_v6 = np.array([":" in ip for ip in self.public_ips] or [False], dtype=bool)
         by_len: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, peer in enumerate(self.peers):
             net = ipaddress.ip_network(peer.subnet, strict=False)

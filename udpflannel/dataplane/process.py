@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from udpflannel.dataplane.counters import Counters
 from udpflannel.dataplane.engine import HEADROOM, EngineConfig
 from udpflannel.dataplane.peers import Peer
+from udpflannel.io import linux
 from udpflannel.io.tun import Tun
-from udpflannel.io.udp import UdpSocket
+from udpflannel.io.udp import UdpSocket, _probe_gso, _try_setsockopt, grow_buffers, probe_max_segments
 
 READY_TIMEOUT = 10.0
 SRC_PORT_BASE = 32768  # outer source ports of the per-flow socket pool (Linux's ephemeral range start)
@@ -33,6 +34,27 @@ ACK_TIMEOUT = 5.0
 # 11 vs 19 CPU-s/GiB. So one worker is the default.
 WORKERS_ENV = "UDPFLANNEL_WORKERS"
 DEFAULT_WORKERS = 1
+
+
+def open_udp6(bind_ip: str, port: int, *, gro: bool = True, recv_slots: int = RECV_SLOTS) -> UdpSocket:
+    """An IPv6-only UDP socket (so it never competes with the IPv4 one on the same port), with the same
+    probed offloads io.udp.UdpSocket.open gives an IPv4 one."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        grow_buffers(sock)
+        sock.bind((bind_ip, port))
+        sock.setblocking(False)
+        gso = not linux.offload_disabled() and _probe_gso(sock)
+        gro = gro and not linux.offload_disabled() and _try_setsockopt(sock, linux.SOL_UDP, linux.UDP_GRO, 1)
+    except OSError:
+        sock.close()
+        raise
+    max_segments = probe_max_segments(socket.AF_INET6) if gso else 1
+    return UdpSocket(
+        sock, socket.AF_INET6, gso, gro, max_segments, linux.UDP_MAX_PAYLOAD_V6, recv_slots, HEADROOM
+    )
 
 
 class DataplaneError(RuntimeError):
@@ -55,9 +77,12 @@ class Dataplane:
     pool_size: int = 16  # outer source ports for vxlan; udp sends from rx_port as flannel does
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
+    bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
     _tun: Tun | None = None
     _rx: UdpSocket | None = None
     _pool: list[UdpSocket] = field(default_factory=list)
+    _rx6: UdpSocket | None = None
+    _pool6: list[UdpSocket] = field(default_factory=list)
     _counters: Counters | None = None
     _workers: list[_Worker] = field(default_factory=list)
     _seq: int = 0
@@ -77,7 +102,11 @@ class Dataplane:
                 headroom=HEADROOM,
             )
             if self.cfg.encap == "vxlan":
-                self._pool = self._open_pool()
+                self._pool = self._open_pool(socket.AF_INET, self.bind_ip)
+            if self.bind_ip6 is not None:
+                self._rx6 = open_udp6("::", self.rx_port, recv_slots=RECV_SLOTS)
+                if self.cfg.encap == "vxlan":
+                    self._pool6 = self._open_pool(socket.AF_INET6, self.bind_ip6)
             self._counters = Counters(self.workers)
             roles = ["both"] if self.workers == 1 else ["tx", "rx"]
             for index, role in enumerate(roles):
@@ -88,14 +117,17 @@ class Dataplane:
             self.stop()
             raise
 
-    def _open_pool(self) -> list[UdpSocket]:
+    def _open_pool(self, family: int, bind_ip: str) -> list[UdpSocket]:
         """Send sockets on consecutive ports from 32768 (skipping taken ones), so each inner flow keeps one
         outer source port, as Linux VXLAN does (spec/fastpath.md)."""
         pool: list[UdpSocket] = []
         port = SRC_PORT_BASE
         while len(pool) < self.pool_size and port <= SRC_PORT_LAST:
             try:
-                pool.append(UdpSocket.open(socket.AF_INET, self.bind_ip, port, gro=False, headroom=HEADROOM))
+                if family == socket.AF_INET:
+                    pool.append(UdpSocket.open(family, bind_ip, port, gro=False, headroom=HEADROOM))
+                else:
+                    pool.append(open_udp6(bind_ip, port, gro=False))
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     for s in pool:
@@ -113,13 +145,16 @@ class Dataplane:
             out["rx"] = self._rx.offloads
         if self._pool:
             out["tx"] = self._pool[0].offloads
+        if self._rx6 is not None:
+            out["rx6"] = self._rx6.offloads
         return out
 
     def _spawn(self, index: int, role: str) -> _Worker:
         assert self._rx is not None and self._counters is not None and self._tun is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socks = [self._rx, *self._pool]
+        socks = [self._rx, *self._pool, *([self._rx6] if self._rx6 else []), *self._pool6]
         pool_fds = [s.fileno() for s in self._pool] or [self._rx.fileno()]
+        pool6_fds = [s.fileno() for s in self._pool6] or ([self._rx6.fileno()] if self._rx6 else [])
         spec = {
             "engine": self.cfg.to_json(),
             "role": role,
@@ -133,8 +168,11 @@ class Dataplane:
             },
             "rx_fd": self._rx.fileno(),
             "pool_fds": pool_fds,
+            "rx6_fd": self._rx6.fileno() if self._rx6 else None,
+            "pool6_fds": pool6_fds,
             "udp": {
                 str(s.fileno()): {
+                    "family": int(s.family),
                     "gso": s.gso,
                     "gro": s.gro,
                     "max_segments": s.max_segments,
@@ -204,9 +242,13 @@ class Dataplane:
                 w.proc.wait(timeout=3)
             w.ctrl.close()
         self._workers.clear()
-        for s in self._pool:
+        for s in [*self._pool, *self._pool6]:
             s.close()
         self._pool.clear()
+        self._pool6.clear()
+        if self._rx6 is not None:
+            self._rx6.close()
+            self._rx6 = None
         if self._rx is not None:
             self._rx.close()
             self._rx = None

@@ -30,6 +30,8 @@ class TunnelBackend:
 
     type: str = ""
     overhead: int = 0
+    overhead_v6: int = 0  # encapsulation bytes over an IPv6 underlay
+    supports_v6_underlay = False
     tun_name: str = ""
     port: int = 0
 
@@ -38,7 +40,11 @@ class TunnelBackend:
         self.options = options
         self.iface = iface
         base_mtu = config.backend.mtu or iface.mtu
-        self.mtu = int(base_mtu) - self.overhead
+        # Dual-stack with an IPv6 underlay address: IPv6 inner traffic goes over IPv6 as flannel-v6.1 does.
+        self.v6_underlay = bool(self.supports_v6_underlay and getattr(config, "enable_ipv6", False))
+        self.v6_underlay = self.v6_underlay and iface.public_ipv6 is not None
+        # One TUN carries both families, so it takes the larger overhead when IPv6 frames ride IPv6.
+        self.mtu = int(base_mtu) - (self.overhead_v6 if self.v6_underlay else self.overhead)
         self.lease: Lease | None = None
         self.peers: dict[str, Lease] = {}
         self.dataplane: Dataplane | None = None
@@ -64,8 +70,14 @@ class TunnelBackend:
         self.lease = lease
         bind_ip = self.iface.address or "0.0.0.0"
         # Receive on every address of the node as kernel VXLAN does; send from the interface address.
+        bind_ip6 = (self.iface.address_v6 or "::") if self.v6_underlay else None
         self.dataplane = Dataplane(
-            self.engine_config(lease), self.tun_name, bind_ip, self.port, rx_bind_ip="0.0.0.0"
+            self.engine_config(lease),
+            self.tun_name,
+            bind_ip,
+            self.port,
+            rx_bind_ip="0.0.0.0",
+            bind_ip6=bind_ip6,
         )
         self.dataplane.start()
         log.info(
@@ -144,9 +156,11 @@ class TunnelBackend:
                 host.add_route(Route(str(ipv6_network), self.tun_name, src=v6))
 
 
-def peer_public_ip(lease: Lease, family: int) -> str | None:
-    """Outer destination for a peer: its IPv4 PublicIP (our underlay is IPv4), whatever the inner family."""
-    del family  # IPv6 underlay is not carried yet: inner IPv6 rides the IPv4 underlay to the same node
+def peer_public_ip(lease: Lease, family: int, v6_underlay: bool = False) -> str | None:
+    """Outer destination for a peer's subnet of `family`: its PublicIPv6 for IPv6 subnets when both ends have
+    an IPv6 underlay (flannel's flannel-v6.1 path), else its IPv4 PublicIP."""
+    if family == 6 and v6_underlay and lease.attrs.public_ipv6 is not None:
+        return str(lease.attrs.public_ipv6)
     ip = lease.attrs.public_ip
     return str(ip) if ip is not None else None
 

@@ -55,7 +55,7 @@ def _udp_socket(fd: int, probed: dict) -> UdpSocket:
     sock = socket.socket(fileno=fd)
     return UdpSocket(
         sock,
-        socket.AF_INET,
+        probed["family"],
         gso=probed["gso"],
         gro=probed["gro"],
         max_segments=probed["max_segments"],
@@ -71,12 +71,16 @@ def run(spec: dict) -> int:
     counters = Counters(spec["workers"], fd=spec["counters_fd"])
     t = spec["tun"]
     tun = Tun.from_fd(t["fd"], t["name"], vnet=t["vnet"], offload_flags=t["offload_flags"])
-    socks = {fd: _udp_socket(fd, spec["udp"][str(fd)]) for fd in {spec["rx_fd"], *spec["pool_fds"]}}
+    rx6_fd = spec.get("rx6_fd")
+    fds = {spec["rx_fd"], *spec["pool_fds"], *spec.get("pool6_fds", []), *([rx6_fd] if rx6_fd else [])}
+    socks = {fd: _udp_socket(fd, spec["udp"][str(fd)]) for fd in fds}
     rx = socks[spec["rx_fd"]]
     pool = [socks[fd] for fd in spec["pool_fds"]]
+    rx6 = socks[rx6_fd] if rx6_fd else None
+    pool6 = [socks[fd] for fd in spec.get("pool6_fds", [])]
     ctrl = socket.socket(fileno=spec["ctrl_fd"])
     ctrl.setblocking(False)
-    engine = Engine(cfg, tun, rx, pool, counters.row(spec["index"]))
+    engine = Engine(cfg, tun, rx, pool, counters.row(spec["index"]), rx6=rx6, pool6=pool6)
 
     stopping = False
 
@@ -91,8 +95,11 @@ def run(spec: dict) -> int:
         poller.register(tun.fileno(), select.POLLIN)
     if role in ("both", "rx"):
         poller.register(rx.fileno(), select.POLLIN)
+        if rx6 is not None:
+            poller.register(rx6.fileno(), select.POLLIN)
     ctrl.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
     tun_fd, rx_fd, ctrl_fd = tun.fileno(), rx.fileno(), ctrl.fileno()
+    rx6_poll_fd = rx6.fileno() if rx6 is not None else -1
     while not stopping:
         try:
             events = poller.poll(POLL_MS)
@@ -107,6 +114,8 @@ def run(spec: dict) -> int:
                 moved += engine.tx_once()
             if rx_fd in ready:
                 moved += engine.rx_once()
+            if rx6_poll_fd in ready:
+                moved += engine.rx_once(rx6)
             if moved == 0:
                 break
     return 0

@@ -15,6 +15,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h
+
 
 class HostError(RuntimeError):
     """A netlink change failed; the message names the object and the kernel's error."""
@@ -95,8 +97,15 @@ class HostConfig:
     def add_address(self, dev: str, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
         idx = self.link_index(dev)
+        extra: dict[str, Any] = {}
+        if iface.version == 6:
+            # No duplicate address detection on a point-to-point TUN: a tentative address cannot be a route's
+            # preferred source (EINVAL), and nothing else can own it.
+            extra["flags"] = IFA_F_NODAD
         try:
-            self._ip().addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            self._ip().addr(
+                "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra
+            )
         except Exception as exc:
             if getattr(exc, "code", None) != errno.EEXIST:
                 raise HostError(f"adding address {cidr} to {dev}: {exc}") from exc
