@@ -113,3 +113,14 @@ def test_fallback_without_encrypt_into(monkeypatch) -> None:
         pos += size
     opened = open_batch(p2.b, views, ENDPOINT_A, p2.now)
     assert [bytes(v) for _, v in opened.delivered] == segs[:2]
+
+
+def test_batch_never_runs_past_reject_after_messages() -> None:
+    from udpflannel.codec.wireguard.timers import Timing
+
+    p = make_pair(Timing(reject_after_messages=4))
+    p.deliver(p.a, p.a.initiate(p.b.identity.public, p.now))  # the keepalive used counter 0
+    out = bytearray(4096)
+    assert isinstance(seal_batch(p.a, p.b.identity.public, [ipv4_packet(1)] * 4, out, p.now), Queued)
+    res = seal_batch(p.a, p.b.identity.public, [ipv4_packet(1)] * 3, out, p.now)
+    assert isinstance(res, SealedBatch) and len(res.sizes) == 3  # counters 1..3, the last usable ones

@@ -62,6 +62,8 @@ def seal_batch(
     (ChaCha20Poly1305.encrypt_into). Equal-length segments give equal-size messages, ready for UDP GSO."""
     peer = device.peers[public_key]
     kp = device._sendable_keypair(peer, now)
+    if kp is not None and kp.send_nonce + len(segments) > device.timing.reject_after_messages:
+        kp = None  # the batch would run past REJECT_AFTER_MESSAGES: wait for a fresh keypair instead
     if kp is None:
         for seg in segments:
             device._stage(peer, bytes(seg))
