@@ -267,3 +267,12 @@ def test_flow_cache_follows_peer_changes():
     before = len(h.sent)
     send()
     assert len(h.sent) == before and h.counters[INDEX["drop_unknown_peer"]] == 3
+
+
+def test_multicast_is_not_unicast_and_never_answered():
+    mld = bytes(scapy.IPv6(src="::", dst="ff02::16") / scapy.ICMPv6EchoRequest())
+    v4 = _ip(dst="224.0.0.22")
+    eng, c = _engine("vxlan", [mld, v4])
+    eng.engine.tx_once()
+    assert eng.sent == [] and eng.tun.written == []
+    assert c[INDEX["drop_not_unicast"]] == 2 and c[INDEX["drop_unknown_peer"]] == 0

@@ -184,6 +184,11 @@ class Engine:
         codes = np.zeros(n, dtype=np.uint8)
         codes[lens > self.cfg.mtu] = DropReason.OVER_MTU
         codes[peer == NO_PEER] = DropReason.UNKNOWN_PEER
+        # Multicast/broadcast (IPv4 224/4 and up, IPv6 ff00::/8) never belongs to a peer subnet.
+        not_unicast = ((version == 4) & (batch.buf[:n, off + 16] >= 224)) | (
+            (version == 6) & (batch.buf[:n, off + 24] == 0xFF)
+        )
+        codes[(peer == NO_PEER) & not_unicast] = DropReason.NOT_UNICAST
         codes[bad] = DropReason.BAD_HEADER
         codes[~active] = DropReason.NONE
         return peer, codes

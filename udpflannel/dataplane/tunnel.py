@@ -90,6 +90,7 @@ class TunnelBackend:
         try:
             self.host = HostConfig()
             self.host.link_index(self.tun_name, wait=2.0)
+            self.host.no_link_local(self.tun_name)
             self.host.set_link(
                 self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN, gso_max_size=GSO_MAX_SIZE
             )

@@ -94,6 +94,17 @@ class HostConfig:
         except Exception as exc:  # pyroute2 raises NetlinkError; keep the message, name the link
             raise HostError(f"setting link {name} {kwargs} up={up}: {exc}") from exc
 
+    def no_link_local(self, name: str) -> None:
+        """No IPv6 link-local address on `name` (addr_gen_mode none), so the kernel sends no router
+        solicitations or MLD reports into a tunnel that has no use for them. Set before the link goes up;
+        harmless where IPv6 is disabled."""
+        path = f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"
+        try:
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError as exc:
+            log.info("could not turn off IPv6 link-local on %s: %s", name, exc)
+
     def add_address(self, dev: str, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
         idx = self.link_index(dev)

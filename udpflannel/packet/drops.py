@@ -27,6 +27,7 @@ class DropReason(IntEnum):
     SEND_ERROR = 27  # the kernel refused the outer datagram
     TUN_WRITE_ERROR = 28  # the kernel refused the inner packet on the TUN
     INTERNAL_ERROR = 29  # a datapath bug caught at the loop boundary: the batch is dropped, the loop goes on
+    NOT_UNICAST = 30  # TX: to a multicast/broadcast address (e.g. the kernel's own MLD reports on the TUN)
 
     @property
     def label(self) -> str:
