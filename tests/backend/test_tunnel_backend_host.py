@@ -53,6 +53,10 @@ def test_start_configures_host_and_stop_cleans_up(kind, tun, mtu):
                 ("198.19.1.0", 32)
             }
             assert f"198.19.0.0/16 dev {tun}" in a.exec("ip", "route")
+            proc.stdin.write('{"op": "stats"}\n')  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            stats = json.loads(proc.stdout.readline())["stats"]  # type: ignore[union-attr]
+            assert stats["workers_alive"] == len(ready["pids"]) and stats["drop_internal_error"] == 0
             listening = a.exec("ss", "-uln")
             assert (":8472" if kind == "vxlan" else ":8285") in listening
         finally:

@@ -225,7 +225,12 @@ class Dataplane:
             self._expect(w, "peers_applied", ACK_TIMEOUT, self._seq)
 
     def stats(self) -> dict[str, int]:
-        return self._counters.totals() if self._counters else {}
+        """Counters summed over workers, plus how many workers are alive (a dead one is a bug to page on)."""
+        if self._counters is None:
+            return {}
+        out = self._counters.totals()
+        out["workers_alive"] = sum(w.proc.poll() is None for w in self._workers)
+        return out
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
