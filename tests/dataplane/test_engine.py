@@ -119,15 +119,14 @@ def _ip(dst: str = "198.19.2.5", size: int = 100, ttl: int = 64, df: bool = True
     return bytes(pkt / bytes(size))
 
 
-def test_vxlan_tx_encapsulates_to_the_peer():
-    inner = [
-        _ip(),
-        _ip(sport=2000),
-        bytes(scapy.IPv6(src="fd00:198:19:1::", dst="fd00:198:19:2::7") / scapy.UDP()),
-    ]
+@pytest.mark.parametrize("count", [1, 3, 10, 64], ids=lambda n: f"{n}pkts")
+def test_vxlan_tx_encapsulates_to_the_peer(count):
+    # Up to FEW_PACKETS rows take the per-row path, more the vectorised one: same bytes either way.
+    six = bytes(scapy.IPv6(src="fd00:198:19:1::", dst="fd00:198:19:2::7") / scapy.UDP())
+    inner = [six if i % 3 == 2 else _ip(sport=2000 + i) for i in range(count)]
     eng, c = _engine("vxlan", inner)
-    assert eng.engine.tx_once() == 3
-    assert len(eng.sent) == 3
+    assert eng.engine.tx_once() == count
+    assert len(eng.sent) == count
     got = []
     for data, dst, _ in eng.sent:  # grouped by source socket, so not in read order
         assert dst == ("198.18.0.2", 8472)
@@ -136,7 +135,7 @@ def test_vxlan_tx_encapsulates_to_the_peer():
         assert frame.src_mac == vxlan.parse_mac(OUR_MAC)
         got.append(frame.inner)
     assert sorted(got) == sorted(inner)
-    assert c[INDEX["tx_packets"]] == 3
+    assert c[INDEX["tx_packets"]] == count
 
 
 def test_unknown_peer_gets_net_unreachable_and_is_counted():
