@@ -275,3 +275,23 @@ def test_multicast_is_not_unicast_and_never_answered():
     eng.engine.tx_once()
     assert eng.sent == [] and eng.tun.written == []
     assert c[INDEX["drop_not_unicast"]] == 2 and c[INDEX["drop_unknown_peer"]] == 0
+
+
+@pytest.mark.parametrize("ttl", [64, 1])
+def test_udp_superpacket_decrements_ttl_or_expires(ttl):
+    inner = scapy.IP(src="198.19.1.0", dst="198.19.2.9", ttl=ttl) / scapy.TCP(sport=4, dport=5, flags="A")
+    h = Harness("udp")
+    headers = np.zeros(1, VNET_HDR_DTYPE)
+    headers[0] = (1, 1, 40, 1000, 20, 16)
+    batch = PacketBatch.from_packets([bytes(inner / bytes(2500))], headroom=HEADROOM)
+    h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
+    if ttl == 1:
+        assert h.sent == [] and h.counters[INDEX["drop_ttl_exceeded"]] == 3
+        return
+    assert len(h.sent) == 3 and {d for _, d, _ in h.sent} == {("198.18.0.2", 8285)}
+    for data, _, _ in h.sent:
+        pkt = scapy.IP(data)
+        assert pkt.ttl == ttl - 1
+        clean = scapy.IP(data)
+        del clean.chksum, clean[scapy.TCP].chksum
+        assert bytes(scapy.IP(bytes(clean))) == data

@@ -259,11 +259,20 @@ class Engine:
         lens = segs.lengths[:n]
         off = segs.offset
         peer, sock_index = self._flow(segs.buf, off, 0)
-        if peer == NO_PEER or int(lens.max()) > self.cfg.mtu or not self.is_vxlan:
+        ttl_at = off + (7 if segs.buf[0, off] >> 4 == 6 else 8)  # IPv6 hop limit / IPv4 TTL
+        if (
+            peer == NO_PEER
+            or int(lens.max()) > self.cfg.mtu
+            or (not self.is_vxlan and int(segs.buf[:n, ttl_at].min()) <= 1)
+        ):
             self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True)
             return
-        mac = self.table.macs[peer : peer + 1]
-        vxlan_codec.encode_batch(segs.buf, lens, off, self.template, np.broadcast_to(mac, (n, 6)))
+        if self.is_vxlan:
+            mac = self.table.macs[peer : peer + 1]
+            vxlan_codec.encode_batch(segs.buf, lens, off, self.template, np.broadcast_to(mac, (n, 6)))
+        else:
+            # flannel's udp proxy: TTL down by one on the way out (no row can expire: checked above).
+            udp_codec.decrement_ttl_batch(segs.buf, lens, off, np.ones(n, dtype=bool))
         pool = self._pools[int(self.table.outer_v6[peer])]
         sock = pool[sock_index % len(pool)]
         calls, before = sock.stats.send_calls, sock.stats.sent
