@@ -138,3 +138,54 @@ def test_metrics_endpoint(node: Netns, tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
+
+
+def test_two_wireguard_agents_handshake_and_wg_show(tmp_path: Path) -> None:
+    with Lab() as lab:
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.veth(a, b, "198.18.0.1/24", "198.18.0.2/24", name_a="eth1", name_b="eth1")
+        procs = []
+        try:
+            for ns, name in ((a, "a"), (b, "b")):
+                d = tmp_path / name
+                d.mkdir()
+                env = {**os.environ, "WIREGUARD_KEY_FILE": str(d / "wgkey")}
+                conf = {"Network": "198.19.0.0/16", "Backend": {"Type": "wireguard"}}
+                (d / "net-conf.json").write_text(json.dumps(conf))
+                args = ["--sqlite-path", str(tmp_path / "leases.db"), "--subnet-file", str(d / "subnet.env")]
+                args += [
+                    "--net-config-path",
+                    str(d / "net-conf.json"),
+                    "--iface",
+                    "eth1",
+                    "--healthz-port",
+                    "9913",
+                ]
+                procs.append(
+                    subprocess.Popen(
+                        ns.cmd(UDPFLANNEL, "run", *args), env=env, stderr=subprocess.PIPE, text=True
+                    )
+                )
+            for name in ("a", "b"):
+                wait_for(tmp_path / name / "subnet.env")
+            assert oct((tmp_path / "a" / "wgkey").stat().st_mode & 0o777) == "0o400"
+            subnet_b = next(
+                lease["Subnet"] for lease in leases(tmp_path) if lease["Attrs"]["PublicIP"] == "198.18.0.2"
+            )
+            target = subnet_b.split("/")[0]
+            # The first pings may be spent on the handshake and on the peer event reaching the agent.
+            ok = any(
+                a.exec("ping", "-c", "1", "-W", "1", target, check=False, timeout=5).find(" 0% packet loss")
+                >= 0
+                for _ in range(15)
+            )
+            assert ok, f"no reply from {target} over WireGuard"
+            shown = a.exec(UDPFLANNEL, "wg", "show", "--healthz-port", "9913")
+            assert "interface: flannel-wg" in shown
+            assert "endpoint: 198.18.0.2:51820" in shown
+            assert "latest handshake:" in shown
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=15)
+        assert all(proc.returncode == 0 for proc in procs)

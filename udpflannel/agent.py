@@ -118,7 +118,8 @@ class Agent:
         if opts.healthz_port:
             from udpflannel.host.health import HealthServer
 
-            self._health = HealthServer(opts.healthz_ip, opts.healthz_port, self.counters)
+            views = {"/wireguard": backend.wg_stats} if hasattr(backend, "wg_stats") else {}
+            self._health = HealthServer(opts.healthz_ip, opts.healthz_port, self.counters, views)
             self._health.start()
         self.lease = self.manager.acquire(time.time())
         log.info("acquired lease %s", self.lease.key)

@@ -28,6 +28,7 @@ PROG = "udpflannel"
 EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("udpflannel.lab.cli", "build a network-namespace lab from a containerlab topology, run the demo"),
     "trace": ("udpflannel.trace.cli", "follow one packet hop by hop and dissect its headers"),
+    "wg": ("udpflannel.wg_cli", "show the WireGuard devices of a running agent, like `wg show`"),
 }
 
 

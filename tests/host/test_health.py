@@ -44,3 +44,20 @@ def test_endpoints(server) -> None:
     counters["rx_packets_total"] = 9
     assert "udpflannel_rx_packets_total 9" in get(srv.port, "/metrics")[1]
     assert get(srv.port, "/nope")[0] == 404
+
+
+def test_json_views_and_a_failing_view() -> None:
+    def broken() -> object:
+        raise RuntimeError("worker gone")
+
+    srv = HealthServer(
+        "127.0.0.1", 0, dict, {"/wireguard": lambda: {"flannel-wg": {"peers": []}}, "/x": broken}
+    )
+    srv.start()
+    try:
+        assert get(srv.port, "/wireguard") == (200, '{"flannel-wg": {"peers": []}}\n')
+        code, body = get(srv.port, "/x")
+        assert code == 503 and "worker gone" in body
+        assert get(srv.port, "/healthz")[0] == 200
+    finally:
+        srv.stop()

@@ -1,8 +1,10 @@
 """The agent's HTTP endpoints: /healthz, /readyz (200 only once subnet.env and rules are in place) and
-/metrics (Prometheus text: datapath counters and drops by reason). Off unless --healthz-port is set."""
+/metrics (Prometheus text: datapath counters and drops by reason), plus optional JSON views (e.g. /wireguard
+for `udpflannel wg show`). Off unless --healthz-port is set."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,8 +29,15 @@ def render_metrics(counters: Mapping[str, int]) -> str:
 class HealthServer:
     """Serves the three endpoints from a daemon thread; `ready` flips /readyz to 200."""
 
-    def __init__(self, host: str, port: int, counters: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        counters: Callable[[], Mapping[str, int]],
+        json_views: Mapping[str, Callable[[], object]] | None = None,
+    ) -> None:
         self.ready = threading.Event()
+        views = dict(json_views or {})
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +50,13 @@ class HealthServer:
                     self._reply(200 if ok else 503, "ok\n" if ok else "not ready\n")
                 elif path == "/metrics":
                     self._reply(200, render_metrics(counters()), "text/plain; version=0.0.4")
+                elif path in views:
+                    try:
+                        body = json.dumps(views[path]())
+                    except Exception as exc:  # a view of a dying backend must not take the server down
+                        self._reply(503, json.dumps({"error": str(exc)}) + "\n", "application/json")
+                        return
+                    self._reply(200, body + "\n", "application/json")
                 else:
                     self._reply(404, "not found\n")
 
