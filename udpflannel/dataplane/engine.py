@@ -105,6 +105,7 @@ class Engine:
         self._dsts: list[tuple[str, int]] = []
         self._errors_logged = 0
         self._flows: dict[bytes, tuple[int, int]] = {}
+        self._headers = self.template[None, :].copy()  # per-peer headers, rebuilt by set_peers
 
     def _count(self, name: str, value: int = 1) -> None:
         self.counters[INDEX[name]] += value
@@ -127,6 +128,9 @@ class Engine:
         self.table = PeerTable(peers)
         self._dsts = [(ip, self.cfg.port) for ip in self.table.public_ips]
         self._flows.clear()  # cached peer choices may be stale now
+        # Each peer's VXLAN + inner Ethernet header (IPv4 ethertype), for the one-flow path.
+        self._headers = np.repeat(self.template[None, :], max(len(self.table), 1), axis=0)
+        self._headers[:, 8:14] = self.table.macs[: len(self._headers)]
         self._count("peer_updates")
 
     # --- TX -----------------------------------------------------------------------------------------------
@@ -268,8 +272,11 @@ class Engine:
             self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True)
             return
         if self.is_vxlan:
-            mac = self.table.macs[peer : peer + 1]
-            vxlan_codec.encode_batch(segs.buf, lens, off, self.template, np.broadcast_to(mac, (n, 6)))
+            # One flow, one family, one peer: the peer's whole 22-byte header row broadcast over the segments.
+            segs.buf[:n, off - self.head : off] = self._headers[peer]
+            if segs.buf[0, off] >> 4 == 6:
+                segs.buf[:n, off - 2] = vxlan_codec.ETHERTYPE_IPV6 >> 8
+                segs.buf[:n, off - 1] = vxlan_codec.ETHERTYPE_IPV6 & 0xFF
         else:
             # flannel's udp proxy: TTL down by one on the way out (no row can expire: checked above).
             udp_codec.decrement_ttl_batch(segs.buf, lens, off, np.ones(n, dtype=bool))
