@@ -344,3 +344,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if ns.command == "leases":
         return cmd_leases(ns, environ, sys.stdout)
     return cmd_version()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
