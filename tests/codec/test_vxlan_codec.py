@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from udpflannel.codec import vxlan
 
-TESTDATA = pathlib.Path("/work/shared/testdata")
+TESTDATA = pathlib.Path(os.environ["UDPFLANNEL_TESTDATA"])  # set by tests/conftest.py
 PCAP = TESTDATA / "vxlan-kernel-flannel.pcap"
 
 scapy_all = pytest.importorskip("scapy.all")

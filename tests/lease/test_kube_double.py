@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,16 +16,14 @@ import pytest
 from kube_double import KubeApiDouble
 from kube_wire import strategic_merge
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "kube"
-if not TESTDATA.is_dir():  # CI lays shared/ beside the clone; a developer's checkout has it at /work/shared
-    TESTDATA = Path("/work/shared/testdata/kube")
+TESTDATA = Path(os.environ["UDPFLANNEL_TESTDATA"]) / "kube"  # set by tests/conftest.py
 TOKEN = "test-token"
 # Server-filled fields that differ run to run; everything else must match the recording.
 VOLATILE = {"uid", "creationTimestamp", "managedFields"}
 # Recorded watches ran 2-5 s; the replay shortens them (the server just closes the stream at the timeout).
 WATCH_SECONDS = "1"
 
-pytestmark = pytest.mark.skipif(not TESTDATA.is_dir(), reason=f"recorded exchanges not found at {TESTDATA}")
+assert TESTDATA.is_dir(), f"recorded kube-apiserver exchanges not found at {TESTDATA}"
 
 
 def recorded(name: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,7 +232,7 @@ def test_renew_survives_unrelated_node_updates(double: KubeApiDouble, make_store
 
 
 def test_a_node_annotated_by_flanneld_reads_as_a_peer(double: KubeApiDouble, make_store) -> None:
-    recorded = Path("/work/shared/testdata/kube/05a-patch-status-flannel.json")
+    recorded = Path(os.environ["UDPFLANNEL_TESTDATA"]) / "kube" / "05a-patch-status-flannel.json"
     if recorded.exists():
         annotations = json.loads(recorded.read_text())["request"]["body"]["metadata"]["annotations"]
     else:

@@ -4,6 +4,7 @@ TUN (raw IP) frames, custom ports from net-conf, and truncated input that must n
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,13 @@ from scapy.utils import RawPcapReader
 
 from udpflannel.trace.dissect import LINKTYPE_ETHERNET, LINKTYPE_RAW, dissect, encap_ports
 
-TESTDATA = Path("/work/shared/testdata")
+TESTDATA = Path(os.environ["UDPFLANNEL_TESTDATA"])  # set by tests/conftest.py
 VXLAN_PCAP = TESTDATA / "vxlan-kernel-flannel.pcap"
 WG_PCAP = TESTDATA / "wireguard-go-session.pcap"
 
 
 def frames(path: Path) -> list[tuple[bytes, int]]:
-    if not path.exists():
-        pytest.skip(f"golden capture {path} is missing (it ships with /work/shared/testdata)")
+    assert path.exists(), f"golden capture {path} is missing (shared/testdata beside the checkout)"
     with RawPcapReader(str(path)) as reader:
         return [(bytes(data), int(reader.linktype)) for data, _ in reader]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -18,15 +19,12 @@ from udpflannel.codec.wireguard import messages as m
 from udpflannel.codec.wireguard.cookie import CookieChecker
 from udpflannel.codec.wireguard.events import DropReason
 
-TESTDATA = Path(__file__).resolve().parents[3].parent / "shared" / "testdata"
-CANDIDATES = [TESTDATA, Path("/work/shared/testdata")]
+TESTDATA = Path(os.environ["UDPFLANNEL_TESTDATA"])  # set by tests/conftest.py
 
 
 def _testdata() -> Path:
-    for d in CANDIDATES:
-        if (d / "wireguard-go-session.json").exists():
-            return d
-    pytest.skip("shared/testdata/wireguard-go-session.* not found")
+    assert (TESTDATA / "wireguard-go-session.json").exists(), f"golden capture missing under {TESTDATA}"
+    return TESTDATA
 
 
 def udp_payloads(pcap: Path) -> list[tuple[str, bytes]]:
