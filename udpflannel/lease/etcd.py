@@ -52,6 +52,14 @@ def _unb64(data: str) -> bytes:
     return base64.b64decode(data)
 
 
+def _flannel_value(attrs: LeaseAttrs) -> str:
+    """A lease value byte for byte as flanneld writes it: Go marshals LeaseAttrs.PublicIPv6 (an *ip.IP6
+    without omitempty) as null when unset, right after PublicIP (spec/flannel.md, etcd v3 layout)."""
+    obj = attrs.to_json()
+    ordered = {"PublicIP": obj.pop("PublicIP"), "PublicIPv6": obj.pop("PublicIPv6", None), **obj}
+    return json.dumps(ordered, separators=(",", ":"))
+
+
 def _prefix_end(prefix: str) -> str:
     """etcd's range_end for "every key starting with prefix": the prefix with its last byte incremented."""
     raw = bytearray(prefix.encode())
@@ -270,7 +278,7 @@ class EtcdStore:
         now = self._clock()
         resp = self._txn(
             {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0},
-            {"request_put": {"key": _b64(key), "value": _b64(attrs.dumps()), "lease": lease_id}},
+            {"request_put": {"key": _b64(key), "value": _b64(_flannel_value(attrs)), "lease": lease_id}},
             key,
         )
         if resp.get("succeeded"):
@@ -289,7 +297,7 @@ class EtcdStore:
         """A free key, or one held by the same PublicIP (its lease becomes a reservation), else Conflict."""
         key = self._key(subnet, ipv6_subnet)
         kv = self._range(key)
-        put = {"request_put": {"key": _b64(key), "value": _b64(attrs.dumps())}}
+        put = {"request_put": {"key": _b64(key), "value": _b64(_flannel_value(attrs))}}
         if kv is None:
             compare = {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0}
         else:
@@ -330,7 +338,7 @@ class EtcdStore:
             # A fresh etcd lease (rather than a keepalive) lets the TTL change and keeps the CAS a single txn.
             new_id, granted = self._grant(ttl)
         now = self._clock()
-        put: dict[str, Any] = {"key": _b64(key), "value": _b64(attrs.dumps())}
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(_flannel_value(attrs))}
         if new_id:
             put["lease"] = new_id
         resp = self._txn(
