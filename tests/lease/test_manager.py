@@ -334,6 +334,7 @@ def test_deleted_lease_is_reacquired_and_logged(store, fake_clock, caplog):
         new = m.renew(fake_clock())
     assert "lease lost, re-acquiring" in caplog.text
     assert [x.key for x in store.list().leases] == [new.key]
+    assert new.key == lease.key  # still free: the same subnet again, so the node's pods keep their addresses
     assert new.revision > lease.revision and m.lease == new and not m.lost
 
 

@@ -8,6 +8,7 @@ PublicIP's lease, then the previous subnet.env's subnet, then a random pick amon
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -16,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from udpflannel.lease.model import Event, EventType, IPv4Network, IPv6Network, Lease, LeaseAttrs
 from udpflannel.lease.store import Compacted, Conflict, NotFound, Store, StoreError
-from udpflannel.subnet import count_subnets, iter_subnets, subnet_at
+from udpflannel.subnet import SubnetEnv, count_subnets, iter_subnets, subnet_at
 
 if TYPE_CHECKING:
     from udpflannel.config import NetworkConfig
-    from udpflannel.subnet import SubnetEnv
 
 DEFAULT_TTL = 24 * 3600.0  # flannel's subnet lease TTL
 DEFAULT_RENEW_MARGIN = 3600.0  # --subnet-lease-renew-margin default, 60 minutes
@@ -361,14 +361,24 @@ class LeaseManager:
             return self.acquire(now)
         if self._lost:
             self._log.warning("lease lost, re-acquiring: %s was deleted, expired or taken", self._lease.key)
-            return self.acquire(now)
+            return self._reacquire(now)
         try:
             lease = self._store.renew(self._lease, self._attrs, self._ttl)
         except (NotFound, Conflict) as exc:
             self._log.warning("lease lost, re-acquiring: %s", exc)
-            return self.acquire(now)
+            return self._reacquire(now)
         self._set_lease(lease, now)
         return lease
+
+    def _reacquire(self, now: float) -> Lease:
+        # Pods on this node hold addresses in the lost subnet: take it again while it is free, as flanneld's
+        # restart would through subnet.env; only a taken subnet makes us move.
+        lost = self._lease
+        if lost is not None:
+            v4 = ipaddress.IPv4Interface(str(lost.subnet)) if lost.subnet is not None else None
+            v6 = ipaddress.IPv6Interface(str(lost.ipv6_subnet)) if lost.ipv6_subnet is not None else None
+            self._hint = SubnetEnv(subnet=v4, ipv6_subnet=v6)
+        return self.acquire(now)
 
     def release(self) -> None:
         """Delete our lease (clean shutdown, only when asked: flannel keeps it for the next start)."""
