@@ -76,6 +76,11 @@ class FakeSock:
         self.stats.send_calls += 1
         return len(rows)
 
+    def send_packed(self, data, seg_size, dest) -> int:
+        mv = memoryview(data)
+        rows = [mv[a : a + seg_size] for a in range(0, len(mv), seg_size)]
+        return self.send_segments(rows, seg_size, dest)
+
     def sendmmsg(self, items) -> int:
         for r, dest in items:
             self.log.append((bytes(r), dest, self.index))

@@ -79,6 +79,29 @@ def test_gso_send_gro_receive_in_order(pair: tuple[Lab, str, str], offload: bool
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("offload", [True, False], ids=["gso", "fallback"])
+def test_send_packed_cuts_one_buffer_into_datagrams(pair: tuple[Lab, str, str], offload: bool) -> None:
+    """One buffer of 130 x 1000 bytes + a 7-byte tail: the datagrams arrive as if sent one by one, in as
+    few calls as the segment and payload limits allow (65507 // 1000 = 65 per call)."""
+    _, a, b = pair
+    tx = _open(a, "198.18.0.1", 0, gso=offload)
+    rx = _open(b, "198.18.0.2", PORT, gro=offload)
+    try:
+        sent = _payloads(130, 1000, 7)
+        assert tx.send_packed(b"".join(sent), 1000, ("198.18.0.2", PORT)) == len(sent)
+        got, _ = _receive_all(rx, len(sent))
+        assert got == sent
+        assert tx.stats.sent == len(sent)
+        if offload:
+            assert tx.stats.send_calls == -(-len(sent) // min(tx.max_segments, 65))
+        assert tx.send_packed(b"x" * 10, 10, ("198.18.0.2", PORT)) == 1
+        assert _receive_all(rx, 1)[0] == [b"x" * 10]
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.root
 def test_gso_and_fallback_put_the_same_datagrams_on_the_wire(pair: tuple[Lab, str, str]) -> None:
     _, a, b = pair
     tx_gso = _open(a, "198.18.0.1", 0, gso=True)

@@ -15,7 +15,7 @@ from scapy.layers.inet6 import IPv6
 
 from udpflannel.packet import reference
 from udpflannel.packet.drops import DropReason
-from udpflannel.packet.gso import MAX_SEGMENTS, split_superpacket
+from udpflannel.packet.gso import MAX_SEGMENTS, packed_payload, split_superpacket
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -93,6 +93,28 @@ def test_udp_split_matches_scapy_and_twin(sp: Super) -> None:
     segs = split_superpacket(sp.raw, sp.vh, 50).packets()
     check_segments(sp, segs, 50)
     assert segs == reference.split(sp.raw, sp.vh)
+
+
+@given(
+    sp=st.one_of(tcp_superpackets(), udp_superpackets()),
+    head=st.sampled_from([0, 22]),
+    mss_cut=st.integers(0, 3),
+)
+@SETTINGS
+def test_packed_split_is_one_buffer_of_the_same_segments(sp: Super, head: int, mss_cut: int) -> None:
+    """Rows end to end (for one UDP_SEGMENT send): the same segments as the padded layout, every segment
+    size mod 4 (the tail bytes are summed apart), and the buffer is header + segment, row after row."""
+    vh = sp.vh
+    if vh.gso_size > 64:  # (tiny sizes would pass MAX_SEGMENTS)
+        vh = VnetHdr(vh.flags, vh.gso_type, vh.hdr_len, vh.gso_size - mss_cut, vh.csum_start, vh.csum_offset)
+    batch = split_superpacket(sp.raw, vh, head, packed=True)
+    assert batch.drop == 0 and batch.offset == head
+    segs = batch.packets()
+    assert segs == reference.split(sp.raw, vh) == split_superpacket(sp.raw, vh, 64).packets()
+    size = batch.stride - head  # the segment size to send with: every datagram but the last fills it
+    assert all(len(x) == size for x in segs[:-1]) and 0 < len(segs[-1]) <= size
+    batch.buf[:, :head] = 0xAB  # what an encapsulation header would be
+    assert bytes(packed_payload(batch)) == b"".join(b"\xab" * head + x for x in segs)
 
 
 @given(v6=st.booleans(), tcp=st.booleans(), n=st.integers(0, 1400), seed=st.integers(0, 1000))

@@ -16,7 +16,7 @@ from scapy.packet import Raw
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason, count_drops
-from udpflannel.packet.parse import ip_fields, validate_ip
+from udpflannel.packet.parse import ip_fields, validate_ip, validate_one
 from udpflannel.packet.vnet import VnetHdr
 
 R = DropReason
@@ -62,6 +62,7 @@ def test_reasons() -> None:
     batch = PacketBatch.from_packets([c for c, _ in cases], headroom=8)
     codes = validate_ip(batch)
     assert [R(c) for c in codes.tolist()] == [r for _, r in cases]
+    assert [R(validate_one(c)[0]) for c, _ in cases] == [r for _, r in cases]
 
 
 def test_l4_checksums() -> None:
@@ -77,6 +78,7 @@ def test_l4_checksums() -> None:
     codes = validate_ip(PacketBatch.from_packets(pkts, headroom=0), l4_checksum=True)
     bad = R.BAD_L4_CHECKSUM
     assert [R(c) for c in codes.tolist()] == [R.NONE, R.NONE, R.NONE, bad, bad, R.NONE]
+    assert [R(validate_one(p)[0]) for p in pkts] == [R.NONE, R.NONE, R.NONE, bad, bad, R.NONE]
 
 
 def test_padding_is_trimmed() -> None:
@@ -153,3 +155,6 @@ def test_matches_per_packet_twin(
     codes = validate_ip(batch, l4_checksum=True)
     want = [reference.validate(r) for r in rows]
     assert [(int(c), int(ln)) for c, ln in zip(codes, batch.lengths, strict=True)] == want
+    # the per-packet path the engine takes for a few small packets says the same, from bytes or views
+    assert [validate_one(r) for r in rows] == want
+    assert [validate_one(memoryview(r)) for r in rows] == want

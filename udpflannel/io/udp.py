@@ -170,6 +170,36 @@ class UdpSocket:
             sent += n
         return sent
 
+    def send_packed(self, data: Buffer, seg_size: int, dest: tuple[str, int]) -> int:
+        """Send `data` cut into datagrams of seg_size bytes (the last may be shorter), e.g. the rows of a
+        packed split (packet.gso.packed_payload): one sendmsg(UDP_SEGMENT) per as many datagrams as the
+        limits allow, no per-datagram views. Without GSO, one sendmmsg of slices. Returns datagrams sent."""
+        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        total = len(mv)
+        if seg_size <= 0:
+            raise ValueError("seg_size must be positive")
+        count = -(-total // seg_size)
+        if count == 0:
+            return 0
+        if not self.gso or count == 1:
+            if count == 1:
+                return self._sendmsg((mv,), (), dest, datagrams=1)
+            return self.sendmmsg_to([mv[a : a + seg_size] for a in range(0, total, seg_size)], dest)
+        per_call = max(1, min(self.max_segments, self.max_payload // seg_size)) * seg_size
+        anc = [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg_size))]
+        sent = 0
+        for a in range(0, total, per_call):
+            chunk = mv[a : a + per_call]
+            datagrams = -(-len(chunk) // seg_size)
+            n = self._sendmsg((chunk,), anc if datagrams > 1 else (), dest, datagrams=datagrams)
+            if n < 0:  # GSO refused for good: the rest goes one datagram at a time
+                rest = mv[a:]
+                return sent + self.sendmmsg_to(
+                    [rest[b : b + seg_size] for b in range(0, len(rest), seg_size)], dest
+                )
+            sent += n
+        return sent
+
     def _sendmsg(
         self, bufs: Sequence[Buffer], anc: Sequence, dest: tuple[str, int], *, datagrams: int
     ) -> int:

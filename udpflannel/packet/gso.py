@@ -42,8 +42,15 @@ def _be16(col: np.ndarray) -> np.ndarray:
     return col.view(">u2")[:, 0]
 
 
-def split_superpacket(data: BytesLike, vnet_hdr: VnetHdr | BytesLike | None, headroom: int) -> PacketBatch:
-    """Split `data` (an IP packet as read from TUN, without its virtio header) into a batch of packets."""
+def split_superpacket(
+    data: BytesLike, vnet_hdr: VnetHdr | BytesLike | None, headroom: int, *, packed: bool = False
+) -> PacketBatch:
+    """Split `data` (an IP packet as read from TUN, without its virtio header) into a batch of packets.
+
+    With packed, GSO superpackets come back with rows laid end to end (stride = headroom + the full
+    segment length, every row but the last exactly that long): after the caller writes its `headroom`
+    bytes of encapsulation in front of each row, the whole batch is one contiguous buffer of equal-size
+    datagrams (`packed_payload`), ready for one UDP_SEGMENT send with segment size `stride`."""
     pkt = _as_u8(data)
     if vnet_hdr is None:
         hdr = VnetHdr()
@@ -59,9 +66,9 @@ def split_superpacket(data: BytesLike, vnet_hdr: VnetHdr | BytesLike | None, hea
     if kind == VIRTIO_NET_HDR_GSO_NONE:
         return _single(pkt, hdr, headroom)
     if kind in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6):
-        return _split(pkt, hdr, headroom, tcp=True)
+        return _split(pkt, hdr, headroom, tcp=True, packed=packed)
     if kind == VIRTIO_NET_HDR_GSO_UDP_L4:
-        return _split(pkt, hdr, headroom, tcp=False)
+        return _split(pkt, hdr, headroom, tcp=False, packed=packed)
     return PacketBatch.refused(DropReason.UNSUPPORTED_GSO, headroom)
 
 
@@ -84,7 +91,15 @@ def _single(pkt: np.ndarray, hdr: VnetHdr, headroom: int) -> PacketBatch:
     return batch
 
 
-def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool) -> PacketBatch:
+def packed_payload(batch: PacketBatch) -> memoryview:
+    """The datagrams of a packed batch (split_superpacket(..., packed=True)) as one buffer: row i's bytes
+    from column 0 to its packet's end, rows back to back."""
+    stride = batch.stride
+    end = (batch.n - 1) * stride + batch.offset + int(batch.lengths[batch.n - 1])
+    return memoryview(batch.buf.reshape(-1))[:end]
+
+
+def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool, packed: bool = False) -> PacketBatch:
     total = len(pkt)
     l3 = hdr.csum_start  # where L4 starts; hdr_len is not trusted (spec/fastpath.md), csum_start is checked
     version = int(pkt[0]) >> 4
@@ -124,11 +139,21 @@ def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool) -> Packet
     k = max(1, -(-payload // mss))
     if k > MAX_SEGMENTS:
         return PacketBatch.refused(DropReason.TOO_BIG, headroom)
-    return _segment(pkt, headroom, l3, hlen, mss, k, v4=v4, tcp=tcp, proto=proto)
+    return _segment(pkt, headroom, l3, hlen, mss, k, v4=v4, tcp=tcp, proto=proto, packed=packed)
 
 
 def _segment(
-    pkt: np.ndarray, off: int, l3: int, hlen: int, mss: int, k: int, *, v4: bool, tcp: bool, proto: int
+    pkt: np.ndarray,
+    off: int,
+    l3: int,
+    hlen: int,
+    mss: int,
+    k: int,
+    *,
+    v4: bool,
+    tcp: bool,
+    proto: int,
+    packed: bool = False,
 ) -> PacketBatch:
     """The split itself, for a superpacket already checked: replicate, patch per-row fields, checksum.
 
@@ -140,16 +165,24 @@ def _segment(
     t0 = l3 // 2  # first L4 word
     full = k - 1
     last = len(pkt) - hlen - full * mss
-    wide = mss + (-mss % 4)  # payload columns summed as whole 32-bit words
-    stride = round_up(off + hlen + wide + TAILROOM, 8)
-    buf = np.empty((k, stride), np.uint8)
     p0 = off + hlen
+    if packed:
+        # Rows end to end: the tail of an mss that is not a multiple of 4 is summed apart (below), since
+        # the columns after it are the next row's headroom.
+        wide = mss - mss % 4
+        stride = off + hlen + mss
+        buf = np.empty((k, stride), np.uint8)
+        buf[full, p0 + last :] = 0  # zeros do not change a sum, so every row sums the same columns
+    else:
+        wide = mss + (-mss % 4)  # payload columns summed as whole 32-bit words
+        stride = round_up(off + hlen + wide + TAILROOM, 8)
+        buf = np.empty((k, stride), np.uint8)
+        buf[full, p0 + last : p0 + wide] = 0  # zeros do not change a sum: every row sums the same columns
+        if wide != mss:
+            buf[:full, p0 + mss : p0 + wide] = 0
     buf[:, off:p0] = pkt[:hlen]
     buf[:full, p0 : p0 + mss] = pkt[hlen : hlen + full * mss].reshape(full, mss)
     buf[full, p0 : p0 + last] = pkt[hlen + full * mss :]
-    buf[full, p0 + last : p0 + wide] = 0  # zeros do not change a sum, so every row sums the same columns
-    if wide != mss:
-        buf[:full, p0 + mss : p0 + wide] = 0
     lengths = np.full(k, hlen + mss, np.int32)
     lengths[-1] = hlen + last
     short = last - mss  # how much shorter the last row is (0 or negative)
@@ -175,6 +208,15 @@ def _segment(
 
     # Payload sums of all rows in one pass (little-endian words, times 256 for network order).
     pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
+    if packed and wide != mss:
+        # The 1-3 tail bytes: the payload starts on a 16-bit boundary (hlen is a multiple of 4), so even
+        # positions are high bytes of a network-order word (x 256), odd ones low bytes.
+        tail = buf[:, p0 + wide : p0 + mss].astype(np.int64)
+        pay += tail[:, 0] * 256
+        if mss % 4 > 1:
+            pay += tail[:, 1]
+        if mss % 4 > 2:
+            pay += tail[:, 2] * 256
     l4len = hlen - l3 + mss
     if tcp:
         t = rows_view(buf, off + l3, h.TCP_HDR)

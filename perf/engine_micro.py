@@ -1,0 +1,203 @@
+"""Per-batch Python cost of the vxlan datapath engine, without the kernel: one 61000-byte TCP superpacket
+through TX (split, headers, hand-off to a UDP socket stand-in), one 44-datagram UDP_GRO train through RX
+(split the train, decapsulate, validate, coalesce, hand-off to a TUN stand-in), and a batch of 4 bare ACKs
+each way. The stand-ins only count, so the numbers are what the worker spends in Python and numpy per batch.
+
+Run: .venv/bin/python perf/engine_micro.py [--repeat 5]   (best of many rounds: the machine is shared)"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from udpflannel.codec import vxlan
+from udpflannel.dataplane.counters import INDEX, SLOTS
+from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
+from udpflannel.dataplane.peers import Peer
+from udpflannel.io.tun import TunRead, new_read_arena
+from udpflannel.io.udp import UdpSocket, UdpStats
+from udpflannel.packet import reference
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_DTYPE, VnetHdr
+
+OUR_MAC, PEER_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+MSS = 1386  # MTU 1450 - IPv4 20 - TCP 20 - timestamps 12
+SUPERPACKET = 61000  # the TUN's gso_max_size (spec/fastpath.md)
+TRAIN = 44
+
+
+def _micro():
+    path = Path(__file__).resolve().parent / "micro.py"
+    spec = importlib.util.spec_from_file_location("udpflannel_perf_micro_e", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class SinkTun:
+    """io.tun.Tun stand-in: reads come from a prepared arena, writes are counted."""
+
+    vnet = True
+
+    def __init__(self) -> None:
+        self.arena = new_read_arena(4, HEADROOM)
+        self.n = 0
+        self.headers = np.zeros(0, VNET_HDR_DTYPE)
+        self.writes = 0
+
+    def load(self, packets: list[tuple[bytes, VnetHdr]]) -> None:
+        for i, (pkt, hdr) in enumerate(packets):
+            self.arena.buf[i, HEADROOM - 10 : HEADROOM] = np.frombuffer(hdr.encode(), np.uint8)
+            self.arena.buf[i, HEADROOM : HEADROOM + len(pkt)] = np.frombuffer(pkt, np.uint8)
+            self.arena.lengths[i] = len(pkt)
+        self.n = len(packets)
+
+    def read(self) -> TunRead:
+        from udpflannel.packet.batch import PacketBatch
+
+        n = self.n
+        batch = PacketBatch(self.arena.buf[:n], self.arena.lengths[:n], HEADROOM, n)
+        raw = np.ascontiguousarray(self.arena.buf[:n, HEADROOM - 10 : HEADROOM])
+        return TunRead(batch, raw.view(VNET_HDR_DTYPE).reshape(n))
+
+    def write_batch(self, writes) -> int:
+        self.writes += len(writes)
+        return len(writes)
+
+    def write_plain(self, packet) -> bool:
+        return True
+
+
+class SinkSock(UdpSocket):
+    """io.udp.UdpSocket whose sends are counted instead of made (its own send logic still runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, socket.AF_INET, True, True, 128, 65507, 64, HEADROOM)  # type: ignore[arg-type]
+        self.stats = UdpStats()
+
+    def _sendmsg(self, bufs, anc, dest, *, datagrams: int) -> int:
+        self.stats.send_calls += 1
+        self.stats.sent += datagrams
+        return datagrams
+
+    def _sendmmsg(self, payloads, names) -> int:
+        self.stats.send_calls += 1
+        self.stats.sent += len(payloads)
+        return len(payloads)
+
+
+def engine() -> tuple[Engine, SinkTun]:
+    cfg = EngineConfig(encap="vxlan", mtu=1450, port=8472, vtep_mac=OUR_MAC, icmp_src_v4="198.19.1.0")
+    tun = SinkTun()
+    pool = [SinkSock() for _ in range(4)]
+    eng = Engine(cfg, tun, pool[0], pool, np.zeros(SLOTS, np.int64))
+    eng.set_peers([Peer("198.19.2.0/24", "198.18.0.2", PEER_MAC)])
+    return eng, tun
+
+
+def best_us(fn: Callable[[], object], number: int, rounds: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best * 1e6
+
+
+def gro_train(segments: list[bytes], src_mac: bytes, dst_mac: bytes) -> tuple[np.ndarray, int, int]:
+    """The VXLAN datagrams of `segments` laid out as one UDP_GRO receive (buffer, total, segment size)."""
+    dgrams = [vxlan.encode_vxlan(s, 1, src_mac, dst_mac) for s in segments]
+    raw = b"".join(dgrams)
+    return np.frombuffer(raw, np.uint8), len(raw), len(dgrams[0])
+
+
+def _received(sock, arena, m):
+    if hasattr(sock, "received"):
+        return sock.received(arena, m)
+    return [sock._split_trains(arena, m)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    micro = _micro()
+    eng, tun = engine()
+    pkt, hdr = micro.tcp_superpacket(SUPERPACKET - 52 - (SUPERPACKET - 52) % MSS, mss=MSS)
+    # The sender's view: a TUN read of one superpacket.
+    tun.load([(pkt, hdr)])
+    read = tun.read()
+
+    def tx() -> None:
+        eng.process_tx(read.batch, read.headers, read.header)
+
+    tx_us = best_us(tx, 20, 10 * args.repeat)
+    sent = eng.counters[INDEX["tx_packets"]]
+    # The receiver's view: one GRO train of TRAIN datagrams from the peer.
+    seg_pkt, seg_hdr = micro.tcp_superpacket(TRAIN * MSS, mss=MSS)
+    segments = reference.split(seg_pkt, seg_hdr)
+    flat, total, seg = gro_train(segments, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+    rx_sock = eng.rx
+    from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
+
+    arena = MmsgArena(4, 65536 + 4096)
+    arena.data[0, :total] = flat
+    arena.hdrs["len"][0] = total
+    arena.hdrs["controllen"][0] = 24
+    arena.control[0, :20] = np.frombuffer(
+        np.array([20], "<u8").tobytes() + np.array([17, 104, seg], "<i4").tobytes(), np.uint8
+    )
+    arena.names[0, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, "198.18.0.2", 40000)[:16], np.uint8)
+
+    def rx() -> None:
+        for rec in _received(rx_sock, arena, 1):
+            eng.process_rx(rec.batch, rec.src_addr)
+
+    rx_us = best_us(rx, 20, 10 * args.repeat)
+    assert tun.writes > 0 and eng.counters[INDEX["rx_packets"]] >= TRAIN, eng.counters
+    # ACKs: four bare 52-byte TCP segments each way.
+    # As the TUN hands them over: the TCP checksum field holds only the pseudo-header sum (NEEDS_CSUM).
+    partial = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+    acks = [micro.tcp_superpacket(0, mss=MSS, seed=i)[0] for i in range(4)]
+    tun.load([(a, partial) for a in acks])
+    acks = [reference.split(a, partial)[0] for a in acks]  # as they arrive at the peer: checksummed
+    ack_read = tun.read()
+
+    def tx_acks() -> None:
+        eng.process_tx(ack_read.batch, ack_read.headers, ack_read.header)
+
+    ack_tx_us = best_us(tx_acks, 50, 10 * args.repeat)
+    for i, a in enumerate(acks):
+        d = vxlan.encode_vxlan(a, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+        arena.data[i, : len(d)] = np.frombuffer(d, np.uint8)
+        arena.hdrs["len"][i] = len(d)
+        arena.hdrs["controllen"][i] = 0
+        arena.names[i] = arena.names[0]
+
+    def rx_acks() -> None:
+        for rec in _received(rx_sock, arena, 4):
+            eng.process_rx(rec.batch, rec.src_addr)
+
+    before = eng.counters[INDEX["rx_packets"]]
+    ack_rx_us = best_us(rx_acks, 50, 10 * args.repeat)
+    assert eng.counters[INDEX["rx_packets"]] > before, "ACKs were dropped"
+    k = int(sent) // max(1, int(eng.counters[INDEX["tx_superpackets"]]))
+    print(f"TX superpacket ({k} segments)  {tx_us:7.1f} us  {tx_us / k:5.2f} us/segment")
+    print(f"RX GRO train ({TRAIN} datagrams)  {rx_us:7.1f} us  {rx_us / TRAIN:5.2f} us/datagram")
+    print(f"TX 4 ACKs                      {ack_tx_us:7.1f} us")
+    print(f"RX 4 ACKs                      {ack_rx_us:7.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
