@@ -10,9 +10,10 @@ The clock is not read here: every call takes `now`.
 from __future__ import annotations
 
 import base64
-import itertools
+import errno
 import logging
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,10 +22,13 @@ import numpy as np
 from udpflannel.codec.wireguard import messages as wgm
 from udpflannel.codec.wireguard.batch import SealedBatch, open_batch, seal_batch
 from udpflannel.codec.wireguard.events import Event, HandshakeCompleted, Reply
+from udpflannel.codec.wireguard.rows import OpenedRows, SealedRows, open_rows, seal_rows
 from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
 from udpflannel.dataplane.peers import Peer as TableRow
+from udpflannel.io import linux
+from udpflannel.io.mmsg import MmsgArena, decode_sockaddr
 from udpflannel.io.tun import Tun, new_read_arena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
@@ -32,8 +36,7 @@ from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gso import split_superpacket
 from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
-from udpflannel.packet.parse import validate_ip
-from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,13 @@ BATCH = 64  # TUN reads / datagrams per turn
 HEADROOM = 32  # in front of every TUN packet: room for the 10-byte virtio header
 MAX_BATCHES_PER_WAKE = 16
 MAX_ERRORS_LOGGED = 5
+MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
+RX_SLOT = 65536 + 9216  # a 64 KiB train plus one jumbo datagram
+MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
+# sendmsg errors that mean UDP_SEGMENT cannot work on this socket (as io/udp.py decides for send_segments).
+_GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
+_U16 = struct.Struct("=H")
+_HDR_LEN_GSO_SIZE = struct.Struct("<HH")  # virtio_net_hdr hdr_len and gso_size, at offset 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +107,15 @@ class WgEngine:
         self.row_keys: list[bytes] = []
         self.counters = EngineCounters()
         self.arena = new_read_arena(BATCH, HEADROOM)
+        # Receive slots as wide as a UDP_GRO train plus one datagram, so a train's shorter tail is the last
+        # row of its (k, segment size) view. Pages are only touched when used.
+        self.rx_arena = MmsgArena(BATCH, RX_SLOT)
+        self._rx_flat = memoryview(self.rx_arena.data.reshape(-1))
+        self._sources: dict[bytes, tuple] = {}
+        self._routes: dict[bytes, int] = {}
         # One peer batch: BATCH messages of at most the TUN MTU plus WireGuard's 32 bytes and padding.
         largest = device.mtu or 65535
-        self.out = bytearray(BATCH * (largest + wgm.MESSAGE_TRANSPORT_SIZE + wgm.PADDING_MULTIPLE))
+        self.out = np.empty(BATCH * (largest + wgm.MESSAGE_TRANSPORT_SIZE + wgm.PADDING_MULTIPLE), np.uint8)
         self._errors_logged = 0
 
     # -- peers
@@ -136,6 +152,7 @@ class WgEngine:
                 keys.append(key)
         self.table = PeerTable(rows)
         self.row_keys = keys
+        self._routes.clear()
 
     # -- TX
 
@@ -169,103 +186,196 @@ class WgEngine:
                 if segs.n == 0:
                     self.counters.drops["bad_superpacket"] += 1
                     continue
-                self._send_rows(segs, np.arange(segs.n), now)
+                self._send_rows(segs, np.arange(segs.n), now, one_flow=True)
             if start < n:
                 self._send_rows(batch, start + np.flatnonzero(keep[start:]), now)
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
             self._internal_error(n)
         return n
 
-    def _send_rows(self, batch: PacketBatch, rows: np.ndarray, now: float) -> None:
-        """Seal and send batch rows `rows` (in order), grouped by the peer their destination routes to."""
+    def _send_rows(self, batch: PacketBatch, rows: np.ndarray, now: float, *, one_flow: bool = False) -> None:
+        """Seal and send batch rows `rows` (in order), grouped by the peer their destination routes to.
+        `one_flow`: every row has the first row's destination (a split superpacket): one lookup."""
         if len(rows) == 0:
             return
-        peer_of = self.table.lookup_packets(batch.buf, batch.offset, batch.n)[rows]
+        if one_flow:
+            peer_of = np.array([self._route_first(batch)], np.int32)
+        else:
+            peer_of = self.table.lookup_packets(batch.buf, batch.offset, batch.n)[rows]
+        first = int(peer_of[0])
+        everything = len(rows) == batch.n
+        if one_flow or (first != NO_PEER and (peer_of == first).all()):
+            if first == NO_PEER:
+                self.counters.drops["unknown_peer"] += len(rows)
+                return
+            # One destination (always so for a split superpacket): no per-packet grouping.
+            self._seal_and_send(self.row_keys[first], batch, None if everything else rows, now)
+            return
         unknown = peer_of == NO_PEER
         if unknown.any():
             self.counters.drops["unknown_peer"] += int(unknown.sum())
-        keys = self.row_keys
-        views = batch.views()  # memoryview slices of one flat view: cheaper than a numpy slice per row
-        first = int(peer_of[0])
-        if first != NO_PEER and (peer_of == first).all():
-            # One destination (always so for a split superpacket): no per-packet grouping.
-            self._seal_and_send(keys[first], views if len(rows) == batch.n else [views[i] for i in rows], now)
-            return
-        groups: dict[bytes, list[memoryview]] = {}
-        for i, row in zip(rows.tolist(), peer_of.tolist(), strict=True):
-            if row != NO_PEER:
-                groups.setdefault(keys[row], []).append(views[i])
-        for key, segs in groups.items():
-            self._seal_and_send(key, segs, now)
+        for row in np.unique(peer_of[~unknown]).tolist():
+            self._seal_and_send(self.row_keys[row], batch, rows[peer_of == row], now)
 
-    def _seal_and_send(self, key: bytes, segs: list[memoryview], now: float) -> None:
-        for start in range(0, len(segs), BATCH):
+    def _route_first(self, batch: PacketBatch) -> int:
+        """The peer row of batch row 0's destination, through a cache keyed by the address bytes."""
+        off = batch.offset
+        version = int(batch.buf[0, off]) >> 4
+        if version == 4:
+            key = batch.buf[0, off + 16 : off + 20].tobytes()
+        elif version == 6:
+            key = batch.buf[0, off + 24 : off + 40].tobytes()
+        else:
+            return NO_PEER
+        row = self._routes.get(key)
+        if row is None:
+            if len(self._routes) >= MAX_CACHED:
+                self._routes.clear()
+            row = self._routes[key] = int(self.table.lookup_packets(batch.buf, off, 1)[0])
+        return row
+
+    def _seal_and_send(self, key: bytes, batch: PacketBatch, index: np.ndarray | None, now: float) -> None:
+        """Batch rows `index` (all rows if None) to one peer: sealed BATCH at a time into self.out, each chunk
+        sent as one contiguous UDP_SEGMENT buffer when its messages are equal-size."""
+        lengths = batch.lengths[: batch.n] if index is None else batch.lengths[index]
+        total = len(lengths)
+        for start in range(0, total, BATCH):
             # BATCH segments of at most the TUN MTU always fit self.out (sized in __init__).
-            chunk = segs[start : start + BATCH]
-            res = seal_batch(self.device, key, chunk, self.out, now)
-            if not isinstance(res, SealedBatch):
+            stop = min(start + BATCH, total)
+            if index is None:
+                buf, pick = batch.buf[start:stop], None
+            else:
+                buf, pick = batch.buf, index[start:stop]
+            res = seal_rows(self.device, key, buf, batch.offset, lengths[start:stop], self.out, now, pick)
+            if not isinstance(res, SealedRows):
                 continue  # Queued (handshake on its way) or Drop (counted by the device)
+            count = stop - start
             if res.endpoint is None:
-                self.counters.drops["no_endpoint"] += len(chunk)
+                self.counters.drops["no_endpoint"] += count
                 continue
-            mv = memoryview(self.out)
-            out_views, pos = [], 0
-            for size in res.sizes:
-                out_views.append(mv[pos : pos + size])
-                pos += size
-            calls_before, sent_before = self.udp.stats.send_calls, self.udp.stats.sent
-            self.udp.send_segments(out_views, res.sizes[0], res.endpoint)
-            # Datagrams the kernel took, from the socket's own count (one per segment, GSO or not).
-            sent = self.udp.stats.sent - sent_before
+            calls_before = self.udp.stats.send_calls
+            if res.contiguous:
+                sent = send_contiguous(self.udp, res.flat, res.stride, res.endpoint)
+            else:
+                flat = memoryview(res.rows.reshape(-1))
+                stride = res.stride
+                views = [flat[i * stride : i * stride + z] for i, z in enumerate(res.sizes)]
+                sent = self.udp.send_segments(views, None, res.endpoint)
             self.counters.tx_send_calls += self.udp.stats.send_calls - calls_before
             self.counters.tx_packets += sent
-            self.counters.tx_bytes += sum(len(s) for s in chunk)
-            if sent < len(chunk):
-                self.counters.drops["send_error"] += len(chunk) - sent
+            self.counters.tx_bytes += int(lengths[start:stop].sum())
+            if sent < count:
+                self.counters.drops["send_error"] += count - sent
 
     # -- RX
 
     def rx_once(self, now: float) -> int:
-        rcv = self.udp.recv_batch(BATCH)
-        b = rcv.batch
-        n = b.n
-        if n == 0:
-            return 0
+        """One recvmmsg into the receive arena; each UDP_GRO train is opened in place on its strided view
+        (open_rows), other datagrams one by one (open_batch). Returns the datagrams received."""
+        udp, arena = self.udp, self.rx_arena
         try:
-            self._receive(rcv, now)
+            m = arena.recv(udp.fileno(), BATCH)
+        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: report, never raise
+            udp.stats.recv_errors += 1
+            udp.stats.last_recv_errno = exc.errno or 0
+            m = 0
+        udp.stats.recv_calls += 1
+        if m == 0:
+            return 0
+        total = arena.hdrs["len"][:m].astype(np.int64)
+        trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
+        if trunc.any():
+            udp.stats.truncated += int(trunc.sum())
+            total[trunc] = 0
+        seg = arena.gro_sizes(m) if udp.gro else np.zeros(m, np.int64)
+        seg = np.where((seg <= 0) | (seg >= total), total, seg)
+        counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
+        n = int(counts.sum())
+        udp.stats.received += n
+        try:
+            self._receive(m, total.tolist(), seg.tolist(), counts.tolist(), now)
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
             self._internal_error(n)
         return n
 
-    def _receive(self, rcv, now: float) -> None:
-        b = rcv.batch
-        n = b.n
-        views = b.views()
-        # Runs of datagrams from one source share one open_batch call (GRO trains always do).
-        addr = rcv.src_addr.reshape(n, -1)
-        same = np.ones(n, bool)
-        same[1:] = (addr[1:] == addr[:-1]).all(axis=1) & (rcv.src_port[1:] == rcv.src_port[:-1])
-        starts = [*np.flatnonzero(~same | (np.arange(n) == 0)).tolist(), n]
-        rows: list[int] = []
-        lengths: list[int] = []
+    def _receive(self, m: int, total: list[int], seg: list[int], counts: list[int], now: float) -> None:
+        arena, slot = self.rx_arena, self.rx_arena.slot_size
+        flat = self._rx_flat
+        pending: list[tuple[memoryview, tuple]] = []  # datagrams for the one-by-one path, in arrival order
+        for j in range(m):
+            t, s, k = total[j], seg[j], counts[j]
+            if k == 0:
+                continue
+            src = self._source(j)
+            if k >= MIN_TRAIN and k * s <= slot:
+                # Flush what came before first, so one flow's packets keep their order.
+                self._open_views(pending, now)
+                pending = []
+                rows = arena.data[j, : k * s].reshape(k, s)
+                opened = open_rows(self.device, rows, t - (k - 1) * s, src, now)
+                if opened is not None:
+                    self._deliver_rows(rows, opened)
+                    continue
+            base = j * slot
+            pending.extend((flat[base + a : base + min(a + s, t)], src) for a in range(0, t, s))
+        self._open_views(pending, now)
+
+    def _source(self, j: int) -> tuple:
+        """The sender of arena message j as (host, port), from a small cache keyed by the raw sockaddr."""
+        raw = self.rx_arena.names[j].tobytes()
+        ep = self._sources.get(raw)
+        if ep is None:
+            if len(self._sources) >= MAX_CACHED:
+                self._sources.clear()
+            ep = self._sources[raw] = decode_sockaddr(raw)
+        return ep
+
+    def _deliver_rows(self, rows: np.ndarray, opened: OpenedRows) -> None:
+        if opened.events:
+            self.send_events(opened.events)
+        keep = opened.keep
+        if keep is None:
+            buf, lengths = rows, opened.lengths
+        else:
+            idx = np.flatnonzero(keep)
+            if len(idx) == 0:
+                return
+            buf, lengths = rows[idx], opened.lengths[idx]
+        self._write_inner(PacketBatch(buf, lengths, wgm.MESSAGE_TRANSPORT_OFFSET_CONTENT, len(lengths)))
+
+    def _open_views(self, pending: list[tuple[memoryview, tuple]], now: float) -> None:
+        """Datagrams one by one (handshakes, short trains, no GRO): runs from one source share one
+        open_batch call; the delivered packets are copied into one batch for validation and GRO."""
+        if not pending:
+            return
         events: list[Event] = []
-        for a, z in itertools.pairwise(starts):
-            opened = open_batch(self.device, views[a:z], rcv.source(a), now)
+        delivered: list[memoryview] = []
+        a = 0
+        while a < len(pending):
+            src = pending[a][1]
+            z = a + 1
+            while z < len(pending) and pending[z][1] == src:
+                z += 1
+            opened = open_batch(self.device, [v for v, _ in pending[a:z]], src, now)
             events.extend(opened.events)
-            rows.extend(a + i for i in opened.indices)
-            lengths.extend(len(v) for _, v in opened.delivered)
+            delivered.extend(v for _, v in opened.delivered)
+            a = z
         if events:
             self.send_events(events)
-        if not rows:
-            return
-        inner = self._inner_batch(b, rows, lengths)
+        if delivered:
+            self._write_inner(PacketBatch.from_packets(delivered, HEADROOM))
+
+    def _write_inner(self, inner: PacketBatch) -> None:
+        """Decrypted inner packets to the TUN: validated, coalesced (GRO) into as few writes as possible."""
+        n = inner.n
+        self.counters.rx_bytes += int(inner.lengths[:n].sum())
         if self.tun.vnet:
-            # GRO needs verified L4 checksums: the kernel trusts a coalesced NEEDS_CSUM packet.
-            codes = validate_ip(inner, l4_checksum=True)
-            bad = int(np.count_nonzero(codes))
+            # coalesce validates (L4 checksums included: the kernel trusts a coalesced NEEDS_CSUM packet)
+            # and leaves out what fails; what it left out is counted from what it wrote.
+            writes = coalesce(inner, None, vnet=True, gro=True)
+            bad = n - packets_in_writes(writes)
             if bad:
                 self.counters.drops["bad_inner_packet"] += bad
-            writes = coalesce(inner, codes, vnet=True, gro=True)
         else:
             bad = 0
             writes = [(v,) for v in inner.views()]
@@ -273,16 +383,7 @@ class WgEngine:
         self.counters.tun_writes += ok
         if ok < len(writes):
             self.counters.drops["tun_write_error"] += len(writes) - ok
-        self.counters.rx_packets += len(rows) - bad
-        self.counters.rx_bytes += int(sum(lengths))
-
-    @staticmethod
-    def _inner_batch(b: PacketBatch, rows: list[int], lengths: list[int]) -> PacketBatch:
-        """The decrypted inner packets as a batch, in place behind the 16-byte transport header."""
-        offset = b.offset + wgm.MESSAGE_TRANSPORT_OFFSET_CONTENT
-        idx = np.asarray(rows, np.intp)
-        buf = b.buf[: len(rows)] if np.array_equal(idx, np.arange(len(rows))) else b.buf[idx]
-        return PacketBatch(buf, np.asarray(lengths, np.int32), offset, len(rows))
+        self.counters.rx_packets += n - bad
 
     # -- handshake traffic and timers
 
@@ -392,3 +493,53 @@ def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.n
         batch.buf[idx, col] = (c >> 8).astype(np.uint8)
         batch.buf[idx, col + 1] = (c & 0xFF).astype(np.uint8)
     return ~ok
+
+
+def send_contiguous(udp: UdpSocket, data: np.ndarray, seg: int, dest: tuple[str, int]) -> int:
+    """Datagrams of `seg` bytes back to back in `data` (the last may be shorter) to one destination, with
+    as few UDP_SEGMENT sendmsg calls as the kernel's limits allow: the whole batch is one iovec, where
+    udp.send_segments takes one buffer per datagram. Returns the datagrams the kernel took; refusals are
+    counted in udp.stats as send_segments counts them, and a GSO refusal switches the socket to per-datagram
+    sends for good."""
+    mv = memoryview(data)
+    total = len(mv)
+    if not udp.gso or total <= seg:
+        return udp.send_segments([mv[a : a + seg] for a in range(0, total, seg)], seg, dest)
+    step = max(1, min(udp.max_segments, udp.max_payload // seg)) * seg
+    anc = [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))]
+    stats = udp.stats
+    sent = 0
+    for a in range(0, total, step):
+        chunk = mv[a : a + step]
+        k = -(-len(chunk) // seg)
+        stats.send_calls += 1
+        try:
+            udp.sock.sendmsg([chunk], anc if k > 1 else (), 0, dest)
+        except OSError as exc:
+            if k > 1 and exc.errno in _GSO_GIVE_UP:
+                udp.gso = False
+                stats.gso_fallbacks += 1
+                rest = [mv[b : b + seg] for b in range(a, total, seg)]
+                return sent + udp.send_segments(rest, seg, dest)
+            stats.send_errors += k
+            stats.last_send_errno = exc.errno or 0
+            continue
+        stats.sent += k
+        sent += k
+    return sent
+
+
+def packets_in_writes(writes: list) -> int:
+    """How many inner packets a list of TUN writes (virtio header first) carries: a GSO superpacket
+    carries ceil(payload / gso_size) segments, anything else one."""
+    count = 0
+    for iov in writes:
+        head = iov[0]
+        gso_type = head[1]
+        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+            count += 1
+            continue
+        hdr_len, gso_size = _HDR_LEN_GSO_SIZE.unpack_from(head, 2)
+        payload = sum(len(b) for b in iov) - VNET_HDR_LEN - hdr_len
+        count += -(-payload // gso_size) if gso_size else 1
+    return count

@@ -102,9 +102,8 @@ def run(args: argparse.Namespace) -> int:
         private_key, timing=parse_timing(key_msg.get("timing")), wall_offset=wall_offset, mtu=args.mtu
     )
     engine = WgEngine(device, tun, udp)
-    # Allocate the receive arena now (it is made on first use) and run the codec once, so the first
-    # handshake does not pay for either.
-    udp.recv_batch(BATCH)
+    # Run the codec once, so the first handshake does not pay for first-use costs (the engine's receive
+    # arena was allocated with it; UdpSocket's own, unused here, is never made).
     warm_up()
     stopping = False
 

@@ -59,6 +59,7 @@ class Peer:
     allowed_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     # allowed_ips as (network, mask) integers per IP version (index 4 and 6), checked without ipaddress
     allowed_ranges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    allowed_arrays: tuple | None = None  # allowed_ranges as numpy arrays, built by rows.py when first needed
     previous: Keypair | None = None
     current: Keypair | None = None
     next: Keypair | None = None
@@ -69,6 +70,7 @@ class Peer:
         """Inner source addresses this peer may send from (empty: not checked here)."""
         self.allowed_ips = [ipaddress.ip_network(c) for c in cidrs]
         self.allowed_ranges = {4: [], 6: []} if self.allowed_ips else {}
+        self.allowed_arrays = None
         for n in self.allowed_ips:
             self.allowed_ranges[n.version].append((int(n.network_address), int(n.netmask)))
 
