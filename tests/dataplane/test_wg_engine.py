@@ -228,3 +228,23 @@ def test_finish_partial_checksums_matches_single_packet_path() -> None:
     headers[0]["csum_offset"] = 16
     headers[0]["csum_start"] = len(pkts[0])
     assert finish_partial_checksums(batch, headers, np.arange(1)).tolist() == [True]
+
+
+def test_many_packets_take_the_array_path_in_order(pair) -> None:
+    # More than FEW packets in one TUN batch: routed and sealed as arrays (unknown destinations dropped
+    # from the middle of the batch), opened on the other side, delivered in order.
+    from udpflannel.dataplane.wg_engine import FEW
+
+    a, b = pair
+    a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
+    pump([a, b])
+    b.written()
+    pkts = [udp_packet("198.19.1.1", "198.19.2.1", 40 + 30 * i) for i in range(FEW + 4)]
+    for i, p in enumerate(pkts):
+        a.inject(p)
+        if i == 2:
+            a.inject(udp_packet("198.19.1.1", "198.19.9.9", 20))  # no peer
+    pump([a, b])
+    assert strip(b, b.written()) == pkts
+    assert a.engine.counters.drops["unknown_peer"] == 1
+    assert b.engine.counters.rx_packets == len(pkts) + 1

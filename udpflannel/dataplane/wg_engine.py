@@ -28,15 +28,21 @@ from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
 from udpflannel.dataplane.peers import Peer as TableRow
 from udpflannel.io import linux
-from udpflannel.io.mmsg import MmsgArena, decode_sockaddr
-from udpflannel.io.tun import Tun, new_read_arena
+from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena, decode_sockaddr
+from udpflannel.io.tun import Tun, TunRead, new_read_arena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gso import split_superpacket
 from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
-from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN
+from udpflannel.packet.vnet import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VNET_HDR_LEN,
+    ZERO_VNET_HDR,
+    VnetHdr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +50,18 @@ BATCH = 64  # TUN reads / datagrams per turn
 HEADROOM = 32  # in front of every TUN packet: room for the 10-byte virtio header
 MAX_BATCHES_PER_WAKE = 16
 MAX_ERRORS_LOGGED = 5
+FEW = 4  # packets up to which a per-packet Python path beats a dozen array operations
 MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
 RX_SLOT = 65536 + 9216  # a 64 KiB train plus one jumbo datagram
 MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
 # sendmsg errors that mean UDP_SEGMENT cannot work on this socket (as io/udp.py decides for send_segments).
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
-_HDR_LEN_GSO_SIZE = struct.Struct("<HH")  # virtio_net_hdr hdr_len and gso_size, at offset 2
+_HDR_LEN_GSO_SIZE = struct.Struct("<HH")
+# A received cmsg: cmsg_len (u64) first, then level, type and (for UDP_GRO) the int segment size.
+_CMSG_HDR = 8
+_CMSG_INT = struct.Struct("<iIi")
+_CMSG_INT_END = _CMSG_HDR + _CMSG_INT.size  # virtio_net_hdr hdr_len and gso_size, at offset 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,7 @@ class WgEngine:
         # row of its (k, segment size) view. Pages are only touched when used.
         self.rx_arena = MmsgArena(BATCH, RX_SLOT)
         self._rx_flat = memoryview(self.rx_arena.data.reshape(-1))
+        self._rx_ctl = memoryview(self.rx_arena.control.reshape(-1))
         self._sources: dict[bytes, tuple] = {}
         self._routes: dict[bytes, int] = {}
         # One peer batch: BATCH messages of at most the TUN MTU plus WireGuard's 32 bytes and padding.
@@ -163,35 +175,110 @@ class WgEngine:
         if n == 0:
             return 0
         try:
-            headers = read.headers
-            gso = headers["gso_type"] != 0
-            partial = ((headers["flags"] & VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0) & ~gso
-            keep = np.ones(n, bool)
-            if partial.any():
-                rows = np.flatnonzero(partial)
-                refused = finish_partial_checksums(batch, headers, rows)
-                keep[rows[refused]] = False
-                if refused.any():
-                    self.counters.drops["bad_header"] += int(refused.sum())
-            if not gso.any():
-                self._send_rows(batch, np.flatnonzero(keep), now)
-                return n
-            # Superpackets are split where they stand, so a flow's packets keep their order.
-            start = 0
-            for i in np.flatnonzero(gso).tolist():
-                if i > start:
-                    self._send_rows(batch, start + np.flatnonzero(keep[start:i]), now)
-                start = i + 1
-                segs = split_superpacket(batch.packet(i), read.header(i), 0)
-                if segs.n == 0:
-                    self.counters.drops["bad_superpacket"] += 1
-                    continue
-                self._send_rows(segs, np.arange(segs.n), now, one_flow=True)
-            if start < n:
-                self._send_rows(batch, start + np.flatnonzero(keep[start:]), now)
+            if n <= FEW:
+                self._tx_few(read, now)
+            else:
+                self._tx_many(read, now)
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
             self._internal_error(n)
         return n
+
+    def _tx_many(self, read: TunRead, now: float) -> None:
+        batch, headers, n = read.batch, read.headers, read.batch.n
+        gso = headers["gso_type"] != 0
+        partial = ((headers["flags"] & VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0) & ~gso
+        keep = np.ones(n, bool)
+        if partial.any():
+            rows = np.flatnonzero(partial)
+            refused = finish_partial_checksums(batch, headers, rows)
+            keep[rows[refused]] = False
+            if refused.any():
+                self.counters.drops["bad_header"] += int(refused.sum())
+        if not gso.any():
+            self._send_rows(batch, np.flatnonzero(keep), now)
+            return
+        # Superpackets are split where they stand, so a flow's packets keep their order.
+        start = 0
+        for i in np.flatnonzero(gso).tolist():
+            if i > start:
+                self._send_rows(batch, start + np.flatnonzero(keep[start:i]), now)
+            start = i + 1
+            self._send_superpacket(read, i, now)
+        if start < n:
+            self._send_rows(batch, start + np.flatnonzero(keep[start:]), now)
+
+    def _send_superpacket(self, read: TunRead, i: int, now: float) -> None:
+        segs = split_superpacket(read.batch.packet(i), read.header(i), 0)
+        if segs.n == 0:
+            self.counters.drops["bad_superpacket"] += 1
+            return
+        self._send_rows(segs, np.arange(segs.n), now, one_flow=True)
+
+    def _tx_few(self, read: TunRead, now: float) -> None:
+        """A few packets (pings, ACKs, a lone superpacket): decided row by row in plain Python, plain rows
+        sealed per packet (seal_batch) and sent with one sendto each."""
+        batch = read.batch
+        plain: list[memoryview] = []
+        for i, hdr in enumerate(read.headers.tolist()):
+            flags, gso_type = hdr[0], hdr[1]
+            if gso_type == VIRTIO_NET_HDR_GSO_NONE and not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                plain.append(batch.packet(i))
+                continue
+            self._send_few(plain, now)
+            plain = []
+            if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+                self._send_superpacket(read, i, now)
+                continue
+            one = split_superpacket(batch.packet(i), VnetHdr(*hdr), 0)  # finishes the partial checksum
+            if one.n == 0:
+                self.counters.drops["bad_header"] += 1
+                continue
+            self._send_few([one.packet(0)], now)
+        self._send_few(plain, now)
+
+    def _send_few(self, packets: list[memoryview], now: float) -> None:
+        groups: dict[int, list[memoryview]] = {}
+        for pkt in packets:
+            row = self._route(pkt)
+            if row == NO_PEER:
+                self.counters.drops["unknown_peer"] += 1
+                continue
+            groups.setdefault(row, []).append(pkt)
+        for row, segs in groups.items():
+            res = seal_batch(self.device, self.row_keys[row], segs, self.out, now)
+            if not isinstance(res, SealedBatch):
+                continue  # Queued (handshake on its way) or Drop (counted by the device)
+            if res.endpoint is None:
+                self.counters.drops["no_endpoint"] += len(segs)
+                continue
+            mv = memoryview(self.out)
+            pos = 0
+            for seg, size in zip(segs, res.sizes, strict=True):
+                sent = send_one(self.udp, mv[pos : pos + size], res.endpoint)
+                pos += size
+                self.counters.tx_send_calls += 1
+                self.counters.tx_packets += sent
+                self.counters.tx_bytes += len(seg)
+                if not sent:
+                    self.counters.drops["send_error"] += 1
+
+    def _route(self, pkt: memoryview) -> int:
+        """The peer row of a packet's destination, through a cache keyed by the address bytes."""
+        version = pkt[0] >> 4 if len(pkt) else 0
+        if version == 4 and len(pkt) >= 20:
+            key = bytes(pkt[16:20])
+        elif version == 6 and len(pkt) >= 40:
+            key = bytes(pkt[24:40])
+        else:
+            return NO_PEER
+        row = self._routes.get(key)
+        if row is None:
+            if len(self._routes) >= MAX_CACHED:
+                self._routes.clear()
+            probe = np.zeros((1, 40), np.uint8)
+            probe[0] = np.frombuffer(pkt[:40].tobytes().ljust(40, b"\0"), np.uint8)
+            row = self._routes[key] = int(self.table.lookup_packets(probe, 0, 1)[0])
+        return row
 
     def _send_rows(self, batch: PacketBatch, rows: np.ndarray, now: float, *, one_flow: bool = False) -> None:
         """Seal and send batch rows `rows` (in order), grouped by the peer their destination routes to.
@@ -199,7 +286,7 @@ class WgEngine:
         if len(rows) == 0:
             return
         if one_flow:
-            peer_of = np.array([self._route_first(batch)], np.int32)
+            peer_of = np.array([self._route(batch.packet(0))], np.int32)
         else:
             peer_of = self.table.lookup_packets(batch.buf, batch.offset, batch.n)[rows]
         first = int(peer_of[0])
@@ -216,23 +303,6 @@ class WgEngine:
             self.counters.drops["unknown_peer"] += int(unknown.sum())
         for row in np.unique(peer_of[~unknown]).tolist():
             self._seal_and_send(self.row_keys[row], batch, rows[peer_of == row], now)
-
-    def _route_first(self, batch: PacketBatch) -> int:
-        """The peer row of batch row 0's destination, through a cache keyed by the address bytes."""
-        off = batch.offset
-        version = int(batch.buf[0, off]) >> 4
-        if version == 4:
-            key = batch.buf[0, off + 16 : off + 20].tobytes()
-        elif version == 6:
-            key = batch.buf[0, off + 24 : off + 40].tobytes()
-        else:
-            return NO_PEER
-        row = self._routes.get(key)
-        if row is None:
-            if len(self._routes) >= MAX_CACHED:
-                self._routes.clear()
-            row = self._routes[key] = int(self.table.lookup_packets(batch.buf, off, 1)[0])
-        return row
 
     def _seal_and_send(self, key: bytes, batch: PacketBatch, index: np.ndarray | None, now: float) -> None:
         """Batch rows `index` (all rows if None) to one peer: sealed BATCH at a time into self.out, each chunk
@@ -282,6 +352,19 @@ class WgEngine:
         udp.stats.recv_calls += 1
         if m == 0:
             return 0
+        total, seg, counts = self._message_sizes(m) if m > FEW else self._message_sizes_few(m)
+        n = sum(counts)
+        udp.stats.received += n
+        try:
+            self._receive(m, total, seg, counts, now)
+        except Exception:  # a bug must not stop the datapath: drop the batch, count it
+            self._internal_error(n)
+        return n
+
+    def _message_sizes(self, m: int) -> tuple[list[int], list[int], list[int]]:
+        """Per received message: its length, UDP_GRO segment size (its length if not a train) and
+        datagram count; truncated messages count as empty."""
+        arena, udp = self.rx_arena, self.udp
         total = arena.hdrs["len"][:m].astype(np.int64)
         trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
         if trunc.any():
@@ -290,13 +373,26 @@ class WgEngine:
         seg = arena.gro_sizes(m) if udp.gro else np.zeros(m, np.int64)
         seg = np.where((seg <= 0) | (seg >= total), total, seg)
         counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
-        n = int(counts.sum())
-        udp.stats.received += n
-        try:
-            self._receive(m, total.tolist(), seg.tolist(), counts.tolist(), now)
-        except Exception:  # a bug must not stop the datapath: drop the batch, count it
-            self._internal_error(n)
-        return n
+        return total.tolist(), seg.tolist(), counts.tolist()
+
+    def _message_sizes_few(self, m: int) -> tuple[list[int], list[int], list[int]]:
+        """_message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
+        total, seg, counts = [], [], []
+        ctl = self._rx_ctl
+        for j, hdr in enumerate(self.rx_arena.hdrs[:m].tolist()):
+            controllen, flags, t = hdr[5], hdr[6], hdr[7]
+            if flags & linux.MSG_TRUNC:
+                self.udp.stats.truncated += 1
+                t = 0
+            s = t
+            if self.udp.gro and controllen >= _CMSG_INT_END:
+                level, kind, size = _CMSG_INT.unpack_from(ctl, j * CMSG_SPACE + _CMSG_HDR)
+                if level == linux.SOL_UDP and kind == linux.UDP_GRO and 0 < size < t:
+                    s = size
+            total.append(t)
+            seg.append(s)
+            counts.append(-(-t // s) if t else 0)
+        return total, seg, counts
 
     def _receive(self, m: int, total: list[int], seg: list[int], counts: list[int], now: float) -> None:
         arena, slot = self.rx_arena, self.rx_arena.slot_size
@@ -362,8 +458,20 @@ class WgEngine:
             a = z
         if events:
             self.send_events(events)
-        if delivered:
+        if not delivered:
+            return
+        if self.tun.vnet and len(delivered) > FEW:
             self._write_inner(PacketBatch.from_packets(delivered, HEADROOM))
+            return
+        # Written where they lie, with a zero virtio header: nothing to coalesce, and the kernel checks
+        # the checksums of such packets itself (as for any packet written without NEEDS_CSUM).
+        writes = [(ZERO_VNET_HDR, v) for v in delivered] if self.tun.vnet else [(v,) for v in delivered]
+        self.counters.rx_bytes += sum(len(v) for v in delivered)
+        ok = self.tun.write_batch(writes)
+        self.counters.tun_writes += ok
+        self.counters.rx_packets += ok
+        if ok < len(writes):
+            self.counters.drops["tun_write_error"] += len(writes) - ok
 
     def _write_inner(self, inner: PacketBatch) -> None:
         """Decrypted inner packets to the TUN: validated, coalesced (GRO) into as few writes as possible."""
@@ -543,3 +651,17 @@ def packets_in_writes(writes: list) -> int:
         payload = sum(len(b) for b in iov) - VNET_HDR_LEN - hdr_len
         count += -(-payload // gso_size) if gso_size else 1
     return count
+
+
+def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int:
+    """One datagram with one sendto (cheaper than any batch call for a lone packet); 1 if the kernel took
+    it, 0 (counted in udp.stats) if not."""
+    udp.stats.send_calls += 1
+    try:
+        udp.sock.sendto(datagram, dest)
+    except OSError as exc:
+        udp.stats.send_errors += 1
+        udp.stats.last_send_errno = exc.errno or 0
+        return 0
+    udp.stats.sent += 1
+    return 1
