@@ -54,6 +54,10 @@ class FakeRx:
     def __init__(self, datagrams) -> None:
         self.inbox = list(datagrams)
 
+    def recv_trains(self, max_messages=None) -> list[Received]:
+        rec = self.recv_batch(max_messages)
+        return [rec] if rec.batch.n else []
+
     def recv_batch(self, max_messages=None) -> Received:
         take, self.inbox = self.inbox[:64], self.inbox[64:]
         batch = PacketBatch.from_packets([d for d, _ in take], headroom=HEADROOM)

@@ -27,7 +27,8 @@ def _partial(pkt, l4_off: int, field: int) -> bytes:
     return bytes(raw)
 
 
-def test_finish_partial_checksums_matches_scapy():
+@pytest.mark.parametrize("per_row_max", [0, 16], ids=["vectorised", "per-row"])
+def test_finish_partial_checksums_matches_scapy(per_row_max: int):
     pkts = [
         scapy.IP(src="198.19.1.0", dst="198.19.2.0") / scapy.TCP(sport=5, dport=6, flags="A") / b"abc",
         scapy.IP(src="198.19.1.0", dst="198.19.2.0") / scapy.UDP(sport=5, dport=6) / bytes(333),
@@ -42,18 +43,19 @@ def test_finish_partial_checksums_matches_scapy():
     headers["flags"] = 1
     headers["csum_start"] = [o for o, _ in offs]
     headers["csum_offset"] = [f for _, f in offs]
-    codes = finish_partial_checksums(batch, headers, np.arange(len(raw)))
+    codes = finish_partial_checksums(batch, headers, np.arange(len(raw)), per_row_max=per_row_max)
     assert codes.tolist() == [0] * len(raw)
     assert batch.packets() == [bytes(p) for p in pkts]
 
 
-def test_finish_partial_checksums_refuses_bad_offsets():
+@pytest.mark.parametrize("per_row_max", [0, 16], ids=["vectorised", "per-row"])
+def test_finish_partial_checksums_refuses_bad_offsets(per_row_max: int):
     raw = bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.0") / scapy.TCP())
     batch = PacketBatch.from_packets([raw, raw], headroom=64)
     headers = np.zeros(2, VNET_HDR_DTYPE)
     headers["csum_start"] = [10, 60]
     headers["csum_offset"] = [16, 16]
-    codes = finish_partial_checksums(batch, headers, np.arange(2))
+    codes = finish_partial_checksums(batch, headers, np.arange(2), per_row_max=per_row_max)
     assert codes.tolist() == [DropReason.BAD_HEADER] * 2
 
 

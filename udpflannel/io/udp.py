@@ -29,6 +29,8 @@ from udpflannel.packet.batch import PacketBatch, round_up
 Buffer = bytes | bytearray | memoryview
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
+TRAIN_MIN = 2  # recv_trains: GRO messages of at least this many datagrams are passed on as zero-copy views
+ARENA_SLACK = 4096  # receive slots are 64 KiB + this, so k * segment size of any train fits the slot
 
 
 @dataclass
@@ -272,12 +274,11 @@ class UdpSocket:
 
     # -- receiving
 
-    def recv_batch(self, max_messages: int | None = None) -> Received:
-        """One recvmmsg: every datagram that arrived (UDP_GRO trains split by their segment size), copied
-        into the rows of a new PacketBatch at `headroom`, with the source of each. Empty when none wait."""
+    def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
         if self._arena is None:
-            # A datagram may be up to 64 KiB even without GRO; pages are touched only when used.
-            self._arena = MmsgArena(self.recv_slots, 65536)
+            # A datagram may be up to 64 KiB even without GRO; pages are touched only when used. The slack
+            # lets a train's last, shorter datagram be a full row of a zero-copy view (recv_trains).
+            self._arena = MmsgArena(self.recv_slots, 65536 + ARENA_SLACK)
         arena = self._arena
         try:
             m = arena.recv(self.sock.fileno(), max_messages)
@@ -286,14 +287,56 @@ class UdpSocket:
             self.stats.last_recv_errno = exc.errno or 0
             m = 0
         self.stats.recv_calls += 1
+        return arena, m
+
+    def recv_batch(self, max_messages: int | None = None) -> Received:
+        """One recvmmsg: every datagram that arrived (UDP_GRO trains split by their segment size), copied
+        into the rows of a new PacketBatch at `headroom`, with the source of each. Empty when none wait."""
+        arena, m = self._recv(max_messages)
         return self._split_trains(arena, m)
 
-    def _split_trains(self, arena: MmsgArena, m: int) -> Received:
-        alen = 4 if self.family == socket.AF_INET else 16
-        aoff = 4 if self.family == socket.AF_INET else 8
+    def recv_trains(self, max_messages: int | None = None) -> list[Received]:
+        """One recvmmsg, as batches in arrival order: each UDP_GRO train of at least TRAIN_MIN datagrams
+        is a zero-copy view of the receive buffer (its datagrams are the rows of a [k, segment size] array,
+        offset 0: a train of equal-size datagrams is a strided 2-D view of one buffer); runs of other
+        messages are copied into one batch as recv_batch does. Views are valid until the next receive on
+        this socket, so each batch must be consumed before then. [] when nothing waits."""
+        arena, m = self._recv(max_messages)
         if m == 0:
-            empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
-            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
+            return []
+        shapes = self._shapes(arena, m)
+        total, seg, counts = shapes
+        out: list[Received] = []
+        pending: list[int] = []
+        for j, (k, s, t) in enumerate(zip(counts.tolist(), seg.tolist(), total.tolist(), strict=True)):
+            if k >= TRAIN_MIN and k * s <= arena.slot_size:
+                if pending:
+                    out.append(self._split_trains(arena, m, np.array(pending), shapes))
+                    pending = []
+                out.append(self._train_view(arena, j, k, s, t))
+            elif k:
+                pending.append(j)
+        if pending:
+            out.append(self._split_trains(arena, m, np.array(pending), shapes))
+        return out
+
+    def _addr_cols(self) -> tuple[int, int]:
+        """(offset, length) of the address in a sockaddr of our family."""
+        return (4, 4) if self.family == socket.AF_INET else (8, 16)
+
+    def _train_view(self, arena: MmsgArena, j: int, k: int, s: int, t: int) -> Received:
+        aoff, alen = self._addr_cols()
+        lengths = np.full(k, s, np.int32)
+        lengths[-1] = t - (k - 1) * s
+        batch = PacketBatch(arena.data[j, : k * s].reshape(k, s), lengths, 0, k)
+        name = arena.names[j]
+        src_addr = np.broadcast_to(name[aoff : aoff + alen], (k, alen))
+        port = (int(name[2]) << 8) | int(name[3])
+        self.stats.received += k
+        return Received(batch, src_addr, np.full(k, port, np.uint16), self.family)
+
+    def _shapes(self, arena: MmsgArena, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per message: total bytes (0 if truncated), segment size, datagram count."""
         total = arena.hdrs["len"][:m].astype(np.int64)
         trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
         if trunc.any():
@@ -302,16 +345,34 @@ class UdpSocket:
         seg = arena.gro_sizes(m) if self.gro else np.zeros(m, np.int64)
         seg = np.where((seg <= 0) | (seg >= total), total, seg)
         counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
+        return total, seg, counts
+
+    def _split_trains(
+        self,
+        arena: MmsgArena,
+        m: int,
+        which: np.ndarray | None = None,
+        shapes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> Received:
+        """Messages [0, m) (or those in `which`) copied into the rows of a new batch at `headroom`;
+        `shapes` is _shapes(arena, m) when the caller has it already."""
+        aoff, alen = self._addr_cols()
+        if m == 0:
+            empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
+            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
+        total, seg, counts = shapes or self._shapes(arena, m)
+        msgs = np.arange(m) if which is None else which
+        total, seg, counts = total[msgs], seg[msgs], counts[msgs]
         n = int(counts.sum())
-        widest = int(seg.max()) if m else 0
+        widest = int(seg.max()) if len(msgs) else 0
         stride = round_up(self.headroom + widest + 8, 64)
         buf = np.empty((n, stride), np.uint8)
         lengths = np.empty(n, np.int32)
         first = np.concatenate(([0], np.cumsum(counts)[:-1]))
         h = self.headroom
-        for j in np.flatnonzero(counts).tolist():
-            k, s, t, r0 = int(counts[j]), int(seg[j]), int(total[j]), int(first[j])
-            data = arena.data[j]
+        for i in np.flatnonzero(counts).tolist():
+            k, s, t, r0 = int(counts[i]), int(seg[i]), int(total[i]), int(first[i])
+            data = arena.data[int(msgs[i])]
             full = t // s
             if full:
                 buf[r0 : r0 + full, h : h + s] = data[: full * s].reshape(full, s)
@@ -319,8 +380,8 @@ class UdpSocket:
             if full < k:
                 buf[r0 + full, h : h + t - full * s] = data[full * s : t]
                 lengths[r0 + full] = t - full * s
-        row_msg = np.repeat(np.arange(m), counts)
-        names = arena.names[:m]
+        row_msg = np.repeat(msgs, counts)
+        names = arena.names
         src_addr = names[row_msg, aoff : aoff + alen]
         src_port = names[row_msg, 2:4].copy().view(">u2")[:, 0].astype(np.uint16)
         self.stats.received += n

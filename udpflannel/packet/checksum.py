@@ -50,30 +50,40 @@ def _tail_words(rows: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 def sum_rows_raw(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Unfolded sum (see module doc) of rows[i, :lengths[i]] for every row; bytes past each length may hold
-    anything. All rows the same length (or all but a few) take one pass; arbitrary mixes use a mask."""
+    anything. Rows of the longest length (a train: all but its last) take one pass plus a few tail
+    columns; up to 8 other rows are summed one by one, more through a mask."""
     n = rows.shape[0]
     if n == 0:
         return np.zeros(0, _I64)
     lengths = np.asarray(lengths, dtype=_I64)
-    q = lengths >> 2
-    r = lengths & 3
-    qmax = int(q.max())
+    lmax = int(lengths.max())
+    qmax, r = lmax >> 2, lmax & 3
     if qmax:
         words = rows[:, : qmax * 4].view("<u4")
         s = words.sum(axis=1, dtype=_I64)
-        short = np.flatnonzero(q != qmax)
-        if short.size:
-            if short.size <= 8:
-                for i in short.tolist():
-                    s[i] = words[i, : q[i]].sum(dtype=_I64)
-            else:
-                sub = words[short]
-                sub[np.arange(qmax) >= q[short][:, None]] = 0
-                s[short] = sub.sum(axis=1, dtype=_I64)
     else:
         s = np.zeros(n, _I64)
-    if r.any():
-        s += _tail_words(rows, q, r)
+    if r:  # the 1-3 bytes after the last whole word of the longest rows, as a little-endian word
+        c = qmax * 4
+        s += rows[:, c]
+        if r > 1:
+            s += rows[:, c + 1].astype(_I64) << 8
+        if r > 2:
+            s += rows[:, c + 2].astype(_I64) << 16
+    short = np.flatnonzero(lengths != lmax)
+    if short.size:
+        if short.size <= 8:
+            for i in short.tolist():
+                # network-order sum as one integer (2**16 is 1 mod 0xFFFF), times 256 to the LE domain
+                # (256 * 256 is 1 mod 0xFFFF, so the final * 256 below undoes it)
+                ln = int(lengths[i])
+                x = int.from_bytes(rows[i, :ln].tobytes(), "big")
+                s[i] = ((x << 8 if ln & 1 else x) % M) * 256
+        else:
+            q, rr = lengths[short] >> 2, lengths[short] & 3
+            sub = words[short] if qmax else np.zeros((short.size, 0), np.uint32)
+            sub[np.arange(qmax) >= q[:, None]] = 0
+            s[short] = sub.sum(axis=1, dtype=_I64) + _tail_words(rows[short], q, rr)
     return s * 256  # little-endian words to network order (mod 0xFFFF)
 
 
