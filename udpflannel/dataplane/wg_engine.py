@@ -504,8 +504,11 @@ class WgEngine:
                 items.append((ev.data, (ev.endpoint[0], int(ev.endpoint[1]))))
                 if len(ev.data) > wgm.MESSAGE_KEEPALIVE_SIZE and ev.data[0] == wgm.MESSAGE_TRANSPORT_TYPE:
                     self.counters.tx_packets += 1  # a staged packet flushed after a handshake
-        if items:
+        if len(items) > FEW:
             self.udp.sendmmsg(items)
+            return
+        for data, endpoint in items:  # handshake messages: one sendto each beats building a sendmmsg
+            send_one(self.udp, memoryview(data), endpoint)
 
     def run_timers(self, now: float) -> None:
         deadline = self.device.next_timer()

@@ -118,3 +118,23 @@ def test_tai64n_layout_and_whitening() -> None:
     assert seconds == 0x400000000000000A + 1_700_000_000
     assert nanos % (1 << 24) == 0 and 0 < 500_000_000 - nanos < (1 << 24)
     assert crypto.tai64n(1.0) < crypto.tai64n(2.0)
+
+
+def test_hmac_matches_the_hmac_module_for_every_key_length() -> None:
+    import hashlib
+    import hmac
+
+    from udpflannel.codec.wireguard.crypto import hmac_
+
+    for n in (0, 1, 32, 63, 64, 65, 200):
+        for data in (b"", b"\x01", bytes(range(100))):
+            key = bytes((7 * i + n) & 0xFF for i in range(n))
+            assert hmac_(key, data) == hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def test_dh_takes_bytes_or_a_key_object() -> None:
+    from udpflannel.codec.wireguard.crypto import dh, generate_private_key, private_key_object, public_key
+
+    a, b = generate_private_key(bytes(range(32))), generate_private_key(bytes(range(1, 33)))
+    shared = dh(a, public_key(b))
+    assert shared is not None and shared == dh(private_key_object(a), public_key(b)) == dh(b, public_key(a))

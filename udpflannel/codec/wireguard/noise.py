@@ -9,7 +9,9 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from udpflannel.codec.wireguard import crypto
 from udpflannel.codec.wireguard import messages as m
@@ -32,12 +34,15 @@ class HandshakeState(enum.Enum):
 class StaticIdentity:
     private: bytes
     public: bytes
+    # The key object, built once: every handshake does two DHs with our static key.
+    key: X25519PrivateKey = field(repr=False, compare=False)
 
     @classmethod
     def from_private(cls, private: bytes) -> StaticIdentity:
         if len(private) != crypto.KEY_SIZE:
             raise ValueError("a WireGuard private key has 32 bytes")
-        return cls(private=private, public=crypto.public_key(private))
+        key = crypto.private_key_object(private)
+        return cls(private=private, public=crypto.public_key_of(key), key=key)
 
 
 @dataclass(slots=True)
@@ -63,7 +68,7 @@ class Handshake:
     def for_peer(cls, local: StaticIdentity, remote_static: bytes, psk: bytes | None = None) -> Handshake:
         return cls(
             remote_static=remote_static,
-            precomputed_static_static=crypto.dh(local.private, remote_static),
+            precomputed_static_static=crypto.dh(local.key, remote_static),
             preshared_key=psk or crypto.ZERO_KEY,
         )
 
@@ -101,10 +106,11 @@ def create_initiation(
     if hs.precomputed_static_static is None:
         raise ValueError("peer static key is a low-order point: no handshake is possible")
     t = _Transcript(hash=crypto.hash_(INITIAL_HASH + hs.remote_static), chaining_key=INITIAL_CHAIN_KEY)
-    ephemeral_public = crypto.public_key(ephemeral_private)
+    ephemeral = crypto.private_key_object(ephemeral_private)
+    ephemeral_public = crypto.public_key_of(ephemeral)
     t.mix_key(ephemeral_public)
     t.mix_hash(ephemeral_public)
-    ss = crypto.dh(ephemeral_private, hs.remote_static)
+    ss = crypto.dh(ephemeral, hs.remote_static)
     if ss is None:
         raise ValueError("peer static key is a low-order point")
     t.chaining_key, key = crypto.kdf2(t.chaining_key, ss)
@@ -151,7 +157,7 @@ def consume_initiation(
     t = _Transcript(hash=crypto.hash_(INITIAL_HASH + local.public), chaining_key=INITIAL_CHAIN_KEY)
     t.mix_hash(msg.ephemeral)
     t.mix_key(msg.ephemeral)
-    ss = crypto.dh(local.private, msg.ephemeral)
+    ss = crypto.dh(local.key, msg.ephemeral)
     if ss is None:
         return DropReason.HANDSHAKE_FAILED
     t.chaining_key, key = crypto.kdf2(t.chaining_key, ss)
@@ -189,11 +195,12 @@ def create_response(hs: Handshake, local_index: int, ephemeral_private: bytes) -
     if hs.state is not HandshakeState.INITIATION_CONSUMED:
         raise ValueError(f"create_response in state {hs.state.value}")
     t = _Transcript(hash=hs.hash, chaining_key=hs.chaining_key)
-    ephemeral_public = crypto.public_key(ephemeral_private)
+    ephemeral = crypto.private_key_object(ephemeral_private)
+    ephemeral_public = crypto.public_key_of(ephemeral)
     t.mix_hash(ephemeral_public)
     t.mix_key(ephemeral_public)
-    ss1 = crypto.dh(ephemeral_private, hs.remote_ephemeral)
-    ss2 = crypto.dh(ephemeral_private, hs.remote_static)
+    ss1 = crypto.dh(ephemeral, hs.remote_ephemeral)
+    ss2 = crypto.dh(ephemeral, hs.remote_static)
     if ss1 is None or ss2 is None:
         raise ValueError("peer ephemeral or static key is a low-order point")
     t.mix_key(ss1)
@@ -237,7 +244,7 @@ def consume_response(
     t.mix_hash(msg.ephemeral)
     t.mix_key(msg.ephemeral)
     ss1 = crypto.dh(hs.local_ephemeral, msg.ephemeral)
-    ss2 = crypto.dh(local.private, msg.ephemeral)
+    ss2 = crypto.dh(local.key, msg.ephemeral)
     if ss1 is None or ss2 is None:
         return DropReason.HANDSHAKE_FAILED
     t.mix_key(ss1)
