@@ -1,11 +1,18 @@
 """WireGuard throughput and cost: wireguard-go<->wireguard-go vs udpflannel<->udpflannel vs
 udpflannel<->wireguard-go, in network namespaces joined by a wire-mode veth underlay.
 
-Per pairing: handshake completion time (first ping, which waits for the handshake), then iperf3 with one TCP
-stream for 10 s (3 reps; --quick: 1 rep of 3 s), Gbit/s and CPU seconds per GiB moved (both WireGuard
-processes, from /proc/<pid>/stat), plus RSS/PSS of our worker. Needs root, wireguard-go, wg and iperf3.
+Per pairing: handshake time (RTT of a first ping, as ping reports it, that has to wait for a fresh
+handshake: the initiator's session is dropped before each of 5 tries; median), steady ping RTT, then
+iperf3 with one TCP stream for 10 s (3 reps; --quick: 1 rep of 3 s), Gbit/s and CPU seconds per GiB
+moved (both WireGuard processes, from /proc/<pid>/stat), plus RSS/PSS of our worker. Ratios are against
+wggo->wggo of the same run (the machine is shared: compare within one run). Needs root, wireguard-go, wg
+and iperf3.
 
-    .venv/bin/python perf/bench_wireguard.py [--quick] [--json out.json]
+--micro (no root): our engine alone, in one process, TUN faked by a socketpair and the underlay on
+loopback: CPU microseconds per 64 KiB superpacket for TX (split + seal + send) and RX (open + GRO + TUN
+write), the part of the cost that is ours rather than the kernel's or iperf3's.
+
+    .venv/bin/python perf/bench_wireguard.py [--quick] [--micro] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "interop"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "perf"))
 
-from wg_lab import WgLab, WgNode, ping  # noqa: E402
+from wg_lab import WgLab, WgNode, b64, ping  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAIRINGS = (("wggo", "wggo"), ("ours", "ours"), ("ours", "wggo"))
+HANDSHAKE_TRIES = 5
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,14 +68,41 @@ def iperf(client: WgNode, server: WgNode, seconds: int) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
 
 
+def ping_ms(src: WgNode, dst: WgNode, count: int = 1, interval: float = 0.2) -> list[float]:
+    """RTTs in ms as ping reports them (lost replies are left out)."""
+    out = src.ns.exec(
+        "ping", "-c", str(count), "-i", str(interval), "-W", "5", dst.overlay_ip, timeout=30 + count
+    )
+    return [float(line.split("time=")[1].split()[0]) for line in out.splitlines() if "time=" in line]
+
+
+def forget_session(lab: WgLab, a: WgNode, b: WgNode) -> None:
+    """a drops its peer b (keys and all) and gets it back, so a's next packet to b starts a handshake."""
+    if a.kind == "ours":
+        a.send({"op": "peers", "peers": []}, "applied")
+    else:
+        a.ns.exec("wg", "set", a.ifname, "peer", b64(b.public_key), "remove")
+    lab.connect(a, b)
+
+
+def handshake_ms(lab: WgLab, a: WgNode, b: WgNode) -> list[float]:
+    """First-ping RTTs, each behind a fresh handshake started by a."""
+    rtts = []
+    for _ in range(HANDSHAKE_TRIES):
+        forget_session(lab, a, b)
+        time.sleep(0.2)
+        rtts += ping_ms(a, b)
+    return rtts
+
+
 def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
     with WgLab() as lab:
         a, b = lab.node(1, kind_a), lab.node(2, kind_b)
         lab.connect(a, b)
         lab.connect(b, a)
-        t0 = time.monotonic()
         ping(a, b, count=1, wait=10)
-        handshake_ms = (time.monotonic() - t0) * 1000
+        handshakes = handshake_ms(lab, a, b)
+        rtt = ping_ms(a, b, count=20, interval=0.05)
         pids = [n.proc.pid for n in (a, b) if n.proc is not None]
         rates, cpu_per_gib = [], []
         for _ in range(reps):
@@ -82,16 +118,122 @@ def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
             "gbit_s": rates,
             "gbit_s_median": statistics.median(rates),
             "cpu_s_per_gib_median": statistics.median(cpu_per_gib),
-            "handshake_ms": handshake_ms,
+            "handshake_ms": handshakes,
+            "handshake_ms_median": statistics.median(handshakes) if handshakes else float("nan"),
+            "rtt_ms_median": statistics.median(rtt) if rtt else float("nan"),
             "rss_pss_kib": mem,
         }
+
+
+def run_micro(rounds: int, per_round: int = 4) -> dict:
+    """Two engines in this process: TUN = SOCK_SEQPACKET socketpair (one message per read, with the
+    virtio header), underlay = loopback UDP with GSO/GRO. CPU time of this thread per superpacket."""
+    import socket
+
+    from micro import tcp_superpacket
+
+    from udpflannel.codec.wireguard import crypto
+    from udpflannel.codec.wireguard.session import Device
+    from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig, warm_up
+    from udpflannel.io.tun import Tun
+    from udpflannel.io.udp import UdpSocket
+
+    mtu, mss, segments = 1420, 1368, 44
+    made: list[socket.socket | UdpSocket] = []
+
+    def engine(index: int) -> tuple[WgEngine, socket.socket]:
+        outside, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (outside, inside):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        inside.setblocking(False)
+        outside.setblocking(False)
+        udp = UdpSocket.open(socket.AF_INET, "127.0.0.1", 0)
+        made.extend((outside, inside, udp))
+        device = Device(crypto.generate_private_key(os.urandom(32)), mtu=mtu)
+        return WgEngine(device, Tun.from_fd(inside.fileno(), f"micro{index}", vnet=True), udp), outside
+
+    def drain(sock: socket.socket) -> int:
+        got = 0
+        for _ in range(100_000):
+            try:
+                got += len(sock.recv(1 << 17))
+            except BlockingIOError:
+                break
+        return got
+
+    try:
+        (a, a_tun), (b, b_tun) = engine(1), engine(2)
+        for x, y, subnet in ((a, b, "198.19.2.0/24"), (b, a, "198.19.1.0/24")):
+            key = y.device.identity.public
+            x.set_peers([WgPeerConfig(key, ("127.0.0.1", y.udp.address[1]), (subnet,))], time.monotonic())
+        warm_up()
+        pkt, hdr = tcp_superpacket(segments * mss, mss=mss)
+        frame = hdr.encode() + pkt
+        a_tun.send(frame)  # the first one waits for the handshake
+        for _ in range(50):
+            now = time.monotonic()
+            a.tx_once(now)
+            b.rx_once(now)
+            a.rx_once(now)
+            b.rx_once(now)
+            a.run_timers(now)
+            if drain(b_tun):
+                break
+            time.sleep(0.002)
+        tx = rx = 0.0
+        delivered = 0
+        for i in range(rounds + 10):
+            for _ in range(per_round):
+                a_tun.send(frame)
+            t0 = time.thread_time()
+            a.tx_once(time.monotonic())
+            t1 = time.thread_time()
+            for _ in range(16):
+                if b.rx_once(time.monotonic()) == 0:
+                    break
+            t2 = time.thread_time()
+            if i >= 10:  # the first rounds warm caches up
+                tx += t1 - t0
+                rx += t2 - t1
+                delivered += drain(b_tun)
+            else:
+                drain(b_tun)
+    finally:
+        for obj in made:
+            obj.close()
+    n = rounds * per_round
+    gib = n * len(pkt) / (1 << 30)
+    result = {
+        "superpacket_bytes": len(pkt),
+        "segments": segments,
+        "tx_us_per_superpacket": tx / n * 1e6,
+        "rx_us_per_superpacket": rx / n * 1e6,
+        "tx_cpu_s_per_gib": tx / gib,
+        "rx_cpu_s_per_gib": rx / gib,
+        # TUN writes carry a 10-byte virtio header each: count bytes, compare to what was injected
+        "delivered_fraction": delivered / (n * len(pkt)),
+    }
+    print(
+        f"TX {result['tx_us_per_superpacket']:.0f} us per {len(pkt)}-byte superpacket "
+        f"({result['tx_us_per_superpacket'] / segments:.2f} us/segment, {result['tx_cpu_s_per_gib']:.2f} "
+        f"CPU-s/GiB); RX {result['rx_us_per_superpacket']:.0f} us ({result['rx_cpu_s_per_gib']:.2f} "
+        f"CPU-s/GiB); delivered {result['delivered_fraction']:.3f} of the bytes sent"
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 rep of 3 s per pairing")
+    ap.add_argument("--micro", action="store_true", help="our engine alone, in-process (no root needed)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    if args.micro:
+        result = run_micro(rounds=100 if args.quick else 400)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     if os.geteuid() != 0:
         print("bench_wireguard: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -103,12 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps, seconds = (1, 3) if args.quick else (3, 10)
     results = [run_pairing(a, b, reps, seconds) for a, b in PAIRINGS]
-    print(f"{'pairing':<14} {'Gbit/s (median)':>16} {'CPU-s/GiB':>10} {'handshake ms':>13}  reps")
+    base = results[0]["gbit_s_median"] or float("nan")
+    print(
+        f"{'pairing':<14} {'Gbit/s (median)':>16} {'x wggo':>7} {'CPU-s/GiB':>10} "
+        f"{'handshake ms':>13} {'RTT ms':>7}  reps"
+    )
     for r in results:
         reps_text = " ".join(f"{x:.3f}" for x in r["gbit_s"])
+        r["ratio_vs_wggo"] = r["gbit_s_median"] / base
         print(
-            f"{r['pairing']:<14} {r['gbit_s_median']:>16.3f} {r['cpu_s_per_gib_median']:>10.1f} "
-            f"{r['handshake_ms']:>13.1f}  {reps_text}"
+            f"{r['pairing']:<14} {r['gbit_s_median']:>16.3f} {r['ratio_vs_wggo']:>7.2f} "
+            f"{r['cpu_s_per_gib_median']:>10.1f} {r['handshake_ms_median']:>13.2f} "
+            f"{r['rtt_ms_median']:>7.2f}  {reps_text}"
         )
         for name, (rss, pss) in r["rss_pss_kib"].items():
             print(f"{'':<14} {name} worker RSS {rss / 1024:.1f} MiB, PSS {pss / 1024:.1f} MiB")
