@@ -134,7 +134,8 @@ def run_micro(rounds: int, per_round: int = 4) -> dict:
 
     from udpflannel.codec.wireguard import crypto
     from udpflannel.codec.wireguard.session import Device
-    from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig, warm_up
+    from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
+    from udpflannel.dataplane.wg_worker import warm_up
     from udpflannel.io.tun import Tun
     from udpflannel.io.udp import UdpSocket
 

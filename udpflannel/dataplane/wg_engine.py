@@ -10,10 +10,7 @@ The clock is not read here: every call takes `now`.
 from __future__ import annotations
 
 import base64
-import errno
 import logging
-import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,19 +24,24 @@ from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
 from udpflannel.dataplane.peers import Peer as TableRow
-from udpflannel.io import linux
-from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena, decode_sockaddr
+from udpflannel.dataplane.wg_config import WgPeerConfig, format_endpoint
+from udpflannel.dataplane.wg_io import (
+    finish_partial_checksums,
+    message_sizes,
+    message_sizes_few,
+    packets_in_writes,
+    send_contiguous,
+    send_one,
+)
+from udpflannel.io.mmsg import MmsgArena, decode_sockaddr
 from udpflannel.io.tun import Tun, TunRead, new_read_arena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
-from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gso import split_superpacket
-from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
-    VNET_HDR_LEN,
     ZERO_VNET_HDR,
     VnetHdr,
 )
@@ -54,45 +56,6 @@ FEW = 4  # packets up to which a per-packet Python path beats a dozen array oper
 MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
 RX_SLOT = 65536 + 9216  # a 64 KiB train plus one jumbo datagram
 MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
-# sendmsg errors that mean UDP_SEGMENT cannot work on this socket (as io/udp.py decides for send_segments).
-_GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
-_U16 = struct.Struct("=H")
-_HDR_LEN_GSO_SIZE = struct.Struct("<HH")
-# A received cmsg: cmsg_len (u64) first, then level, type and (for UDP_GRO) the int segment size.
-_CMSG_HDR = 8
-_CMSG_INT = struct.Struct("<iIi")
-_CMSG_INT_END = _CMSG_HDR + _CMSG_INT.size  # virtio_net_hdr hdr_len and gso_size, at offset 2
-
-
-@dataclass(frozen=True, slots=True)
-class WgPeerConfig:
-    """One peer as the worker is told about it by the backend."""
-
-    public_key: bytes
-    endpoint: tuple[str, int] | None
-    allowed_ips: tuple[str, ...]
-    preshared_key: bytes | None = None
-    persistent_keepalive: int = 0
-
-    def to_json(self) -> dict:
-        return {
-            "public_key": base64.b64encode(self.public_key).decode(),
-            "endpoint": list(self.endpoint) if self.endpoint else None,
-            "allowed_ips": list(self.allowed_ips),
-            "psk": base64.b64encode(self.preshared_key).decode() if self.preshared_key else None,
-            "keepalive": self.persistent_keepalive,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict) -> WgPeerConfig:
-        ep = obj.get("endpoint")
-        return cls(
-            public_key=base64.b64decode(obj["public_key"]),
-            endpoint=(str(ep[0]), int(ep[1])) if ep else None,
-            allowed_ips=tuple(obj.get("allowed_ips", ())),
-            preshared_key=base64.b64decode(obj["psk"]) if obj.get("psk") else None,
-            persistent_keepalive=int(obj.get("keepalive") or 0),
-        )
 
 
 @dataclass
@@ -352,7 +315,9 @@ class WgEngine:
         udp.stats.recv_calls += 1
         if m == 0:
             return 0
-        total, seg, counts = self._message_sizes(m) if m > FEW else self._message_sizes_few(m)
+        total, seg, counts = (
+            message_sizes(arena, udp, m) if m > FEW else message_sizes_few(arena, udp, self._rx_ctl, m)
+        )
         n = sum(counts)
         udp.stats.received += n
         try:
@@ -360,39 +325,6 @@ class WgEngine:
         except Exception:  # a bug must not stop the datapath: drop the batch, count it
             self._internal_error(n)
         return n
-
-    def _message_sizes(self, m: int) -> tuple[list[int], list[int], list[int]]:
-        """Per received message: its length, UDP_GRO segment size (its length if not a train) and
-        datagram count; truncated messages count as empty."""
-        arena, udp = self.rx_arena, self.udp
-        total = arena.hdrs["len"][:m].astype(np.int64)
-        trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
-        if trunc.any():
-            udp.stats.truncated += int(trunc.sum())
-            total[trunc] = 0
-        seg = arena.gro_sizes(m) if udp.gro else np.zeros(m, np.int64)
-        seg = np.where((seg <= 0) | (seg >= total), total, seg)
-        counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
-        return total.tolist(), seg.tolist(), counts.tolist()
-
-    def _message_sizes_few(self, m: int) -> tuple[list[int], list[int], list[int]]:
-        """_message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
-        total, seg, counts = [], [], []
-        ctl = self._rx_ctl
-        for j, hdr in enumerate(self.rx_arena.hdrs[:m].tolist()):
-            controllen, flags, t = hdr[5], hdr[6], hdr[7]
-            if flags & linux.MSG_TRUNC:
-                self.udp.stats.truncated += 1
-                t = 0
-            s = t
-            if self.udp.gro and controllen >= _CMSG_INT_END:
-                level, kind, size = _CMSG_INT.unpack_from(ctl, j * CMSG_SPACE + _CMSG_HDR)
-                if level == linux.SOL_UDP and kind == linux.UDP_GRO and 0 < size < t:
-                    s = size
-            total.append(t)
-            seg.append(s)
-            counts.append(-(-t // s) if t else 0)
-        return total, seg, counts
 
     def _receive(self, m: int, total: list[int], seg: list[int], counts: list[int], now: float) -> None:
         arena, slot = self.rx_arena, self.rx_arena.slot_size
@@ -553,118 +485,3 @@ class WgEngine:
             **drops,
             "peers": peers,
         }
-
-
-def warm_up() -> None:
-    """One handshake and one transport message between two throwaway devices, so the first real handshake
-    does not pay for first-use costs (crypto contexts, code paths): it is the latency a peer sees."""
-    from udpflannel.codec.wireguard import crypto
-
-    keys = [crypto.generate_private_key(os.urandom(32)) for _ in range(2)]
-    a, b = Device(keys[0]), Device(keys[1])
-    a.add_peer(b.identity.public, endpoint=("198.18.0.2", 1))
-    b.add_peer(a.identity.public, endpoint=("198.18.0.1", 1))
-    init = a.initiate(b.identity.public, 0.0)
-    resp = b.receive_datagram(init[0].data, ("198.18.0.1", 1), 0.0) if init else []
-    if resp and isinstance(resp[0], Reply):
-        a.receive_datagram(resp[0].data, ("198.18.0.2", 1), 0.0)
-    packet = bytes([0x45, 0, 0, 20]) + bytes(16)
-    out = bytearray(256)
-    sealed = seal_batch(a, b.identity.public, [packet], out, 0.0)
-    if isinstance(sealed, SealedBatch):
-        open_batch(b, [memoryview(out)[: sealed.sizes[0]]], ("198.18.0.1", 1), 0.0)
-
-
-def format_endpoint(endpoint: tuple | None) -> str | None:
-    """host:port as wg(8) prints it ([v6]:port for IPv6)."""
-    if endpoint is None:
-        return None
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Finish the L4 checksum of non-GSO NEEDS_CSUM rows in place, one array pass per csum_start value
-    (the batch twin of packet.gso's single-packet path). Returns, per row, True where the header was
-    unusable (the row must be dropped)."""
-    start = headers["csum_start"][rows].astype(np.int64)
-    field_off = headers["csum_offset"][rows].astype(np.int64)
-    lengths = batch.lengths[rows].astype(np.int64)
-    ok = ((field_off == TCP_CSUM) | (field_off == UDP_CSUM)) & (start + field_off + 2 <= lengths)
-    off = batch.offset
-    for s in np.unique(start[ok]).tolist():
-        sel = ok & (start == s)
-        idx = rows[sel]
-        span = lengths[sel] - s
-        # The field holds the pseudo-header sum, so the sum over [csum_start, end) is the whole sum.
-        sums = sum_rows_raw(batch.buf[idx, off + s : off + s + int(span.max())], span)
-        is_udp = field_off[sel] == UDP_CSUM
-        c = np.where(is_udp, finish_udp(sums), finish(sums))
-        col = off + s + field_off[sel]
-        batch.buf[idx, col] = (c >> 8).astype(np.uint8)
-        batch.buf[idx, col + 1] = (c & 0xFF).astype(np.uint8)
-    return ~ok
-
-
-def send_contiguous(udp: UdpSocket, data: np.ndarray, seg: int, dest: tuple[str, int]) -> int:
-    """Datagrams of `seg` bytes back to back in `data` (the last may be shorter) to one destination, with
-    as few UDP_SEGMENT sendmsg calls as the kernel's limits allow: the whole batch is one iovec, where
-    udp.send_segments takes one buffer per datagram. Returns the datagrams the kernel took; refusals are
-    counted in udp.stats as send_segments counts them, and a GSO refusal switches the socket to per-datagram
-    sends for good."""
-    mv = memoryview(data)
-    total = len(mv)
-    if not udp.gso or total <= seg:
-        return udp.send_segments([mv[a : a + seg] for a in range(0, total, seg)], seg, dest)
-    step = max(1, min(udp.max_segments, udp.max_payload // seg)) * seg
-    anc = [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))]
-    stats = udp.stats
-    sent = 0
-    for a in range(0, total, step):
-        chunk = mv[a : a + step]
-        k = -(-len(chunk) // seg)
-        stats.send_calls += 1
-        try:
-            udp.sock.sendmsg([chunk], anc if k > 1 else (), 0, dest)
-        except OSError as exc:
-            if k > 1 and exc.errno in _GSO_GIVE_UP:
-                udp.gso = False
-                stats.gso_fallbacks += 1
-                rest = [mv[b : b + seg] for b in range(a, total, seg)]
-                return sent + udp.send_segments(rest, seg, dest)
-            stats.send_errors += k
-            stats.last_send_errno = exc.errno or 0
-            continue
-        stats.sent += k
-        sent += k
-    return sent
-
-
-def packets_in_writes(writes: list) -> int:
-    """How many inner packets a list of TUN writes (virtio header first) carries: a GSO superpacket
-    carries ceil(payload / gso_size) segments, anything else one."""
-    count = 0
-    for iov in writes:
-        head = iov[0]
-        gso_type = head[1]
-        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
-            count += 1
-            continue
-        hdr_len, gso_size = _HDR_LEN_GSO_SIZE.unpack_from(head, 2)
-        payload = sum(len(b) for b in iov) - VNET_HDR_LEN - hdr_len
-        count += -(-payload // gso_size) if gso_size else 1
-    return count
-
-
-def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int:
-    """One datagram with one sendto (cheaper than any batch call for a lone packet); 1 if the kernel took
-    it, 0 (counted in udp.stats) if not."""
-    udp.stats.send_calls += 1
-    try:
-        udp.sock.sendto(datagram, dest)
-    except OSError as exc:
-        udp.stats.send_errors += 1
-        udp.stats.last_send_errno = exc.errno or 0
-        return 0
-    udp.stats.sent += 1
-    return 1

@@ -1,0 +1,150 @@
+"""Socket and TUN helpers of the WireGuard datapath (dataplane/wg_engine.py): a whole peer batch in one
+UDP_SEGMENT sendmsg from one buffer, lone datagrams with sendto, receive-arena message sizes, partial
+checksums of TUN reads, and how many packets a list of TUN writes carries. Refusals are counted in the
+socket's stats, never raised."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import numpy as np
+
+from udpflannel.io import linux
+from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena
+from udpflannel.io.udp import UdpSocket
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
+from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN
+
+# sendmsg errors that mean UDP_SEGMENT cannot work on this socket (as io/udp.py decides for send_segments).
+_GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
+_U16 = struct.Struct("=H")
+_HDR_LEN_GSO_SIZE = struct.Struct("<HH")  # virtio_net_hdr hdr_len and gso_size, at offset 2
+# A received cmsg: cmsg_len (u64) first, then level, type and (for UDP_GRO) the int segment size.
+_CMSG_HDR = 8
+_CMSG_INT = struct.Struct("<iIi")
+_CMSG_INT_END = _CMSG_HDR + _CMSG_INT.size
+
+
+def send_contiguous(udp: UdpSocket, data: np.ndarray, seg: int, dest: tuple[str, int]) -> int:
+    """Datagrams of `seg` bytes back to back in `data` (the last may be shorter) to one destination, with
+    as few UDP_SEGMENT sendmsg calls as the kernel's limits allow: the whole batch is one iovec, where
+    udp.send_segments takes one buffer per datagram. Returns the datagrams the kernel took; refusals are
+    counted in udp.stats as send_segments counts them, and a GSO refusal switches the socket to per-datagram
+    sends for good."""
+    mv = memoryview(data)
+    total = len(mv)
+    if not udp.gso or total <= seg:
+        return udp.send_segments([mv[a : a + seg] for a in range(0, total, seg)], seg, dest)
+    step = max(1, min(udp.max_segments, udp.max_payload // seg)) * seg
+    anc = [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg))]
+    stats = udp.stats
+    sent = 0
+    for a in range(0, total, step):
+        chunk = mv[a : a + step]
+        k = -(-len(chunk) // seg)
+        stats.send_calls += 1
+        try:
+            udp.sock.sendmsg([chunk], anc if k > 1 else (), 0, dest)
+        except OSError as exc:
+            if k > 1 and exc.errno in _GSO_GIVE_UP:
+                udp.gso = False
+                stats.gso_fallbacks += 1
+                rest = [mv[b : b + seg] for b in range(a, total, seg)]
+                return sent + udp.send_segments(rest, seg, dest)
+            stats.send_errors += k
+            stats.last_send_errno = exc.errno or 0
+            continue
+        stats.sent += k
+        sent += k
+    return sent
+
+
+def packets_in_writes(writes: list) -> int:
+    """How many inner packets a list of TUN writes (virtio header first) carries: a GSO superpacket
+    carries ceil(payload / gso_size) segments, anything else one."""
+    count = 0
+    for iov in writes:
+        head = iov[0]
+        gso_type = head[1]
+        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+            count += 1
+            continue
+        hdr_len, gso_size = _HDR_LEN_GSO_SIZE.unpack_from(head, 2)
+        payload = sum(len(b) for b in iov) - VNET_HDR_LEN - hdr_len
+        count += -(-payload // gso_size) if gso_size else 1
+    return count
+
+
+def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int:
+    """One datagram with one sendto (cheaper than any batch call for a lone packet); 1 if the kernel took
+    it, 0 (counted in udp.stats) if not."""
+    udp.stats.send_calls += 1
+    try:
+        udp.sock.sendto(datagram, dest)
+    except OSError as exc:
+        udp.stats.send_errors += 1
+        udp.stats.last_send_errno = exc.errno or 0
+        return 0
+    udp.stats.sent += 1
+    return 1
+
+
+def message_sizes(arena: MmsgArena, udp: UdpSocket, m: int) -> tuple[list[int], list[int], list[int]]:
+    """Per received message: its length, UDP_GRO segment size (its length if not a train) and
+    datagram count; truncated messages count as empty."""
+    total = arena.hdrs["len"][:m].astype(np.int64)
+    trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
+    if trunc.any():
+        udp.stats.truncated += int(trunc.sum())
+        total[trunc] = 0
+    seg = arena.gro_sizes(m) if udp.gro else np.zeros(m, np.int64)
+    seg = np.where((seg <= 0) | (seg >= total), total, seg)
+    counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
+    return total.tolist(), seg.tolist(), counts.tolist()
+
+
+def message_sizes_few(
+    arena: MmsgArena, udp: UdpSocket, ctl: memoryview, m: int
+) -> tuple[list[int], list[int], list[int]]:
+    """_message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
+    total, seg, counts = [], [], []
+    for j, hdr in enumerate(arena.hdrs[:m].tolist()):
+        controllen, flags, t = hdr[5], hdr[6], hdr[7]
+        if flags & linux.MSG_TRUNC:
+            udp.stats.truncated += 1
+            t = 0
+        s = t
+        if udp.gro and controllen >= _CMSG_INT_END:
+            level, kind, size = _CMSG_INT.unpack_from(ctl, j * CMSG_SPACE + _CMSG_HDR)
+            if level == linux.SOL_UDP and kind == linux.UDP_GRO and 0 < size < t:
+                s = size
+        total.append(t)
+        seg.append(s)
+        counts.append(-(-t // s) if t else 0)
+    return total, seg, counts
+
+
+def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Finish the L4 checksum of non-GSO NEEDS_CSUM rows in place, one array pass per csum_start value
+    (the batch twin of packet.gso's single-packet path). Returns, per row, True where the header was
+    unusable (the row must be dropped)."""
+    start = headers["csum_start"][rows].astype(np.int64)
+    field_off = headers["csum_offset"][rows].astype(np.int64)
+    lengths = batch.lengths[rows].astype(np.int64)
+    ok = ((field_off == TCP_CSUM) | (field_off == UDP_CSUM)) & (start + field_off + 2 <= lengths)
+    off = batch.offset
+    for s in np.unique(start[ok]).tolist():
+        sel = ok & (start == s)
+        idx = rows[sel]
+        span = lengths[sel] - s
+        # The field holds the pseudo-header sum, so the sum over [csum_start, end) is the whole sum.
+        sums = sum_rows_raw(batch.buf[idx, off + s : off + s + int(span.max())], span)
+        is_udp = field_off[sel] == UDP_CSUM
+        c = np.where(is_udp, finish_udp(sums), finish(sums))
+        col = off + s + field_off[sel]
+        batch.buf[idx, col] = (c >> 8).astype(np.uint8)
+        batch.buf[idx, col + 1] = (c & 0xFF).astype(np.uint8)
+    return ~ok
