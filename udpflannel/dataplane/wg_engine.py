@@ -19,7 +19,7 @@ import numpy as np
 from udpflannel.codec.wireguard import messages as wgm
 from udpflannel.codec.wireguard.batch import SealedBatch, open_batch, seal_batch
 from udpflannel.codec.wireguard.events import Event, HandshakeCompleted, Reply
-from udpflannel.codec.wireguard.rows import OpenedRows, SealedRows, open_rows, seal_rows
+from udpflannel.codec.wireguard.rows import OpenedRows, SealedRows, ViewCache, open_rows, seal_rows
 from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
@@ -55,6 +55,8 @@ MAX_ERRORS_LOGGED = 5
 FEW = 4  # packets up to which a per-packet Python path beats a dozen array operations
 MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
 RX_SLOT = 65536 + 9216  # a 64 KiB train plus one jumbo datagram
+CACHED_MIN_SEGMENT = 512  # trains of smaller datagrams (ACKs) are opened without the view cache
+CACHED_SLOTS = 4
 MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
 
 
@@ -85,12 +87,14 @@ class WgEngine:
         # row of its (k, segment size) view. Pages are only touched when used.
         self.rx_arena = MmsgArena(BATCH, RX_SLOT)
         self._rx_flat = memoryview(self.rx_arena.data.reshape(-1))
+        self.rx_views = ViewCache(self.rx_arena.data, RX_SLOT // CACHED_MIN_SEGMENT + 1)
         self._rx_ctl = memoryview(self.rx_arena.control.reshape(-1))
         self._sources: dict[bytes, tuple] = {}
         self._routes: dict[bytes, int] = {}
         # One peer batch: BATCH messages of at most the TUN MTU plus WireGuard's 32 bytes and padding.
         largest = device.mtu or 65535
         self.out = np.empty(BATCH * (largest + wgm.MESSAGE_TRANSPORT_SIZE + wgm.PADDING_MULTIPLE), np.uint8)
+        self.tx_views = ViewCache(self.out, BATCH)
         self._errors_logged = 0
 
     # -- peers
@@ -279,7 +283,9 @@ class WgEngine:
                 buf, pick = batch.buf[start:stop], None
             else:
                 buf, pick = batch.buf, index[start:stop]
-            res = seal_rows(self.device, key, buf, batch.offset, lengths[start:stop], self.out, now, pick)
+            res = seal_rows(
+                self.device, key, buf, batch.offset, lengths[start:stop], self.out, now, pick, self.tx_views
+            )
             if not isinstance(res, SealedRows):
                 continue  # Queued (handshake on its way) or Drop (counted by the device)
             count = stop - start
@@ -340,7 +346,9 @@ class WgEngine:
                 self._open_views(pending, now)
                 pending = []
                 rows = arena.data[j, : k * s].reshape(k, s)
-                opened = open_rows(self.device, rows, t - (k - 1) * s, src, now)
+                # Row views are kept for big-datagram trains in the first slots (bounded memory).
+                cache = self.rx_views if s >= CACHED_MIN_SEGMENT and j < CACHED_SLOTS else None
+                opened = open_rows(self.device, rows, t - (k - 1) * s, src, now, cache, j * slot)
                 if opened is not None:
                     self._deliver_rows(rows, opened)
                     continue

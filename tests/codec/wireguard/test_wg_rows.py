@@ -203,3 +203,35 @@ def test_accept_run_equals_counter_by_counter() -> None:
     assert f.validate_counter(10, LIMIT)
     assert not f.accept_run(5, 10, LIMIT) and not f.accept_run(11, 10, 15)
     assert f.last == 10
+
+
+def test_view_cache_gives_the_same_bytes_and_deliveries() -> None:
+    from udpflannel.codec.wireguard.rows import ViewCache
+
+    p1, p2 = established(1420), established(1420)
+    packets = [ipv4_packet(1380, fill=i) for i in range(5)] + [ipv4_packet(99, fill=7)]
+    batch = PacketBatch.from_packets(packets, 8)
+    outs = [np.zeros(64 * 1500, np.uint8) for _ in range(2)]
+    cache = ViewCache(outs[0], 64)
+    results = []
+    for _ in range(2):  # the second batch reuses the cached views
+        with_views = seal_rows(
+            p1.a, p1.b.identity.public, batch.buf, 8, batch.lengths, outs[0], p1.now, None, cache
+        )
+        plain = seal_rows(p2.a, p2.b.identity.public, batch.buf, 8, batch.lengths, outs[1], p2.now)
+        assert isinstance(with_views, SealedRows) and isinstance(plain, SealedRows)
+        assert with_views.flat.tobytes() == plain.flat.tobytes()
+        results.append(with_views.flat.tobytes())
+    assert results[0] != results[1]  # new counters, new ciphertext
+    # Open the second batch in place inside a bigger arena at an offset, through a cache over the arena.
+    arena = np.zeros(200_000, np.uint8)
+    base = 70_000
+    data = np.frombuffer(results[1], np.uint8)
+    s = plain.sizes[0]
+    k = len(plain.sizes)
+    arena[base : base + len(data)] = data
+    rows = arena[base : base + k * s].reshape(k, s)
+    opened = open_rows(p1.b, rows, plain.sizes[-1], ENDPOINT_A, p1.now, ViewCache(arena, 64), base)
+    # p1.b has not seen the first batch: only the second is fresh; counters 6.. are accepted.
+    assert opened is not None and opened.delivered == k
+    assert [rows[i, 16 : 16 + n].tobytes() for i, n in enumerate(opened.lengths.tolist())] == packets
