@@ -30,6 +30,9 @@ MMSGHDR_DTYPE = np.dtype(
 SOCKADDR_SIZE = 28  # sockaddr_in6, the larger of the two families
 CMSG_SPACE = 64  # room for the one cmsg we enable (UDP_GRO: 16-byte header + int, aligned to 24) and slack
 CMSG_HDR = struct.Struct("<QiI")  # cmsg_len, cmsg_level, cmsg_type
+CMSG_GRO = struct.Struct("<QiIi")  # the same, then the UDP_GRO segment size
+_FLAGS_LEN = struct.Struct("<i4xI")  # mmsghdr msg_flags (offset 48) and msg_len (offset 56)
+_U64 = struct.Struct("<Q")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _recvmmsg = _libc.recvmmsg
@@ -80,6 +83,10 @@ class MmsgArena:
         if control:
             self.hdrs["control"] = np.uint64(self.control.ctypes.data) + idx * np.uint64(CMSG_SPACE)
         self._control = control
+        # Byte views of the headers and control buffers, for reading one message's fields with struct
+        # (cheaper than array operations when a call returned a single message).
+        self.hdr_bytes = memoryview(self.hdrs.view(np.uint8))
+        self.control_bytes = memoryview(self.control.reshape(-1))
 
     def recv(self, fd: int, max_n: int | None = None) -> int:
         """One recvmmsg(MSG_DONTWAIT) into the slots; returns how many messages arrived (0 if none)."""
@@ -94,6 +101,15 @@ class MmsgArena:
                 return 0
             raise OSError(err, os.strerror(err))
         return got
+
+    def first_message(self) -> tuple[int, int, int]:
+        """(byte length, msg_flags, UDP_GRO segment size or 0) of message 0, read with struct."""
+        flags, length = _FLAGS_LEN.unpack_from(self.hdr_bytes, 48)
+        (clen,) = _U64.unpack_from(self.hdr_bytes, 40)
+        if clen < 20:
+            return length, flags, 0
+        _, level, ctype, size = CMSG_GRO.unpack_from(self.control_bytes, 0)
+        return length, flags, size if (level, ctype) == (linux.SOL_UDP, linux.UDP_GRO) else 0
 
     def gro_sizes(self, n: int) -> np.ndarray:
         """Per message, the UDP_GRO segment size from its cmsg, or 0 when the message is one datagram."""

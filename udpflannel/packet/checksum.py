@@ -78,7 +78,8 @@ def sum_rows_raw(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
                 # (256 * 256 is 1 mod 0xFFFF, so the final * 256 below undoes it)
                 ln = int(lengths[i])
                 x = int.from_bytes(rows[i, :ln].tobytes(), "big")
-                s[i] = ((x << 8 if ln & 1 else x) % M) * 256
+                x = x << 8 if ln & 1 else x
+                s[i] = ((x - 1) % M + 1 if x else 0) * 256  # folded: a positive sum stays positive
         else:
             q, rr = lengths[short] >> 2, lengths[short] & 3
             sub = words[short] if qmax else np.zeros((short.size, 0), np.uint32)
