@@ -1,10 +1,15 @@
 """The WireGuard datapath engine: TUN <-> codec/wireguard <-> UDP, one batch at a time (run by wg_worker.py).
 
 TX: TUN read (superpackets with IFF_VNET_HDR) -> GSO split / partial checksums finished -> peer lookup
-(longest prefix over allowed IPs) -> seal_batch per peer into one preallocated buffer -> one UDP_SEGMENT
-sendmsg per peer batch. RX: recvmmsg with UDP_GRO -> open_batch in place (decrypt_into) -> GRO coalesce ->
-TUN writes. Handshakes, cookies and timers run here too, since the Noise state lives beside the keys.
-The clock is not read here: every call takes `now`.
+(longest prefix over allowed IPs, cached per destination) -> rows.seal_rows per peer: headers, counters,
+nonces and padding as array operations, encrypt_into in place, equal-size messages back to back in one
+preallocated buffer -> one UDP_SEGMENT sendmsg of that buffer. RX: recvmmsg with UDP_GRO into our own
+arena -> each train opened in place on its (datagrams, segment size) view (rows.open_rows: one index
+lookup, one replay-window update, inner checks as arrays) -> packet.gro.coalesce validates and merges ->
+TUN writes. The only per-packet Python work on either path is the AEAD call. A batch of at most FEW
+packets (pings, ACKs, handshakes) takes a plain per-packet path instead: a dozen array operations cost
+more than the packets. Handshakes, cookies and timers run here too, since the Noise state lives beside
+the keys. The clock is not read here: every call takes `now`.
 """
 
 from __future__ import annotations

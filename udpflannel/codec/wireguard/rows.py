@@ -206,10 +206,12 @@ def open_rows(
     k, s = rows.shape
     if s < m.MESSAGE_TRANSPORT_SIZE or not m.MESSAGE_TRANSPORT_SIZE <= last_size <= s:
         return None
-    words = rows[:, :_CTR].view("<u4")
-    receiver = int(words[0, 1])
-    if not ((words[:, 0] == m.MESSAGE_TRANSPORT_TYPE).all() and (words[:, 1] == receiver).all()):
+    # Type word and receiver index as one u64 per row: every row must carry row 0's, of type 4.
+    heads = rows[:, :_CTR].view("<u8")[:, 0]
+    head = int(heads[0])
+    if head & 0xFFFFFFFF != m.MESSAGE_TRANSPORT_TYPE or not bool((heads == head).all()):
         return None
+    receiver = head >> 32
     drops = device.drops
     nothing = np.zeros(k, bool)
     entry = device.index_table.get(receiver)
