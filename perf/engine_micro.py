@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ OUR_MAC, PEER_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 MSS = 1386  # MTU 1450 - IPv4 20 - TCP 20 - timestamps 12
 SUPERPACKET = 61000  # the TUN's gso_max_size (spec/fastpath.md)
 TRAIN = 44
+SMALL_TRAIN = 64
 
 
 def _micro():
@@ -116,6 +118,32 @@ def best_us(fn: Callable[[], object], number: int, rounds: int) -> float:
     return best * 1e6
 
 
+def udp_packet(payload_len: int) -> bytes:
+    """An IPv4/UDP packet with correct checksums, 198.19.2.3:5000 -> 198.19.1.2:5201."""
+    udp_len = 8 + payload_len
+    ip = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + udp_len,
+            7,
+            0x4000,
+            64,
+            17,
+            0,
+            bytes([198, 19, 2, 3]),
+            bytes([198, 19, 1, 2]),
+        )
+    )
+    struct.pack_into("!H", ip, 10, reference.checksum(ip))
+    udp = bytearray(struct.pack("!HHHH", 5000, 5201, udp_len, 0) + bytes(range(payload_len)))
+    pkt = bytes(ip) + bytes(udp)
+    c = reference.checksum(bytes(udp), reference.pseudo_header(pkt, 17, udp_len)) or 0xFFFF
+    struct.pack_into("!H", udp, 6, c)
+    return bytes(ip) + bytes(udp)
+
+
 def gro_train(segments: list[bytes], src_mac: bytes, dst_mac: bytes) -> tuple[np.ndarray, int, int]:
     """The VXLAN datagrams of `segments` laid out as one UDP_GRO receive (buffer, total, segment size)."""
     dgrams = [vxlan.encode_vxlan(s, 1, src_mac, dst_mac) for s in segments]
@@ -198,6 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     before = eng.counters[INDEX["rx_packets"]]
     ack_rx_us = best_us(rx_acks, 50, 10 * args.repeat)
     assert eng.counters[INDEX["rx_packets"]] > before, "ACKs were dropped"
+    # 64-byte UDP payloads (the packet-rate benchmark): one GRO train of 64 small datagrams.
+    small = [udp_packet(64)] * SMALL_TRAIN
+    flat, total, seg = gro_train(small, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+    arena.data[0, :total] = flat
+    arena.hdrs["len"][0] = total
+    arena.hdrs["controllen"][0] = 24
+    arena.control[0, 16:20] = np.frombuffer(np.array([seg], "<i4").tobytes(), np.uint8)
+    before = eng.counters[INDEX["rx_packets"]]
+
+    def rx_small() -> None:
+        for rec in _received(rx_sock, arena, 1):
+            eng.process_rx(rec.batch, rec.src_addr)
+
+    small_rx_us = best_us(rx_small, 20, 10 * args.repeat)
+    assert eng.counters[INDEX["rx_packets"]] > before, "small datagrams were dropped"
     k = int(sent) // max(1, int(eng.counters[INDEX["tx_superpackets"]]))
     print(f"TX superpacket ({k} segments)  {tx_us:7.1f} us  {tx_us / k:5.2f} us/segment")
     print(
@@ -206,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"TX 4 ACKs                      {ack_tx_us:7.1f} us")
     print(f"RX 4 ACKs                      {ack_rx_us:7.1f} us")
+    print(
+        f"RX {SMALL_TRAIN} x 64-byte UDP (a train) {small_rx_us:7.1f} us  "
+        f"{small_rx_us / SMALL_TRAIN:5.2f} us/datagram"
+    )
     return 0
 
 

@@ -116,6 +116,29 @@ def test_each_check_per_packet_and_batch(mutate, code):
     assert vxlan.decode_batch(buf, lengths, 16, 1, our).tolist() == [code]
     fast = vxlan.expected_prefix(1, our)
     assert vxlan.decode_batch(buf, lengths, 16, 1, our, fast).tolist() == [code]
+    expected = vxlan.expected_headers(1, our)
+    assert vxlan.decode_batch(buf, lengths, 16, 1, our, fast, expected).tolist() == [code]
+
+
+def test_expected_headers_fast_path_agrees_on_mixed_batches():
+    """Valid IPv4 and IPv6 frames together, a wrong MAC among valid ones, another sender MAC: the
+    masked-compare fast path gives what the check-by-check path gives."""
+    our = bytes.fromhex("020000000002")
+    v4 = vxlan.encode_vxlan(bytes([0x45]) + bytes(39), 1, bytes.fromhex("02000000000a"), our)
+    v6 = vxlan.encode_vxlan(bytes([0x60]) + bytes(39), 1, bytes.fromhex("02000000000b"), our)
+    bad = vxlan.encode_vxlan(bytes([0x45]) + bytes(39), 1, bytes(6), bytes(6))
+    expected = vxlan.expected_headers(1, our)
+    for frames in ([v4, v4], [v6, v6], [v4, v6], [v4, bad, v4], [v6[:22]]):
+        buf = np.zeros((len(frames), 96), dtype=np.uint8)
+        for i, f in enumerate(frames):
+            buf[i, 8 : 8 + len(f)] = np.frombuffer(f, dtype=np.uint8)
+        lengths = np.array([len(f) for f in frames], dtype=np.int32)
+        want = vxlan.decode_batch(buf, lengths, 8, 1, our).tolist()
+        assert vxlan.decode_batch(buf, lengths, 8, 1, our, None, expected).tolist() == want
+        assert want == [
+            vxlan.OK if isinstance(r, vxlan.VxlanFrame) else r
+            for r in (vxlan.decode_vxlan(f, 1, our) for f in frames)
+        ]
 
 
 def test_every_truncated_prefix_is_a_code_not_an_exception():

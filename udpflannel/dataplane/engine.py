@@ -107,6 +107,7 @@ class Engine:
         self.template = vxlan_codec.vxlan_header_template(cfg.vni, self.mac)
         self.rx_prefix = vxlan_codec.expected_prefix(cfg.vni, self.mac)
         self._rx_prefix = self.rx_prefix.tobytes()
+        self.rx_expected = vxlan_codec.expected_headers(cfg.vni, self.mac)
         self.tx_arena: PacketBatch | None = None
         self._dsts: list[tuple[str, int]] = []
         self._errors_logged = 0
@@ -480,7 +481,13 @@ class Engine:
             return
         if self.is_vxlan:
             res = vxlan_codec.decode_batch(
-                batch.buf, batch.lengths[:n], batch.offset, self.cfg.vni, self.mac, self.rx_prefix
+                batch.buf,
+                batch.lengths[:n],
+                batch.offset,
+                self.cfg.vni,
+                self.mac,
+                self.rx_prefix,
+                self.rx_expected,
             )
             codes = _VXLAN_DROPS[res]
         else:

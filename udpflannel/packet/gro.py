@@ -63,7 +63,8 @@ def coalesce(
     keep = codes == 0
     if not vnet:
         return [(v,) for v, k in zip(batch.views(), keep.tolist(), strict=True) if k]
-    if not gro or n == 1:
+    # Nothing to join without two TCP rows (e.g. a train of small UDP datagrams): every row on its own.
+    if not gro or n == 1 or np.count_nonzero(keep & (f.proto == h.IPPROTO_TCP)) < 2:
         return _emit(batch, f.buf, [(i, i) for i in np.flatnonzero(keep).tolist()], None)
     t = _tcp_rows(batch, f, keep)
     join = _can_join(f, t)
