@@ -25,7 +25,7 @@ from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
 from udpflannel.packet.gso import packed_payload, split_superpacket
-from udpflannel.packet.parse import validate_ip, validate_one
+from udpflannel.packet.parse import ip_fields, validate_ip, validate_one
 from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR, VnetHdr
 
 log = logging.getLogger(__name__)
@@ -505,10 +505,11 @@ class Engine:
                 return
         if codes.any():
             np.maximum(inner.lengths, 0, out=inner.lengths)  # dropped runts: keep lengths sane for validate
-        checked = validate_ip(inner, l4_checksum=True)
+        fields = ip_fields(inner)  # shared by validation and coalescing (one widened copy at most)
+        checked = validate_ip(inner, l4_checksum=True, fields=fields)
         codes = np.where(codes != DropReason.NONE, codes, checked).astype(np.uint8)
         self._count_drops(codes)
-        writes = coalesce(inner, codes, vnet=self.tun.vnet)
+        writes = coalesce(inner, codes, vnet=self.tun.vnet, fields=fields)
         keep = codes == DropReason.NONE
         self._deliver(writes, int(keep.sum()), int(inner.lengths[keep].sum()))
 

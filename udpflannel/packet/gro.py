@@ -39,11 +39,17 @@ _TCP_KEY = np.array([~0, 0, ~0, 0xFF] + [0] + [~0] * 10, np.int64).astype(np.uin
 
 
 def coalesce(
-    batch: PacketBatch, codes: np.ndarray | None = None, *, vnet: bool = True, gro: bool = True
+    batch: PacketBatch,
+    codes: np.ndarray | None = None,
+    *,
+    vnet: bool = True,
+    gro: bool = True,
+    fields: IpFields | None = None,
 ) -> list[Iovecs]:
     """Write-ready packets for the TUN device: one tuple of buffers per write (os.writev), rows with a
     non-zero drop code left out. With vnet, each write starts with a virtio_net_hdr; with gro, runs of
-    segments are merged. `codes` must come from validate_ip(..., l4_checksum=True); computed if None."""
+    segments are merged. `codes` must come from validate_ip(..., l4_checksum=True); computed if None.
+    `fields`: ip_fields(batch) when the caller has it already (from validate_ip)."""
     n = batch.n
     if n == 0:
         return []
@@ -57,7 +63,7 @@ def coalesce(
             if train is not None:
                 assert train.join is not None
                 return _emit(batch, buf, _groups(train.join, train.ok, train.plen, train.hlen), train)
-    f = ip_fields(batch)
+    f = fields or ip_fields(batch)
     if codes is None:
         codes = validate_ip(batch, l4_checksum=True, fields=f)
     keep = codes == 0
