@@ -85,6 +85,12 @@ class FakeSock:
         rows = [mv[a : a + seg_size] for a in range(0, len(mv), seg_size)]
         return self.send_segments(rows, seg_size, dest)
 
+    def send_rows(self, buf, rows, col, lengths, dest) -> int:
+        items = [
+            (buf[r, col : col + ln].data, dest) for r, ln in zip(rows.tolist(), lengths.tolist(), strict=True)
+        ]
+        return self.sendmmsg(items)
+
     def sendmmsg(self, items) -> int:
         for r, dest in items:
             self.log.append((bytes(r), dest, self.index))

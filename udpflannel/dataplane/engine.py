@@ -38,6 +38,7 @@ FEW_SMALL_PACKETS = 16
 SMALL_PACKET = 256
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 HEADROOM = 64  # >= virtio header (10) and VXLAN + Ethernet (22), cache-line aligned
+FLOW_HASH_BYTES = 44  # txprep.flow_hash reads this many bytes of each packet
 PACKED_MIN_SEGMENT = 256  # superpackets with at least this gso_size are split end to end (one send buffer)
 
 # codec result code -> DropReason, as lookup arrays indexed by the code
@@ -332,31 +333,42 @@ class Engine:
             # Headers go into every row's headroom (inactive/dropped rows too: harmless), one vector write.
             macs = self.table.macs[np.maximum(peer, 0)]
             vxlan_codec.encode_batch(batch.buf, batch.lengths[:n], batch.offset, self.template, macs)
-        views = batch.views(head=self.head)
         lengths = batch.lengths
         npool = len(self.pool)
         if one_flow:
             # A split superpacket: one flow, one peer, one outer 5-tuple, as few UDP_SEGMENT sends as fit.
             pool = self._pools[int(self.table.outer_v6[peer[send[0]]])]
-            sock = pool[int(flow_hash(batch.buf[send[:1]], batch.offset, 1)[0] % len(pool))]
+            head_cols = batch.buf[send[:1], : batch.offset + FLOW_HASH_BYTES]  # not the whole (64 KiB) row
+            sock = pool[int(flow_hash(head_cols, batch.offset, 1)[0] % len(pool))]
+            views = batch.views(head=self.head)
             rows = [views[i] for i in send.tolist()]
             calls, before = sock.stats.send_calls, sock.stats.sent
             sock.send_segments(rows, None, self._dsts[int(peer[send[0]])])
             sent = sock.stats.sent - before  # datagrams the kernel took
             self._count("tx_send_calls", sock.stats.send_calls - calls)
         else:
-            which = (flow_hash(batch.buf[send], batch.offset, len(send)) % np.uint32(npool)).astype(np.int64)
+            # Only the columns flow_hash reads: TUN read rows are 64 KiB wide, so a whole-row gather of a
+            # batch of small packets would copy megabytes.
+            head_cols = batch.buf[send, : batch.offset + FLOW_HASH_BYTES]
+            which = (flow_hash(head_cols, batch.offset, len(send)) % np.uint32(npool)).astype(np.int64)
             which += np.where(self.table.outer_v6[peer[send]], npool, 0)  # IPv6 underlay: the second pool
             sent = 0
             for s in np.unique(which).tolist():
                 rows = send[which == s]
-                items = [
-                    (views[i], self._dsts[p]) for i, p in zip(rows.tolist(), peer[rows].tolist(), strict=True)
-                ]
                 pool = self._pools[s // npool]
                 sock = pool[(s % npool) % len(pool)]
                 calls, before = sock.stats.send_calls, sock.stats.sent
-                sock.sendmmsg(items)
+                peers = peer[rows]
+                if (peers == peers[0]).all() and batch.buf.flags.c_contiguous:
+                    # One peer (the usual case): iovecs straight from the batch buffer, as arrays.
+                    dest = self._dsts[int(peers[0])]
+                    sock.send_rows(batch.buf, rows, batch.offset - self.head, lengths[rows] + self.head, dest)
+                else:
+                    views = batch.views(head=self.head)
+                    items = [
+                        (views[i], self._dsts[p]) for i, p in zip(rows.tolist(), peers.tolist(), strict=True)
+                    ]
+                    sock.sendmmsg(items)
                 sent += sock.stats.sent - before
                 self._count("tx_send_calls", sock.stats.send_calls - calls)
         failed = len(send) - sent

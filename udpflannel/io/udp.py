@@ -234,20 +234,45 @@ class UdpSocket:
             return 0
         return self._sendmmsg(payloads, [encode_sockaddr(self.family, dest[0], dest[1])] * len(payloads))
 
-    def _sendmmsg(self, payloads: Sequence[Buffer], names: Sequence[bytes]) -> int:
-        n = len(payloads)
+    def send_rows(self, buf: np.ndarray, rows: np.ndarray, col: int, lengths: np.ndarray, dest) -> int:
+        """Send buf[r, col : col + lengths[i]] for the i-th row r of `rows` as one datagram each to dest,
+        with sendmmsg; the iovecs are computed as arrays from the buffer's address (no per-datagram
+        Python objects). buf must be C-contiguous. Returns datagrams sent."""
+        n = len(rows)
+        if n == 0:
+            return 0
+        if not buf.flags.c_contiguous:
+            raise ValueError("send_rows needs a C-contiguous buffer")
+        hdrs, iov = self._send_arrays(n)
+        name = np.frombuffer(encode_sockaddr(self.family, dest[0], dest[1]), np.uint8)
+        stride = np.uint64(buf.strides[0])
+        iov[:n, 0] = np.uint64(buf.ctypes.data + col) + rows.astype(np.uint64) * stride
+        iov[:n, 1] = lengths
+        hdrs["name"][:n] = name.ctypes.data  # one destination: every message points at the same name
+        return self._sendmmsg_prepared(hdrs, iov, n, (buf, name))
+
+    def _send_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self._send_hdrs is None or len(self._send_hdrs) < n:
             size = max(n, 64)
             self._send_hdrs = np.zeros(size, MMSGHDR_DTYPE)
             self._send_iov = np.zeros((size, 2), "<u8")
-        hdrs, iov = self._send_hdrs, self._send_iov
-        assert iov is not None
+        assert self._send_iov is not None
+        return self._send_hdrs, self._send_iov
+
+    def _sendmmsg(self, payloads: Sequence[Buffer], names: Sequence[bytes]) -> int:
+        n = len(payloads)
+        hdrs, iov = self._send_arrays(n)
         # Keep numpy views of every buffer alive until sendmmsg returns: their addresses go to the kernel.
         arrays = [np.frombuffer(p, np.uint8) for p in payloads]
         name_arr = np.frombuffer(b"".join(names), np.uint8)
         iov[:n, 0] = [a.ctypes.data for a in arrays]
         iov[:n, 1] = [a.size for a in arrays]
         hdrs["name"][:n] = name_arr.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(SOCKADDR_SIZE)
+        return self._sendmmsg_prepared(hdrs, iov, n, (arrays, name_arr))
+
+    def _sendmmsg_prepared(self, hdrs: np.ndarray, iov: np.ndarray, n: int, keep: object) -> int:
+        """sendmmsg over the first n headers once names and iovecs are set; `keep` holds the buffers
+        whose addresses the kernel reads, alive until the calls return."""
         hdrs["namelen"][:n] = SOCKADDR_SIZE if self.family == socket.AF_INET6 else 16
         hdrs["iov"][:n] = iov.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(16)
         hdrs["iovlen"][:n] = 1
@@ -268,7 +293,7 @@ class UdpSocket:
                 break
             self.stats.send_errors += 1
             i += 1
-        del arrays, name_arr
+        del keep
         self.stats.sent += ok
         return ok
 
