@@ -405,7 +405,14 @@ class UdpSocket:
         lengths = np.empty(n, np.int32)
         first = np.concatenate(([0], np.cumsum(counts)[:-1]))
         h = self.headroom
-        for i in np.flatnonzero(counts).tolist():
+        single = counts == 1
+        if single.any():
+            # Messages of one datagram (no GRO, or small unrelated packets): one gather for all of them.
+            one = np.flatnonzero(single)
+            width = int(total[one].max())
+            buf[first[one], h : h + width] = arena.data[msgs[one], :width]
+            lengths[first[one]] = total[one]
+        for i in np.flatnonzero(counts > 1).tolist():
             k, s, t, r0 = int(counts[i]), int(seg[i]), int(total[i]), int(first[i])
             data = arena.data[int(msgs[i])]
             full = t // s
