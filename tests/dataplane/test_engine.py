@@ -72,6 +72,7 @@ class FakeSock:
         self.index = index
         self.log = log
         self.stats = UdpStats()
+        self.gso = index % 2 == 0  # half the pool with GSO: both send paths run
 
     def send_segments(self, rows, seg_size, dest) -> int:
         for r in rows:
