@@ -20,13 +20,14 @@ from udpflannel.codec import vxlan as vxlan_codec
 from udpflannel.dataplane import icmp
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
+from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
 from udpflannel.packet.gso import packed_payload, split_superpacket
-from udpflannel.packet.parse import ip_fields, validate_ip, validate_one
-from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR, VnetHdr
+from udpflannel.packet.parse import ip_fields, validate_ip
+from udpflannel.packet.vnet import VnetHdr
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ FEW_PACKETS = 4  # up to this many plain packets per batch take the per-row path
 # ... and up to this many when all are small (ACKs): per row ~5-10 us vs ~150 us for the array pipeline
 FEW_SMALL_PACKETS = 16
 SMALL_PACKET = 256
-FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 HEADROOM = 64  # >= virtio header (10) and VXLAN + Ethernet (22), cache-line aligned
 FLOW_HASH_BYTES = 44  # txprep.flow_hash reads this many bytes of each packet
 PACKED_MIN_SEGMENT = 256  # superpackets with at least this gso_size are split end to end (one send buffer)
@@ -79,7 +79,7 @@ class EngineConfig:
         return cls(**{k: v for k, v in obj.items() if k in cls.__dataclass_fields__})
 
 
-class Engine:
+class Engine(RowPaths):
     """Owns the peer table and the per-batch pipelines. tun: io.tun.Tun; rx: the UdpSocket on our port;
     pool: UdpSockets to send from (one per outer source port; udp backend: [rx])."""
 
@@ -220,62 +220,6 @@ class Engine:
         codes[bad] = DropReason.BAD_HEADER
         codes[~active] = DropReason.NONE
         return peer, codes
-
-    def _flow(self, buf: np.ndarray, off: int, i: int) -> tuple[int, int]:
-        """(peer index or NO_PEER, source socket index) of the packet in row i. Flows repeat packet after
-        packet, so the answer is cached by the address+port bytes (cleared when peers change)."""
-        key = buf[i, off : off + 44].tobytes()
-        key = key[8:44] if key[0] >> 4 == 6 else key[12:24]
-        hit = self._flows.get(key)
-        if hit is None:
-            row = buf[i : i + 1]
-            hit = (
-                int(self.table.lookup_packets(row, off, 1)[0]),
-                int(flow_hash(row, off, 1)[0] % len(self.pool)),
-            )
-            if len(self._flows) >= FLOW_CACHE_MAX:
-                self._flows.clear()
-            self._flows[key] = hit
-        return hit
-
-    def send_few(self, batch: PacketBatch, rows: list[int]) -> bool:
-        """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
-        operations of the general path. Sends nothing and returns False when any row needs the general
-        path (no peer, over the MTU, malformed)."""
-        off, mtu, head = batch.offset, self.cfg.mtu, self.head
-        buf, lengths = batch.buf, batch.lengths
-        plan = []
-        for i in rows:
-            ln = int(lengths[i])
-            if not 40 <= ln <= mtu or buf[i, off] >> 4 not in (4, 6):
-                return False
-            peer, sock_index = self._flow(buf, off, i)
-            if peer == NO_PEER:
-                return False
-            plan.append((i, ln, peer, sock_index))
-        groups: dict[int, tuple[object, list]] = {}
-        for i, ln, peer, sock_index in plan:
-            hdr = buf[i, off - head : off]
-            hdr[:] = self.template
-            hdr[8:14] = self.table.macs[peer]
-            if buf[i, off] >> 4 == 6:
-                hdr[20:22] = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
-            pool = self._pools[int(self.table.outer_v6[peer])]
-            sock = pool[sock_index % len(pool)]
-            groups.setdefault(id(sock), (sock, []))[1].append(
-                (buf[i, off - head : off + ln].data, self._dsts[peer])
-            )
-        sent = 0
-        for sock, items in groups.values():
-            calls, before = sock.stats.send_calls, sock.stats.sent  # type: ignore[attr-defined]
-            sock.sendmmsg(items)  # type: ignore[attr-defined]
-            sent += sock.stats.sent - before  # type: ignore[attr-defined]
-            self._count("tx_send_calls", sock.stats.send_calls - calls)  # type: ignore[attr-defined]
-        self._count("tx_packets", sent)
-        self._count("tx_bytes", sum(ln for _, ln, _, _ in plan))
-        if sent < len(plan):
-            self.counters[_DROP_SLOT[DropReason.SEND_ERROR]] += len(plan) - sent
-        return True
 
     def send_superpacket(self, segs: PacketBatch) -> None:
         """Segments of one split superpacket: one flow, so one peer lookup, one header template, one outer
@@ -443,50 +387,6 @@ class Engine:
             except Exception:  # a bug must not stop the datapath: drop the batch, count it
                 self._internal_error(n)
         return total
-
-    def receive_few(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
-        """A few datagrams (ACKs, pings): checked one by one in plain Python, which costs less than the
-        ~60 array operations of the general path. Writes nothing and returns False when any row is not a
-        sound frame from a peer (the general path then judges and counts every row)."""
-        off, head, buf = batch.offset, self.head, batch.buf
-        inner = off + head
-        prefix = self._rx_prefix
-        check_source = self.cfg.check_peer_source
-        table = self.table
-        plan = []
-        for i, ln in enumerate(batch.lengths[: batch.n].tolist()):
-            row = buf[i].data
-            if ln <= head or row[off : off + 14] != prefix:
-                return False
-            version = row[inner] >> 4
-            if row[off + 20 : inner] != (
-                b"\x08\x00" if version == 4 else b"\x86\xdd" if version == 6 else b""
-            ):
-                return False
-            if check_source:
-                src = src_addr[i].tobytes()
-                known = table.source6_set if len(src) == 16 else table.source_set
-                if (src if len(src) == 16 else int.from_bytes(src, "big")) not in known:
-                    return False
-            code, length = validate_one(row[inner : off + ln])
-            if code:
-                return False
-            plan.append((row, length))
-        if self.tun.vnet:
-            writes = []
-            for row, length in plan:
-                row[inner - VNET_HDR_LEN : inner] = ZERO_VNET_HDR  # no offload: a zero virtio header
-                writes.append((row[inner - VNET_HDR_LEN : inner + length],))
-        else:
-            writes = [(row[inner : inner + length],) for row, length in plan]
-        ok = self.tun.write_batch(writes)
-        self._count("rx_coalesced_writes", ok)
-        if ok == len(writes):
-            self._count("rx_packets", ok)
-            self._count("rx_bytes", sum(length for _, length in plan))
-        else:
-            self.counters[_DROP_SLOT[DropReason.TUN_WRITE_ERROR]] += len(writes) - ok
-        return True
 
     def process_rx(self, batch: PacketBatch, src_addr: np.ndarray) -> None:
         """Deliver datagrams (rows of `batch`) from src_addr (uint8 [n, 4]) to the TUN."""

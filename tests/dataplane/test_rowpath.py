@@ -1,0 +1,79 @@
+"""dataplane/rowpath.py: the per-row paths for a few small packets give the same TUN writes, datagrams and
+counters as the batch pipelines, and step aside (doing nothing) for anything the pipelines must judge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_engine import OUR_MAC, PEER_MAC, _engine
+
+from udpflannel.codec import vxlan
+from udpflannel.dataplane import engine as engine_mod
+from udpflannel.dataplane.counters import INDEX
+
+scapy = pytest.importorskip("scapy.all")
+
+COUNTED = ("rx_packets", "rx_bytes", "rx_coalesced_writes", "tx_packets", "tx_bytes")
+
+
+def _frame(inner: bytes) -> bytes:
+    return vxlan.encode_vxlan(inner, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+
+
+def _small(outbound: bool = False) -> list[bytes]:
+    """Four small packets of three kinds, from the peer's subnets to ours (or the other way round)."""
+    a4, b4, a6, b6 = "198.19.2.5", "198.19.1.1", "fd00:198:19:2::7", "fd00:198:19:1::1"
+    if outbound:
+        a4, b4, a6, b6 = b4, a4, b6, a6
+    six = bytes(scapy.IPv6(src=a6, dst=b6) / scapy.UDP(sport=5, dport=6))
+    tcp = bytes(scapy.IP(src=a4, dst=b4) / scapy.TCP(flags="A", sport=1, dport=2))
+    udp = [bytes(scapy.IP(src=a4, dst=b4) / scapy.UDP(sport=7, dport=9) / bytes(n)) for n in (10, 200)]
+    return [udp[0], six, tcp, udp[1]]
+
+
+def _run(datagrams, monkeypatch, *, per_row: bool):
+    if not per_row:  # the batch pipeline for every size
+        monkeypatch.setattr(engine_mod, "FEW_PACKETS", 0)
+        monkeypatch.setattr(engine_mod, "FEW_SMALL_PACKETS", 0)
+    eng, c = _engine("vxlan", datagrams=datagrams, tun_packets=_small(outbound=True))
+    eng.engine.rx_once()
+    eng.engine.tx_once()
+    monkeypatch.undo()
+    return eng, c
+
+
+def test_few_frames_per_row_match_the_batch_pipeline(monkeypatch):
+    datagrams = [(_frame(p), "198.18.0.2") for p in _small()]
+    row, c_row = _run(datagrams, monkeypatch, per_row=True)
+    batch, c_batch = _run(datagrams, monkeypatch, per_row=False)
+    assert row.tun.written == batch.tun.written == _small()
+    assert sorted(row.sent) == sorted(batch.sent) and len(row.sent) == 4
+    for name in COUNTED:
+        assert c_row[INDEX[name]] == c_batch[INDEX[name]], name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda f: f[:6] + b"\x02" + f[7:],  # another VNI
+        lambda f: f[:-1] + bytes([f[-1] ^ 1]),  # a payload byte flipped: the L4 checksum fails
+        lambda f: f[:30],  # truncated inner packet
+    ],
+    ids=["vni", "l4-checksum", "truncated"],
+)
+def test_one_bad_frame_sends_the_batch_to_the_pipeline(monkeypatch, bad):
+    frames = [_frame(p) for p in _small()]
+    frames[1] = bad(frames[1])
+    eng, c = _run([(f, "198.18.0.2") for f in frames], monkeypatch, per_row=True)
+    good = [p for i, p in enumerate(_small()) if i != 1]
+    assert eng.tun.written == good
+    assert c[INDEX["rx_packets"]] == 3
+    assert int(np.sum(c[[v for k, v in INDEX.items() if k.startswith("drop_")]])) == 1
+
+
+def test_stranger_source_is_judged_by_the_pipeline(monkeypatch):
+    datagrams = [(_frame(p), "198.18.0.2") for p in _small()]
+    datagrams[2] = (datagrams[2][0], "198.18.0.77")
+    eng, c = _run(datagrams, monkeypatch, per_row=True)
+    assert c[INDEX["drop_not_a_peer_source"]] == 1
+    assert len(eng.tun.written) == 3

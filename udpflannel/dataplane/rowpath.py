@@ -1,0 +1,126 @@
+"""Per-row paths of the engine for a few small packets (ACKs, pings): checked, looked up and sent or
+delivered one by one in plain Python, which costs less than the ~30-60 array operations of the batch
+pipelines when a batch holds a handful of rows. Each falls back (returns False, having done nothing)
+when a row needs the batch pipeline's judgement, so drops are always counted there.
+
+RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
+_dsts, _flows, template, head, counters, _rx_prefix, _count. No sockets of its own, no clock."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from udpflannel.codec import vxlan as vxlan_codec
+from udpflannel.dataplane.counters import DROP_NAMES, INDEX
+from udpflannel.dataplane.peers import NO_PEER
+from udpflannel.dataplane.txprep import flow_hash
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.drops import DropReason
+from udpflannel.packet.parse import validate_one
+from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
+
+FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
+_SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
+_TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
+
+
+class RowPaths:
+    def _flow(self, buf: np.ndarray, off: int, i: int) -> tuple[int, int]:
+        """(peer index or NO_PEER, source socket index) of the packet in row i. Flows repeat packet after
+        packet, so the answer is cached by the address+port bytes (cleared when peers change)."""
+        key = buf[i, off : off + 44].tobytes()
+        key = key[8:44] if key[0] >> 4 == 6 else key[12:24]
+        hit = self._flows.get(key)
+        if hit is None:
+            row = buf[i : i + 1]
+            hit = (
+                int(self.table.lookup_packets(row, off, 1)[0]),
+                int(flow_hash(row, off, 1)[0] % len(self.pool)),
+            )
+            if len(self._flows) >= FLOW_CACHE_MAX:
+                self._flows.clear()
+            self._flows[key] = hit
+        return hit
+
+    def send_few(self, batch: PacketBatch, rows: list[int]) -> bool:
+        """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
+        operations of the general path. Sends nothing and returns False when any row needs the general
+        path (no peer, over the MTU, malformed)."""
+        off, mtu, head = batch.offset, self.cfg.mtu, self.head
+        buf, lengths = batch.buf, batch.lengths
+        plan = []
+        for i in rows:
+            ln = int(lengths[i])
+            if not 40 <= ln <= mtu or buf[i, off] >> 4 not in (4, 6):
+                return False
+            peer, sock_index = self._flow(buf, off, i)
+            if peer == NO_PEER:
+                return False
+            plan.append((i, ln, peer, sock_index))
+        groups: dict[int, tuple[object, list]] = {}
+        for i, ln, peer, sock_index in plan:
+            hdr = buf[i, off - head : off]
+            hdr[:] = self.template
+            hdr[8:14] = self.table.macs[peer]
+            if buf[i, off] >> 4 == 6:
+                hdr[20:22] = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
+            pool = self._pools[int(self.table.outer_v6[peer])]
+            sock = pool[sock_index % len(pool)]
+            groups.setdefault(id(sock), (sock, []))[1].append(
+                (buf[i, off - head : off + ln].data, self._dsts[peer])
+            )
+        sent = 0
+        for sock, items in groups.values():
+            calls, before = sock.stats.send_calls, sock.stats.sent  # type: ignore[attr-defined]
+            sock.sendmmsg(items)  # type: ignore[attr-defined]
+            sent += sock.stats.sent - before  # type: ignore[attr-defined]
+            self._count("tx_send_calls", sock.stats.send_calls - calls)  # type: ignore[attr-defined]
+        self._count("tx_packets", sent)
+        self._count("tx_bytes", sum(ln for _, ln, _, _ in plan))
+        if sent < len(plan):
+            self.counters[_SEND_ERROR] += len(plan) - sent
+        return True
+
+    def receive_few(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
+        """A few datagrams (ACKs, pings): checked one by one in plain Python, which costs less than the
+        ~60 array operations of the general path. Writes nothing and returns False when any row is not a
+        sound frame from a peer (the general path then judges and counts every row)."""
+        off, head, buf = batch.offset, self.head, batch.buf
+        inner = off + head
+        prefix = self._rx_prefix
+        check_source = self.cfg.check_peer_source
+        table = self.table
+        plan = []
+        for i, ln in enumerate(batch.lengths[: batch.n].tolist()):
+            row = buf[i].data
+            if ln <= head or row[off : off + 14] != prefix:
+                return False
+            version = row[inner] >> 4
+            if row[off + 20 : inner] != (
+                b"\x08\x00" if version == 4 else b"\x86\xdd" if version == 6 else b""
+            ):
+                return False
+            if check_source:
+                src = src_addr[i].tobytes()
+                known = table.source6_set if len(src) == 16 else table.source_set
+                if (src if len(src) == 16 else int.from_bytes(src, "big")) not in known:
+                    return False
+            code, length = validate_one(row[inner : off + ln])
+            if code:
+                return False
+            plan.append((row, length))
+        if self.tun.vnet:
+            writes = []
+            for row, length in plan:
+                row[inner - VNET_HDR_LEN : inner] = ZERO_VNET_HDR  # no offload: a zero virtio header
+                writes.append((row[inner - VNET_HDR_LEN : inner + length],))
+        else:
+            writes = [(row[inner : inner + length],) for row, length in plan]
+        ok = self.tun.write_batch(writes)
+        self._count("rx_coalesced_writes", ok)
+        if ok == len(writes):
+            self._count("rx_packets", ok)
+            self._count("rx_bytes", sum(length for _, length in plan))
+        else:
+            self.counters[_TUN_WRITE_ERROR] += len(writes) - ok
+        return True
