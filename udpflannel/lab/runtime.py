@@ -303,7 +303,7 @@ def _wait_for_leases(state: LabState, lab: Lab, timeout: float, log) -> None:
                 node = state.nodes[name]
                 node.subnet, node.gateway, node.mtu = str(env.subnet.network), str(env.subnet.ip), env.mtu
                 pending.discard(name)
-            elif not agent_alive(state, state.nodes[name]):
+            elif _agent_exited(lab, state.nodes[name]):
                 pending.discard(name)  # dead agents never write it; say so below rather than wait
         if pending:
             time.sleep(0.1)
@@ -360,6 +360,16 @@ def _wire_pods(topo_node: Node, node: NodeState, state: LabState, lab: Lab) -> N
         host.exec("ip", "link", "set", host_veth, "master", CNI_BRIDGE)
         pod_ns.exec("ip", "route", "add", "default", "via", node.gateway)
         node.pods.append(PodState(name=pod_name, ns=pod_ns.name, ip=str(pod_ip), host_veth=host_veth))
+
+
+def _agent_exited(lab: Lab, node: NodeState) -> bool:
+    """Whether the agent we started has exited. Asks the Popen handle, not /proc: right after the fork, and
+    before the exec, /proc/<pid>/cmdline is still ours, which agent_alive() would take for a dead agent."""
+    for ns in lab.namespaces.values():
+        for proc in ns.processes:
+            if proc.pid == node.pid:
+                return proc.poll() is not None
+    return node.pid is None
 
 
 def agent_alive(state: LabState, node: NodeState) -> bool:
