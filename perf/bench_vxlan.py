@@ -21,7 +21,6 @@ import collections
 import json
 import os
 import pathlib
-import select
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from udpflannel.lab.netns import Lab, Netns  # noqa: E402
+from udpflannel.lab.transfer import read_json_line  # noqa: E402
 
 NETWORK = "198.19.0.0/16"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,19 +62,7 @@ class Node:
 
 
 def _readline(proc: subprocess.Popen, key: str, timeout: float = 20) -> dict:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        obj = json.loads(line)
-        if key in obj:
-            return obj
-    raise RuntimeError(f"dataplane runner gave no {key!r} (exit {proc.poll()})")
+    return read_json_line(proc, key, timeout, "dataplane runner")
 
 
 def start_node(ns: Netns, index: int, kind: str, state: pathlib.Path, env: dict[str, str]) -> Node:

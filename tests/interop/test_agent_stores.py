@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from tunnel_lab import SINK, SOURCE
 
 from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.transfer import SINK, SOURCE
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):

@@ -13,9 +13,9 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from tunnel_lab import SINK, SOURCE
 
 from udpflannel.lab.netns import Lab
+from udpflannel.lab.transfer import SINK, SOURCE
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):

@@ -7,14 +7,13 @@ import contextlib
 import json
 import os
 import pathlib
-import select
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.transfer import checked_transfer, read_json_line
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NETWORK = "198.19.0.0/16"
@@ -86,19 +85,7 @@ class Node:
 
 
 def _read_line(proc: subprocess.Popen, key: str, timeout: float) -> dict:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        obj = json.loads(line)
-        if key in obj:
-            return obj
-    raise AssertionError(f"no {key!r} from dataplane runner (exit code {proc.poll()})")
+    return read_json_line(proc, key, timeout, "dataplane runner")
 
 
 class TunnelLab:
@@ -281,73 +268,9 @@ class TunnelLab:
             a.send({"op": "remove", **b.lease_json()}, "applied")
 
 
-SINK = r"""
-import hashlib, socket, sys
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-s.settimeout(float(sys.argv[3]))
-print("listening", flush=True)
-c, _ = s.accept()
-c.settimeout(float(sys.argv[3]))
-h = hashlib.sha256()
-n = 0
-while True:
-    d = c.recv(1 << 20)
-    if not d:
-        break
-    h.update(d)
-    n += len(d)
-c.sendall(f"{n} {h.hexdigest()}".encode())
-c.close()
-"""
-
-SOURCE = r"""
-import hashlib, socket, sys, time
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-total = int(sys.argv[3])
-seed = hashlib.sha256(b"udpflannel").digest() * 2048  # 64 KiB pattern, varied per chunk below
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
-h = hashlib.sha256()
-sent = 0
-i = 0
-t0 = time.monotonic()
-while sent < total:
-    chunk = (i.to_bytes(8, "big") + seed)[: min(len(seed), total - sent)]
-    s.sendall(chunk)
-    h.update(chunk)
-    sent += len(chunk)
-    i += 1
-s.shutdown(socket.SHUT_WR)
-reply = b""
-while True:
-    d = s.recv(4096)
-    if not d:
-        break
-    reply += d
-print(f"{sent} {h.hexdigest()} {time.monotonic() - t0:.3f} {reply.decode()}", flush=True)
-"""
-
-
 def transfer(src: Node, dst: Node, nbytes: int, dst_ip: str, port: int = 7000, timeout: float = 60) -> float:
-    """Send nbytes over TCP from src's node namespace to dst_ip in dst's; assert length and sha256 match on
-    both ends; return seconds taken."""
-    sink = dst.ns.popen(
-        sys.executable, "-c", SINK, dst_ip, str(port), str(timeout), stdout=subprocess.PIPE, text=True
-    )
-    assert sink.stdout is not None
-    ready, _, _ = select.select([sink.stdout], [], [], 10)
-    assert ready and sink.stdout.readline().strip() == "listening"
-    out = src.ns.exec(
-        sys.executable, "-c", SOURCE, dst_ip, str(port), str(nbytes), str(timeout), timeout=timeout + 10
-    )
-    sent, digest, seconds, got_n, got_digest = out.split()
-    assert int(sent) == nbytes == int(got_n)
-    assert digest == got_digest
-    sink.wait(timeout=10)
-    return float(seconds)
+    """Send nbytes over TCP from src's node namespace to dst_ip in dst's, sha256-checked at both ends."""
+    return checked_transfer(src.ns, dst.ns, dst_ip, nbytes, port, timeout)
 
 
 def ping(src: Node, dst_ip: str, count: int = 3, size: int = 56) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import pathlib
-import select
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 
 from udpflannel.codec.wireguard import crypto
 from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.transfer import checked_transfer, read_json_line
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NETWORK = "198.19.0.0/16"
@@ -112,19 +112,7 @@ class WgNode:
 
 
 def read_line(proc: subprocess.Popen, key: str, timeout: float) -> dict:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        obj = json.loads(line)
-        if key in obj:
-            return obj
-    raise AssertionError(f"no {key!r} from the wg worker (exit code {proc.poll()})")
+    return read_json_line(proc, key, timeout, "wg worker")
 
 
 class WgLab:
@@ -266,74 +254,6 @@ def ping(
     )
 
 
-SINK = r"""
-import hashlib, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-s.settimeout(float(sys.argv[3]))
-print("listening", flush=True)
-c, _ = s.accept()
-c.settimeout(float(sys.argv[3]))
-h = hashlib.sha256()
-n = 0
-while True:
-    d = c.recv(1 << 20)
-    if not d:
-        break
-    h.update(d)
-    n += len(d)
-c.sendall(f"{n} {h.hexdigest()}".encode())
-c.close()
-"""
-
-SOURCE = r"""
-import hashlib, socket, sys, time
-total = int(sys.argv[3])
-seed = hashlib.sha256(b"udpflannel-wg").digest() * 2048
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
-h = hashlib.sha256()
-sent = 0
-i = 0
-t0 = time.monotonic()
-while sent < total:
-    chunk = (i.to_bytes(8, "big") + seed)[: min(len(seed), total - sent)]
-    s.sendall(chunk)
-    h.update(chunk)
-    sent += len(chunk)
-    i += 1
-s.shutdown(socket.SHUT_WR)
-reply = b""
-while True:
-    d = s.recv(4096)
-    if not d:
-        break
-    reply += d
-print(f"{sent} {h.hexdigest()} {time.monotonic() - t0:.3f} {reply.decode()}", flush=True)
-"""
-
-
 def transfer(src: WgNode, dst: WgNode, nbytes: int, port: int = 7000, timeout: float = 120) -> float:
     """nbytes over TCP from src to dst's overlay address; length and sha256 must match at both ends."""
-    sink = dst.ns.popen(
-        sys.executable, "-c", SINK, dst.overlay_ip, str(port), str(timeout), stdout=subprocess.PIPE, text=True
-    )
-    assert sink.stdout is not None
-    ready, _, _ = select.select([sink.stdout], [], [], 10)
-    assert ready and sink.stdout.readline().strip() == "listening"
-    out = src.ns.exec(
-        sys.executable,
-        "-c",
-        SOURCE,
-        dst.overlay_ip,
-        str(port),
-        str(nbytes),
-        str(timeout),
-        timeout=timeout + 10,
-    )
-    sent, digest, seconds, got_n, got_digest = out.split()
-    assert int(sent) == nbytes == int(got_n), out
-    assert digest == got_digest, out
-    sink.wait(timeout=10)
-    return float(seconds)
+    return checked_transfer(src.ns, dst.ns, dst.overlay_ip, nbytes, port, timeout)
