@@ -37,7 +37,7 @@ IPERF_SECONDS = 3
 IPERF_PORT = 5201
 DEMO_BUDGET = 60.0  # seconds, the whole demo
 TUNNEL_WAIT = 5.0  # seconds for tunnel devices to appear after the leases
-WARM_UP = 5.0  # seconds for the first cross-node ping to succeed before the matrix counts
+WARM_UP = 12.0  # seconds for every cross-node pair to answer once before the matrix counts
 _DROP_RE = re.compile(r'^udpflannel_drops_total\{reason="([^"]+)"\} (\d+)', re.M)
 
 
@@ -186,16 +186,17 @@ def _first_pods(state: LabState) -> list[tuple[NodeState, str, str]]:
 
 
 def _warm_up(pods: list[tuple[NodeState, str, str]]) -> None:
-    """Agents learn their peers from the lease store's watch; wait (bounded) until one pair answers, so the
-    matrix measures the dataplane rather than how fast the first peer event arrived."""
-    if len(pods) < 2:
-        return
+    """Agents learn their peers from the lease store's watch, and WireGuard peers that learn of each other at
+    the same moment send crossing initiations, which only settle at the next retransmit (REKEY_TIMEOUT, 5 s,
+    as in wireguard-go). Wait (bounded) until every pair has answered once, so the matrix measures the
+    dataplane rather than how fast the first peer event or handshake happened."""
     deadline = time.monotonic() + WARM_UP
-    (_, sns, _), (_, _, dip) = pods[0], pods[-1]
-    while time.monotonic() < deadline:
+    pending = [(sns, dip) for s, sns, _ in pods for d, _, dip in pods if s.name != d.name]
+    while pending and time.monotonic() < deadline:
+        sns, dip = pending[0]
         ping = ["ip", "netns", "exec", sns, "ping", "-n", "-q", "-c", "1", "-W", "1", dip]
         if subprocess.run(ping, capture_output=True, timeout=5).returncode == 0:
-            return
+            pending.pop(0)
 
 
 def _ping_matrix(state: LabState, report: DemoReport, out: Callable[[str], None]) -> None:
