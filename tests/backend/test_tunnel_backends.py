@@ -145,3 +145,22 @@ def test_vxlan_ipv6_underlay_when_both_ends_have_one(tmp_path):
     v4only = VxlanBackend(_conf({"Type": "vxlan"}, v6=True), Opts(str(tmp_path / "s")), IFACE)
     assert not v4only.v6_underlay and v4only.mtu == 1450
     assert v4only.peer_rows(lease)[1].public_ip == "198.18.0.2"
+
+
+def test_update_peer_map_skips_own_lease_and_reports_changes() -> None:
+    import ipaddress
+
+    from udpflannel.backend import update_peer_map
+    from udpflannel.lease.model import Event, EventType, Lease, LeaseAttrs
+
+    def lease(n: int) -> Lease:
+        attrs = LeaseAttrs(public_ip=ipaddress.IPv4Address(f"198.18.0.{n}"))
+        return Lease(subnet=ipaddress.IPv4Network(f"198.19.{n}.0/24"), attrs=attrs)
+
+    own, a, b = lease(1), lease(2), lease(3)
+    peers: dict[str, Lease] = {}
+    assert update_peer_map(peers, [Event(EventType.ADDED, own), Event(EventType.ADDED, a)], own.key)
+    assert set(peers) == {a.key}
+    assert not update_peer_map(peers, [Event(EventType.REMOVED, b)], own.key)  # unknown peer: no change
+    assert not update_peer_map(peers, [Event(EventType.REMOVED, own)], own.key)
+    assert update_peer_map(peers, [Event(EventType.REMOVED, a)], own.key) and peers == {}

@@ -10,6 +10,8 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from udpflannel.lease.model import EventType
+
 if TYPE_CHECKING:
     from udpflannel.config import NetworkConfig
     from udpflannel.lease.model import Event, Lease, LeaseAttrs
@@ -63,6 +65,22 @@ REGISTRY: dict[str, str] = {
     "wireguard": "udpflannel.backend.wireguard:WireguardBackend",
     "host-gw": "udpflannel.backend.hostgw:HostGwBackend",
 }
+
+
+def update_peer_map(peers: dict[str, Lease], events: list[Event], own_key: str | None) -> bool:
+    """Apply lease events to a backend's peer map (key -> lease), skipping our own lease.
+    Returns whether the map changed."""
+    changed = False
+    for ev in events:
+        key = ev.lease.key
+        if key == own_key:
+            continue  # our own lease is not a peer
+        if ev.type is EventType.ADDED:
+            peers[key] = ev.lease
+            changed = True
+        elif ev.type is EventType.REMOVED and peers.pop(key, None) is not None:
+            changed = True
+    return changed
 
 
 class BackendUnavailable(RuntimeError):

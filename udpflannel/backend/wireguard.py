@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from udpflannel.backend import update_peer_map
 from udpflannel.codec.wireguard import crypto
 from udpflannel.codec.wireguard import messages as wgm
-from udpflannel.lease.model import Event, EventType, Lease, LeaseAttrs
+from udpflannel.lease.model import Event, Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 
@@ -313,16 +314,7 @@ class WireguardBackend:
             self._apply(events)
 
     def _apply(self, events: list[Event]) -> None:
-        changed = False
-        for ev in events:
-            key = ev.lease.key
-            if self.lease is not None and key == self.lease.key:
-                continue  # our own lease is not a peer
-            if ev.type is EventType.ADDED:
-                self.peers[key] = ev.lease
-                changed = True
-            elif ev.type is EventType.REMOVED and self.peers.pop(key, None) is not None:
-                changed = True
+        changed = update_peer_map(self.peers, events, self.lease.key if self.lease is not None else None)
         if changed and self.workers:
             self._push_peers()
 

@@ -9,10 +9,11 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
+from udpflannel.backend import update_peer_map
 from udpflannel.dataplane.engine import EngineConfig
 from udpflannel.dataplane.peers import Peer
 from udpflannel.dataplane.process import Dataplane
-from udpflannel.lease.model import Event, EventType, Lease
+from udpflannel.lease.model import Event, Lease
 
 if TYPE_CHECKING:
     from udpflannel.backend import ExternalInterface
@@ -101,16 +102,7 @@ class TunnelBackend:
             raise
 
     def apply(self, events: list[Event]) -> None:
-        changed = False
-        for ev in events:
-            key = ev.lease.key
-            if self.lease is not None and key == self.lease.key:
-                continue  # our own lease is not a peer
-            if ev.type is EventType.ADDED:
-                self.peers[key] = ev.lease
-                changed = True
-            elif ev.type is EventType.REMOVED and self.peers.pop(key, None) is not None:
-                changed = True
+        changed = update_peer_map(self.peers, events, self.lease.key if self.lease is not None else None)
         if changed and self.dataplane is not None:
             self._push_peers()
 
