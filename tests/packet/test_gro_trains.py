@@ -1,0 +1,120 @@
+"""gro_trains against gro.coalesce_train: for several trains checked at once, every train that qualifies
+gives the bytes coalesce_train gives for it alone, and every train that does not is one coalesce_train
+would not write as one superpacket (or would refuse)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
+
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.gro import coalesce_train
+from udpflannel.packet.gro_trains import coalesce_trains, out_arena
+
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOT = 65536 + 4096
+INNER = 22  # as behind a VXLAN + Ethernet header
+
+
+def lay_out(trains: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Receive slots holding each train's datagrams end to end (an INNER-byte prefix before every
+    packet), as recvmmsg with UDP_GRO leaves them; then the [m, K, s] view, counts and last lengths."""
+    slots = np.random.default_rng(7).integers(0, 256, (len(trains), SLOT), np.uint8)  # stale bytes
+    s = INNER + len(trains[0][0])
+    for j, segs in enumerate(trains):
+        raw = b"".join(bytes(range(INNER)) + seg for seg in segs)
+        slots[j, : len(raw)] = np.frombuffer(raw, np.uint8)
+    counts = np.array([len(t) for t in trains], np.int64)
+    lasts = np.array([INNER + len(t[-1]) for t in trains], np.int64)
+    big = int(counts.max())
+    rows = np.lib.stride_tricks.as_strided(slots, (len(trains), big, s), (slots.strides[0], s, 1))
+    return slots, rows, counts, lasts
+
+
+def alone(slots: np.ndarray, j: int, k: int, s: int, last: int) -> list[bytes] | None:
+    view = slots[j, : k * s].reshape(k, s)
+    lengths = np.full(k, s - INNER, np.int32)
+    lengths[-1] = last - INNER
+    writes = coalesce_train(PacketBatch(view, lengths, INNER, k))
+    return None if writes is None else [b"".join(bytes(b) for b in w) for w in writes]
+
+
+@st.composite
+def train_sets(draw: st.DrawFn) -> list[list[bytes]]:
+    v6 = draw(st.booleans())
+    mss = draw(st.integers(200, 1448))
+    options = draw(st.sampled_from(TCP_OPTIONS))
+    trains = []
+    for _ in range(draw(st.integers(1, 5))):
+        k = draw(st.integers(2, min(40, 60000 // mss)))
+        n = (k - 1) * mss + draw(st.integers(1, mss))
+        sp = build_tcp(
+            v6=v6,
+            payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),
+            mss=mss,
+            seq=draw(st.integers(0, 2**32 - 1)),
+            flags=draw(st.sampled_from(["A", "PA"])),
+            options=options,
+            ip_id=draw(st.integers(0, 0xFFFF)),
+            window=draw(st.integers(0, 0xFFFF)),
+        )
+        trains.append(reference.split(sp.raw, sp.vh))
+    # Now and then a flaw: a flipped byte, a wrong flag, or a gap in the sequence numbers.
+    flaw = draw(st.sampled_from(["none", "none", "byte", "psh", "seq"]))
+    if flaw != "none":
+        j = draw(st.integers(0, len(trains) - 1))
+        i = draw(st.integers(0, len(trains[j]) - 1))
+        seg = bytearray(trains[j][i])
+        l3 = 40 if v6 else 20
+        if flaw == "byte":
+            seg[draw(st.integers(0, len(seg) - 1))] ^= draw(st.integers(1, 255))
+        elif flaw == "psh":
+            seg[l3 + 13] |= 0x08
+        else:
+            seg[l3 + 7] ^= 0x01
+        trains[j][i] = bytes(seg)
+    return trains
+
+
+@given(trains=train_sets())
+@SETTINGS
+def test_each_train_as_coalesce_train_gives_it(trains: list[list[bytes]]) -> None:
+    slots, rows, counts, lasts = lay_out(trains)
+    s = rows.shape[2]
+    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(len(trains)))
+    wants = [alone(slots, j, int(counts[j]), s, int(lasts[j])) for j in range(len(trains))]
+    if merged is None:  # the set as a whole is refused only when some train is not a clean run
+        assert any(want is None or len(want) != 1 for want in wants)
+        return
+    for j, want in enumerate(wants):
+        got = merged.writes[j]
+        if got is not None:
+            assert bool(merged.ok[j])
+            assert want == [bytes(got)]
+        else:
+            assert want is None or len(want) != 1
+
+
+def test_a_clean_set_merges_every_train() -> None:
+    trains = []
+    for seed in range(4):
+        sp = build_tcp(v6=False, payload=payload_bytes(seed, 20 * 1000 + 17), mss=1000, seq=seed * 99)
+        trains.append(reference.split(sp.raw, sp.vh))
+    slots, rows, counts, lasts = lay_out(trains)
+    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(4))
+    assert merged is not None and merged.ok.all()
+    for j, sp_segs in enumerate(trains):
+        assert [bytes(merged.writes[j])] == alone(slots, j, len(sp_segs), rows.shape[2], int(lasts[j]))
+        assert bytes(merged.writes[j])[10:].startswith(reference.coalesce_run(sp_segs)[10:30])
+
+
+def test_mixed_versions_are_left_to_the_caller() -> None:
+    a = build_tcp(v6=False, payload=payload_bytes(1, 5000), mss=1000)
+    b = build_tcp(v6=True, payload=payload_bytes(2, 5000), mss=980)  # same datagram size as a's
+    trains = [reference.split(a.raw, a.vh), reference.split(b.raw, b.vh)]
+    assert len(trains[0][0]) == len(trains[1][0])
+    _, rows, counts, lasts = lay_out(trains)
+    assert coalesce_trains(rows, counts, lasts, INNER, out_arena(2)) is None
