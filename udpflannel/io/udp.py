@@ -24,13 +24,12 @@ from udpflannel.io.mmsg import (
     encode_sockaddr,
     sendmmsg,
 )
-from udpflannel.packet.batch import PacketBatch, round_up
+from udpflannel.io.udp_recv import Received, TrainSet, UdpReceiver
+from udpflannel.packet.batch import PacketBatch
 
 Buffer = bytes | bytearray | memoryview
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
-TRAIN_MIN = 2  # recv_trains: GRO messages of at least this many datagrams are passed on as zero-copy views
-ARENA_SLACK = 4096  # receive slots are 64 KiB + this, so k * segment size of any train fits the slot
 
 
 @dataclass
@@ -48,29 +47,7 @@ class UdpStats:
 
 
 @dataclass
-class Received:
-    """A receive batch: datagram i is batch row i; it came from src_addr[i]:src_port[i]."""
-
-    batch: PacketBatch
-    src_addr: np.ndarray  # uint8 [n, 4] (IPv4) or [n, 16] (IPv6), network order
-    src_port: np.ndarray  # uint16 [n]
-    family: int
-
-    def source(self, i: int) -> tuple[str, int]:
-        return socket.inet_ntop(self.family, self.src_addr[i].tobytes()), int(self.src_port[i])
-
-    def sources(self) -> list[str]:
-        """Source addresses as strings, one per datagram (the peer table is keyed by PublicIP)."""
-        # One string per distinct address (trains share it), then expanded by index.
-        if self.batch.n == 0:
-            return []
-        uniq, inverse = np.unique(self.src_addr, axis=0, return_inverse=True)
-        names = [socket.inet_ntop(self.family, u.tobytes()) for u in uniq]
-        return [names[j] for j in inverse.reshape(-1).tolist()]
-
-
-@dataclass
-class UdpSocket:
+class UdpSocket(UdpReceiver):
     """A bound, non-blocking UDP socket with probed offloads. Build it with UdpSocket.open(...)."""
 
     sock: socket.socket
@@ -297,138 +274,6 @@ class UdpSocket:
         self.stats.sent += ok
         return ok
 
-    # -- receiving
-
-    def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
-        if self._arena is None:
-            # A datagram may be up to 64 KiB even without GRO; pages are touched only when used. The slack
-            # lets a train's last, shorter datagram be a full row of a zero-copy view (recv_trains).
-            self._arena = MmsgArena(self.recv_slots, 65536 + ARENA_SLACK)
-        arena = self._arena
-        try:
-            m = arena.recv(self.sock.fileno(), max_messages)
-        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: report, never raise
-            self.stats.recv_errors += 1
-            self.stats.last_recv_errno = exc.errno or 0
-            m = 0
-        self.stats.recv_calls += 1
-        return arena, m
-
-    def recv_batch(self, max_messages: int | None = None) -> Received:
-        """One recvmmsg: every datagram that arrived (UDP_GRO trains split by their segment size), copied
-        into the rows of a new PacketBatch at `headroom`, with the source of each. Empty when none wait."""
-        arena, m = self._recv(max_messages)
-        return self._split_trains(arena, m)
-
-    def recv_trains(self, max_messages: int | None = None) -> list[Received]:
-        """One recvmmsg, as batches in arrival order: each UDP_GRO train of at least TRAIN_MIN datagrams
-        is a zero-copy view of the receive buffer (its datagrams are the rows of a [k, segment size] array,
-        offset 0: a train of equal-size datagrams is a strided 2-D view of one buffer); runs of other
-        messages are copied into one batch as recv_batch does. Views are valid until the next receive on
-        this socket, so each batch must be consumed before then. [] when nothing waits."""
-        arena, m = self._recv(max_messages)
-        if m == 0:
-            return []
-        if m == 1 and self.gro:
-            # The usual case under load: one train per call, sized up with struct, no array operations.
-            t, flags, s = arena.first_message()
-            k = -(-t // s) if 0 < s < t else 0
-            if not flags & linux.MSG_TRUNC and k >= TRAIN_MIN and k * s <= arena.slot_size:
-                return [self._train_view(arena, 0, k, s, t)]
-        shapes = self._shapes(arena, m)
-        total, seg, counts = shapes
-        out: list[Received] = []
-        pending: list[int] = []
-        for j, (k, s, t) in enumerate(zip(counts.tolist(), seg.tolist(), total.tolist(), strict=True)):
-            if k >= TRAIN_MIN and k * s <= arena.slot_size:
-                if pending:
-                    out.append(self._split_trains(arena, m, np.array(pending), shapes))
-                    pending = []
-                out.append(self._train_view(arena, j, k, s, t))
-            elif k:
-                pending.append(j)
-        if pending:
-            out.append(self._split_trains(arena, m, np.array(pending), shapes))
-        return out
-
-    def _addr_cols(self) -> tuple[int, int]:
-        """(offset, length) of the address in a sockaddr of our family."""
-        return (4, 4) if self.family == socket.AF_INET else (8, 16)
-
-    def _train_view(self, arena: MmsgArena, j: int, k: int, s: int, t: int) -> Received:
-        aoff, alen = self._addr_cols()
-        lengths = np.empty(k, np.int32)
-        lengths.fill(s)
-        lengths[-1] = t - (k - 1) * s
-        batch = PacketBatch(arena.data[j, : k * s].reshape(k, s), lengths, 0, k)
-        names = arena.names
-        # One source for every row: a [k, alen] view with row stride 0 over the message's sockaddr.
-        at = j * names.strides[0] + aoff
-        src_addr = np.ndarray((k, alen), np.uint8, buffer=names, offset=at, strides=(0, 1))
-        port = np.empty(k, np.uint16)
-        port.fill((int(names[j, 2]) << 8) | int(names[j, 3]))
-        self.stats.received += k
-        return Received(batch, src_addr, port, self.family)
-
-    def _shapes(self, arena: MmsgArena, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per message: total bytes (0 if truncated), segment size, datagram count."""
-        total = arena.hdrs["len"][:m].astype(np.int64)
-        trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
-        if trunc.any():
-            self.stats.truncated += int(trunc.sum())
-            total = np.where(trunc, 0, total)
-        seg = arena.gro_sizes(m) if self.gro else np.zeros(m, np.int64)
-        seg = np.where((seg <= 0) | (seg >= total), total, seg)
-        counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
-        return total, seg, counts
-
-    def _split_trains(
-        self,
-        arena: MmsgArena,
-        m: int,
-        which: np.ndarray | None = None,
-        shapes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    ) -> Received:
-        """Messages [0, m) (or those in `which`) copied into the rows of a new batch at `headroom`;
-        `shapes` is _shapes(arena, m) when the caller has it already."""
-        aoff, alen = self._addr_cols()
-        if m == 0:
-            empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
-            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
-        total, seg, counts = shapes or self._shapes(arena, m)
-        msgs = np.arange(m) if which is None else which
-        total, seg, counts = total[msgs], seg[msgs], counts[msgs]
-        n = int(counts.sum())
-        widest = int(seg.max()) if len(msgs) else 0
-        stride = round_up(self.headroom + widest + 8, 64)
-        buf = np.empty((n, stride), np.uint8)
-        lengths = np.empty(n, np.int32)
-        first = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        h = self.headroom
-        single = counts == 1
-        if single.any():
-            # Messages of one datagram (no GRO, or small unrelated packets): one gather for all of them.
-            one = np.flatnonzero(single)
-            width = int(total[one].max())
-            buf[first[one], h : h + width] = arena.data[msgs[one], :width]
-            lengths[first[one]] = total[one]
-        for i in np.flatnonzero(counts > 1).tolist():
-            k, s, t, r0 = int(counts[i]), int(seg[i]), int(total[i]), int(first[i])
-            data = arena.data[int(msgs[i])]
-            full = t // s
-            if full:
-                buf[r0 : r0 + full, h : h + s] = data[: full * s].reshape(full, s)
-                lengths[r0 : r0 + full] = s
-            if full < k:
-                buf[r0 + full, h : h + t - full * s] = data[full * s : t]
-                lengths[r0 + full] = t - full * s
-        row_msg = np.repeat(msgs, counts)
-        names = arena.names
-        src_addr = names[row_msg, aoff : aoff + alen]
-        src_port = names[row_msg, 2:4].copy().view(">u2")[:, 0].astype(np.uint16)
-        self.stats.received += n
-        return Received(PacketBatch(buf, lengths, h, n), src_addr, src_port, self.family)
-
 
 def _gso_calls(lengths: np.ndarray, seg: int, max_segments: int, max_payload: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) for one UDP_SEGMENT sendmsg each: rows of exactly seg bytes, at most one shorter
@@ -501,4 +346,12 @@ def probe_max_segments(family: int) -> int:
     return linux.UDP_MAX_SEGMENTS_CANDIDATES[-1]
 
 
-__all__ = ["Received", "UdpSocket", "UdpStats", "decode_sockaddr", "grow_buffers", "probe_max_segments"]
+__all__ = [
+    "Received",
+    "TrainSet",
+    "UdpSocket",
+    "UdpStats",
+    "decode_sockaddr",
+    "grow_buffers",
+    "probe_max_segments",
+]
