@@ -54,7 +54,7 @@ class FakeRx:
     def __init__(self, datagrams) -> None:
         self.inbox = list(datagrams)
 
-    def recv_trains(self, max_messages=None) -> list[Received]:
+    def recv_trains(self, max_messages=None, *, sets: bool = False) -> list[Received]:
         rec = self.recv_batch(max_messages)
         return [rec] if rec.batch.n else []
 

@@ -127,12 +127,12 @@ def expected_prefix(vni: int, our_mac: bytes) -> np.ndarray:
 
 # Which of the first 23 bytes of a frame expected_headers() pins down: flags, VNI, our MAC (not the
 # sender's MAC), the ethertype and the inner IP version nibble.
-_EXPECTED_MASK = np.array([0xFF] * 14 + [0] * 6 + [0xFF, 0xFF, 0xF0], dtype=np.uint8)
+EXPECTED_MASK = np.array([0xFF] * 14 + [0] * 6 + [0xFF, 0xFF, 0xF0], dtype=np.uint8)
 
 
 def expected_headers(vni: int, our_mac: bytes) -> np.ndarray:
     """uint8 [2, 23]: the first 23 bytes of a valid frame to us carrying IPv4 (row 0) or IPv6 (row 1),
-    compared under _EXPECTED_MASK, for decode_batch's fast path."""
+    compared under EXPECTED_MASK, for decode_batch's fast path."""
     rows = np.zeros((2, VXLAN_HEADROOM + 1), dtype=np.uint8)
     rows[:, :14] = expected_prefix(vni, our_mac)
     rows[0, 20:23] = (ETHERTYPE_IPV4 >> 8, ETHERTYPE_IPV4 & 0xFF, 0x40)
@@ -169,7 +169,7 @@ def decode_batch(
         # Every frame equal to the expected bytes where the mask says so: three array operations.
         for row in expected:
             diff = hdr ^ row
-            diff &= _EXPECTED_MASK
+            diff &= EXPECTED_MASK
             if not diff.any():
                 return codes
     if prefix is not None:

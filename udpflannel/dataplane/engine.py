@@ -22,10 +22,13 @@ from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
 from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
+from udpflannel.io.udp_recv import TrainSet
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
+from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
 from udpflannel.packet.gso import packed_payload, split_superpacket
+from udpflannel.packet.gso_many import split_many
 from udpflannel.packet.parse import ip_fields, validate_ip
 from udpflannel.packet.vnet import VnetHdr
 
@@ -114,6 +117,7 @@ class Engine(RowPaths):
         self._errors_logged = 0
         self._flows: dict[bytes, tuple[int, int]] = {}
         self._headers = self.template[None, :].copy()  # per-peer headers, rebuilt by set_peers
+        self._train_out: np.ndarray | None = None  # gro_trains output arena, grown on demand
 
     def _count(self, name: str, value: int = 1) -> None:
         self.counters[INDEX[name]] += value
@@ -175,7 +179,16 @@ class Engine(RowPaths):
             if bad.any():
                 self._count_drops(bad)
                 plain[partial[bad != 0]] = False
-        for i in np.flatnonzero(split).tolist():
+        gso_rows = np.flatnonzero(split)
+        if len(gso_rows) >= 2 and int(headers["gso_size"][gso_rows].min()) >= PACKED_MIN_SEGMENT:
+            # Several superpackets (the sender is behind): split together when they share a shape.
+            many = split_many(batch, headers, gso_rows, self.head)
+            if many is not None:
+                self._count("tx_superpackets", len(many))
+                for segs in many:
+                    self.send_superpacket(segs)
+                gso_rows = gso_rows[:0]
+        for i in gso_rows.tolist():
             ln = int(batch.lengths[i])
             vh = VnetHdr(*headers[i].tolist())
             # Packed rows (end to end) go out as one buffer; tiny segments keep the padded layout, whose
@@ -379,7 +392,15 @@ class Engine(RowPaths):
         total = 0
         # GRO trains arrive as zero-copy views of the receive buffer: each is delivered before the next
         # receive reuses that buffer.
-        for rec in (sock or self.rx).recv_trains():
+        for rec in (sock or self.rx).recv_trains(sets=self.tun.vnet and self.is_vxlan):
+            if isinstance(rec, TrainSet):
+                n = int(rec.counts.sum())
+                total += n
+                try:
+                    self.process_train_set(rec)
+                except Exception:
+                    self._internal_error(n)
+                continue
             n = rec.batch.n
             total += n
             try:
@@ -387,6 +408,42 @@ class Engine(RowPaths):
             except Exception:  # a bug must not stop the datapath: drop the batch, count it
                 self._internal_error(n)
         return total
+
+    def process_train_set(self, ts: TrainSet) -> None:
+        """Several trains from one receive, checked together (packet/gro_trains.py); each that is not a
+        clean run of one flow's segments from a peer goes through process_rx alone, in arrival order."""
+        m = len(ts.counts)
+        merged = self._merge_trains(ts)
+        if merged is None:
+            for j in range(m):
+                rec = ts.train(j)
+                self.process_rx(rec.batch, rec.src_addr)
+            return
+        for j, write in enumerate(merged.writes):
+            if write is None:
+                rec = ts.train(j)
+                self.process_rx(rec.batch, rec.src_addr)
+                continue
+            self._count("rx_batches")
+            k = int(ts.counts[j])
+            inner_bytes = int(ts.lasts[j]) - self.head + (k - 1) * (ts.rows.shape[2] - self.head)
+            self._deliver([(write,)], k, inner_bytes)
+
+    def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
+        """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then
+        gro_trains."""
+        m, big, _ = ts.rows.shape
+        head = self.head
+        valid = np.arange(big) < ts.counts[:, None]
+        expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
+        diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
+        if (diff.any(axis=2) & valid).any():
+            return None
+        if self.cfg.check_peer_source and self._strangers(ts.src_addr).any():
+            return None
+        if self._train_out is None or len(self._train_out) < m:
+            self._train_out = out_arena(max(m, 8))
+        return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out)
 
     def process_rx(self, batch: PacketBatch, src_addr: np.ndarray) -> None:
         """Deliver datagrams (rows of `batch`) from src_addr (uint8 [n, 4]) to the TUN."""

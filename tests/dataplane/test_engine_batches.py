@@ -1,0 +1,111 @@
+"""The engine's batch-of-batches paths: several superpackets in one TUN read (gso_many) and several GRO
+trains in one receive (gro_trains) give the datagrams and TUN writes that one at a time gives."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from test_engine import OUR_MAC, PEER_MAC, Harness
+
+from udpflannel.codec import vxlan
+from udpflannel.dataplane.counters import DROP_NAMES, INDEX
+from udpflannel.dataplane.engine import HEADROOM
+from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
+from udpflannel.io.udp import UdpSocket
+from udpflannel.io.udp_recv import ARENA_SLACK, TrainSet
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.drops import DropReason
+from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
+
+scapy = pytest.importorskip("scapy.all")
+MSS = 1370
+
+
+def superpacket(seq: int, size: int, flags: str = "A") -> bytes:
+    """A TCP superpacket as the TUN hands it over (the checksum field holds the pseudo-header sum)."""
+    inner = scapy.IP(src="198.19.1.0", dst="198.19.2.9") / scapy.TCP(sport=4, dport=5, flags=flags, seq=seq)
+    raw = bytearray(bytes(inner / bytes((seq + i) & 0xFF for i in range(size))))
+    raw[36:38] = reference.pseudo_header(bytes(raw), 6, len(raw) - 20).to_bytes(2, "big")
+    return bytes(raw)
+
+
+def send(h: Harness, packets: list[bytes]) -> None:
+    batch = PacketBatch.from_packets(packets, headroom=HEADROOM)
+    headers = np.zeros(len(packets), VNET_HDR_DTYPE)
+    headers[:] = (1, 1, 40, MSS, 20, 16)  # NEEDS_CSUM, TCPV4
+    h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
+
+
+def test_superpackets_of_one_read_go_out_as_one_at_a_time():
+    sps = [superpacket(1000 + i * 50000, 20000 + 3000 * i, "PA" if i == 2 else "A") for i in range(3)]
+    together, alone = Harness("vxlan"), Harness("vxlan")
+    send(together, sps)
+    for sp in sps:
+        send(alone, [sp])
+    assert [d for d, _, _ in together.sent] == [d for d, _, _ in alone.sent]
+    assert together.counters[INDEX["tx_superpackets"]] == 3
+    assert together.counters[INDEX["tx_send_calls"]] == 3  # one UDP_SEGMENT send per superpacket
+
+
+class RecordingTun:
+    vnet = True
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write_batch(self, writes) -> int:
+        self.written.extend(b"".join(bytes(x) for x in iov) for iov in writes)
+        return len(writes)
+
+
+def received(trains: list[list[bytes]], src: str = "198.18.0.2") -> tuple[UdpSocket, MmsgArena]:
+    """A UdpSocket whose arena holds the trains as recvmmsg with UDP_GRO leaves them."""
+    sock = UdpSocket(None, socket.AF_INET, True, True, 128, 65507, 64, HEADROOM)  # type: ignore[arg-type]
+    arena = MmsgArena(8, 65536 + ARENA_SLACK)
+    for j, datagrams in enumerate(trains):
+        raw = b"".join(datagrams)
+        arena.data[j, : len(raw)] = np.frombuffer(raw, np.uint8)
+        arena.hdrs["len"][j] = len(raw)
+        arena.hdrs["controllen"][j] = 24
+        cmsg = np.array([20], "<u8").tobytes() + np.array([17, 104, len(datagrams[0])], "<i4").tobytes()
+        arena.control[j, :20] = np.frombuffer(cmsg, np.uint8)
+        arena.names[j, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, src, 8472)[:16], np.uint8)
+    sock._recv = lambda _max: (arena, len(trains))  # type: ignore[method-assign]
+    return sock, arena
+
+
+def vxlan_train(seq: int, size: int, flaw: bool = False) -> list[bytes]:
+    raw = superpacket(seq, size)
+    segs = reference.split(raw, VnetHdr(1, 1, 40, MSS, 20, 16))
+    if flaw:
+        bad = bytearray(segs[1])
+        bad[-1] ^= 1
+        segs[1] = bytes(bad)
+    return [vxlan.encode_vxlan(s, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC)) for s in segs]
+
+
+@pytest.mark.parametrize("flaw", [False, True], ids=["clean", "one-corrupt-train"])
+def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: bool):
+    trains = [vxlan_train(1000 + i * 40000, 30000 + i * MSS, flaw and i == 1) for i in range(3)]
+    together, alone = Harness("vxlan"), Harness("vxlan")
+    for h in (together, alone):
+        h.engine.tun = h.tun = RecordingTun()
+    sock, _ = received(trains)
+    recs = sock.recv_trains(sets=True)
+    assert len(recs) == 1 and isinstance(recs[0], TrainSet)
+    together.engine.rx = sock
+    assert together.engine.rx_once() == sum(len(t) for t in trains)
+    for t in trains:
+        one, _ = received([t])
+        alone.engine.rx = one
+        alone.engine.rx_once()
+    assert together.tun.written == alone.tun.written
+    # A corrupt datagram splits its train: the rows before it, then the rest (it is dropped, counted).
+    assert len(together.tun.written) == (4 if flaw else 3)
+    drops = DROP_NAMES[DropReason.BAD_L4_CHECKSUM]
+    assert together.counters[INDEX[drops]] == (1 if flaw else 0)
+    for name in ("rx_packets", "rx_bytes", "rx_coalesced_writes", drops):
+        assert together.counters[INDEX[name]] == alone.counters[INDEX[name]], name
