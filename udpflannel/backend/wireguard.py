@@ -277,6 +277,9 @@ class WireguardBackend:
             self.host = HostConfig()
             for dev in active:
                 self.host.link_index(dev.name, wait=2.0)
+                # No link-local: the kernel's router solicitations and MLD reports would only be dropped
+                # (no peer owns ff02::/16) and counted as unknown_peer.
+                self.host.no_link_local(dev.name)
                 self.host.set_link(dev.name, mtu=self.mtu, up=True)
                 for family in dev.carries:
                     subnet, network = subnets[family], networks[family]
