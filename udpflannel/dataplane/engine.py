@@ -412,14 +412,9 @@ class Engine(RowPaths):
     def process_train_set(self, ts: TrainSet) -> None:
         """Several trains from one receive, checked together (packet/gro_trains.py); each that is not a
         clean run of one flow's segments from a peer goes through process_rx alone, in arrival order."""
-        m = len(ts.counts)
         merged = self._merge_trains(ts)
-        if merged is None:
-            for j in range(m):
-                rec = ts.train(j)
-                self.process_rx(rec.batch, rec.src_addr)
-            return
-        for j, write in enumerate(merged.writes):
+        writes = merged.writes if merged is not None else [None] * len(ts.counts)
+        for j, write in enumerate(writes):
             if write is None:
                 rec = ts.train(j)
                 self.process_rx(rec.batch, rec.src_addr)
