@@ -171,6 +171,7 @@ class Agent:
                     backend.start(lease)
                     self._write_subnet_env(self._iface_mtu)
                 self.lease = lease
+            backend.check()  # a crashed datapath worker is back within about a second
             events = manager.watch_peers(timeout=WATCH_TIMEOUT)
             if events:
                 for event in events:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,19 @@ if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
     pytest.skip("needs root and /dev/net/tun", allow_module_level=True)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (the agent's datapath workers)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _env_file(path: pathlib.Path, deadline: float) -> dict[str, str]:
@@ -77,6 +91,16 @@ def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
         out = a.exec(sys.executable, "-c", SOURCE, ip_b, "7000", str(20_000_000), "60", timeout=90)
         sent, digest, _, got_n, got_digest = out.split()
         assert sent == got_n and digest == got_digest
+        # A datapath worker that dies is restarted by the agent's loop (nothing scrapes /metrics here).
+        worker = _children(procs[0].pid)[0]
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.2)
+        for _ in range(40):  # bounded: the loop checks about once a second
+            if not subprocess.run(a.cmd("ping", "-c", "1", "-W", "1", ip_b), capture_output=True).returncode:
+                break
+        assert worker not in _children(procs[0].pid)
+        a.exec("ping", "-c", "3", "-i", "0.2", "-W", "2", ip_b, timeout=20)
+        assert "restarting it" in (root / "a.log").read_text()
         for p in procs:
             p.terminate()
         for p in procs:

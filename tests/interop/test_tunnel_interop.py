@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -182,3 +183,23 @@ def test_peer_churn_does_not_break_a_transfer():
         assert not t.is_alive()
         assert not errors, errors
         assert a.stats()["peer_updates"] >= 7
+
+
+def test_a_killed_worker_is_restarted_and_traffic_resumes():
+    with TunnelLab() as lab:
+        a = lab.node(1, "vxlan")
+        b = lab.node(2, "vxlan")
+        lab.connect(a, b)
+        lab.connect(b, a)
+        ping(a, b.tun_ip)
+        os.kill(a.pids[0], signal.SIGKILL)  # the runner's one worker
+        for _ in range(100):  # bounded: a stats request restarts a worker once it is gone
+            stats = a.stats()
+            if stats["worker_restarts"]:
+                break
+            time.sleep(0.05)
+        assert stats["workers_alive"] == 1 and stats["worker_restarts"] == 1, stats
+        assert stats["tx_packets"] >= 3  # the new worker counts on in the dead one's counters row
+        ping(a, b.tun_ip)
+        transfer(a, b, MEDIUM, b.tun_ip)
+        _no_drops(a.stats())

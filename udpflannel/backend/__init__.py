@@ -53,6 +53,11 @@ class Backend(Protocol):
         """Counters for /metrics: packets, bytes, drops by reason (names are the metric labels)."""
         ...
 
+    def check(self) -> bool:
+        """Restart a datapath process that died (the agent calls this about once a second); True if all
+        were running."""
+        ...
+
     def stop(self) -> None:
         """Stop the datapath and remove what start() created."""
         ...

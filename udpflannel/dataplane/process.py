@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -22,6 +23,8 @@ from udpflannel.dataplane.peers import Peer
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket, _probe_gso, _try_setsockopt, grow_buffers, probe_max_segments
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0
 SRC_PORT_BASE = 32768  # outer source ports of the per-flow socket pool (Linux's ephemeral range start)
@@ -86,6 +89,8 @@ class Dataplane:
     _counters: Counters | None = None
     _workers: list[_Worker] = field(default_factory=list)
     _seq: int = 0
+    _peers: list[Peer] = field(default_factory=list)  # the last table sent, for a restarted worker
+    restarts: int = 0
 
     def start(self) -> None:
         if not self.workers:
@@ -217,6 +222,7 @@ class Dataplane:
 
     def set_peers(self, peers: list[Peer]) -> None:
         """Replace every worker's peer table; returns once all applied it (traffic keeps flowing)."""
+        self._peers = list(peers)
         self._seq += 1
         msg = json.dumps({"op": "peers", "seq": self._seq, "peers": [p.to_json() for p in peers]}).encode()
         for w in self._workers:
@@ -224,12 +230,37 @@ class Dataplane:
         for w in self._workers:
             self._expect(w, "peers_applied", ACK_TIMEOUT, self._seq)
 
+    def check(self) -> bool:
+        """Respawn any worker that exited and hand it the peer table; True when all were running. The TUN,
+        the sockets and the counters belong to this process, so a new worker takes over where the dead
+        one stopped (its counters row included) and nothing on the host changes."""
+        dead = [i for i, w in enumerate(self._workers) if w.proc.poll() is not None]
+        if not dead or self._tun is None:
+            return True
+        for i in dead:
+            old = self._workers[i]
+            log.error(
+                "datapath worker %s (pid %d) exited with code %s: restarting it",
+                old.role,
+                old.proc.pid,
+                old.proc.returncode,
+            )
+            old.ctrl.close()
+            self._workers[i] = self._spawn(i, old.role)
+            self.restarts += 1
+            self._expect(self._workers[i], "ready", READY_TIMEOUT)
+        if self._peers:
+            self.set_peers(self._peers)
+        return False
+
     def stats(self) -> dict[str, int]:
-        """Counters summed over workers, plus how many workers are alive (a dead one is a bug to page on)."""
+        """Counters summed over workers, how many workers are alive (a dead one is a bug to page on) and
+        how many were restarted."""
         if self._counters is None:
             return {}
         out = self._counters.totals()
         out["workers_alive"] = sum(w.proc.poll() is None for w in self._workers)
+        out["worker_restarts"] = self.restarts
         return out
 
     def pids(self) -> list[int]:

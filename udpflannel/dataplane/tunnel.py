@@ -101,7 +101,12 @@ class TunnelBackend:
             self.stop()
             raise
 
+    def check(self) -> bool:
+        """Restart a datapath worker that died (see Dataplane.check); True if all were running."""
+        return self.dataplane.check() if self.dataplane is not None else True
+
     def apply(self, events: list[Event]) -> None:
+        self.check()
         changed = update_peer_map(self.peers, events, self.lease.key if self.lease is not None else None)
         if changed and self.dataplane is not None:
             self._push_peers()
@@ -114,6 +119,7 @@ class TunnelBackend:
         self.dataplane.set_peers(rows)
 
     def stats(self) -> dict[str, int]:
+        self.check()
         return self.dataplane.stats() if self.dataplane is not None else {}
 
     def stop(self) -> None:
