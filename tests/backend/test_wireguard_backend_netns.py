@@ -67,15 +67,11 @@ def stop(proc: subprocess.Popen) -> None:
 def test_two_nodes_from_leases_and_a_wireguard_go_node() -> None:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-wgb-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
-        hub = lab.netns("hub")
-        hub.exec("ip", "link", "add", "br0", "type", "bridge")
-        hub.exec("ip", "link", "set", "br0", "up")
+        hub = lab.switch("hub")
         nodes = []
         for i in (1, 2, 3):
             ns = lab.netns(f"b{i}")
-            lab.veth(ns, hub, f"198.18.0.{i}/24", "198.18.255.254/32", name_b=f"p{i}")
-            hub.exec("ip", "addr", "flush", "dev", f"p{i}")
-            hub.exec("ip", "link", "set", f"p{i}", "master", "br0")
+            lab.plug(ns, hub, f"198.18.0.{i}/24", f"p{i}")
             nodes.append(ns)
         procs = []
         try:

@@ -111,9 +111,7 @@ class TunnelLab:
 
     def _hub(self) -> Netns:
         if self.hub is None:
-            self.hub = self.lab.netns("hub")
-            self.hub.exec("ip", "link", "add", "br0", "type", "bridge")
-            self.hub.exec("ip", "link", "set", "br0", "up")
+            self.hub = self.lab.switch("hub")
         return self.hub
 
     def node(
@@ -127,9 +125,7 @@ class TunnelLab:
         """A node namespace with eth0 = 198.18.0.<index>/16 on the shared underlay, running `kind`."""
         hub = self._hub()
         ns = self.lab.netns(f"n{index}")
-        self.lab.veth(ns, hub, f"198.18.0.{index}/16", "198.18.255.254/32", name_b=f"p{index}")
-        hub.exec("ip", "addr", "flush", "dev", f"p{index}")
-        hub.exec("ip", "link", "set", f"p{index}", "master", "br0")
+        self.lab.plug(ns, hub, f"198.18.0.{index}/16", f"p{index}")
         state = pathlib.Path(self.tmp.name) / f"n{index}"
         state.mkdir()
         node = Node(ns, index, kind, state, v6_underlay=v6_underlay)

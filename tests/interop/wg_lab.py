@@ -140,17 +140,13 @@ class WgLab:
 
     def _hub(self) -> Netns:
         if self.hub is None:
-            self.hub = self.lab.netns("hub")
-            self.hub.exec("ip", "link", "add", "br0", "type", "bridge")
-            self.hub.exec("ip", "link", "set", "br0", "up")
+            self.hub = self.lab.switch("hub")
         return self.hub
 
     def node(self, index: int, kind: str, *, timing: dict | None = None, offload: bool = True) -> WgNode:
         hub = self._hub()
         ns = self.lab.netns(f"w{index}")
-        self.lab.veth(ns, hub, f"198.18.0.{index}/24", "198.18.255.254/32", name_b=f"p{index}")
-        hub.exec("ip", "addr", "flush", "dev", f"p{index}")
-        hub.exec("ip", "link", "set", f"p{index}", "master", "br0")
+        self.lab.plug(ns, hub, f"198.18.0.{index}/24", f"p{index}")
         ns.exec("ip", "addr", "add", f"fd00:198::{index}/64", "dev", "eth0", "nodad")
         key = crypto.generate_private_key(os.urandom(32))
         ifname = f"{self.lab.prefix}wg{index}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 SAFE_RANGE_V4 = ipaddress.ip_network("198.18.0.0/15")
 SAFE_RANGE_V6 = ipaddress.ip_network("fd00:198::/32")
+SWITCH_DEV = "br0"  # the bridge inside a switch namespace (Lab.switch, a topology's `kind: bridge`)
 
 
 class LabError(RuntimeError):
@@ -111,18 +112,20 @@ class Lab:
         self,
         a: Netns,
         b: Netns,
-        addr_a: str,
-        addr_b: str,
+        addr_a: str | None,
+        addr_b: str | None,
         *,
         name_a: str = "eth0",
         name_b: str = "eth0",
         mtu: int = 1500,
         wire_mode: bool = True,
     ) -> None:
-        """Join two namespaces with a veth pair. Wire mode (`ethtool -K tx off gro on`) makes frames look as
-        they do on a real NIC: fully checksummed and <= MTU (spec/fastpath.md, veth checksum trap)."""
+        """Join two namespaces with a veth pair; an end whose address is None stays unaddressed (a switch
+        port). Wire mode (`ethtool -K tx off gro on`) makes frames look as they do on a real NIC: fully
+        checksummed and <= MTU (spec/fastpath.md, veth checksum trap)."""
         for addr in (addr_a, addr_b):
-            check_safe_address(addr)
+            if addr is not None:
+                check_safe_address(addr)
         tmp_a, tmp_b = f"{self.prefix}{secrets.token_hex(2)}", f"{self.prefix}{secrets.token_hex(2)}"
         run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
         try:
@@ -134,10 +137,22 @@ class Lab:
         for ns, tmp, name, addr in ((a, tmp_a, name_a, addr_a), (b, tmp_b, name_b, addr_b)):
             ns.exec("ip", "link", "set", tmp, "name", name)
             ns.exec("ip", "link", "set", name, "mtu", str(mtu))
-            ns.exec("ip", "addr", "add", addr, "dev", name)
+            if addr is not None:
+                ns.exec("ip", "addr", "add", addr, "dev", name)
             ns.exec("ip", "link", "set", name, "up")
             if wire_mode:
                 ns.exec("ethtool", "-K", name, "tx", "off", "gro", "on")
+
+    def switch(self, short: str) -> Netns:
+        """A namespace holding one Linux bridge, SWITCH_DEV, for `plug` to attach namespaces to."""
+        ns = self.netns(short)
+        make_switch(ns)
+        return ns
+
+    def plug(self, ns: Netns, switch: Netns, addr: str, port: str, *, name: str = "eth0") -> None:
+        """Give `ns` an interface `name` (address `addr`) on `switch`'s bridge, through its port `port`."""
+        self.veth(ns, switch, addr, None, name_a=name, name_b=port)
+        switch.exec("ip", "link", "set", port, "master", SWITCH_DEV)
 
     def close(self) -> None:
         for ns in self.namespaces.values():
@@ -149,6 +164,12 @@ class Lab:
                     os.kill(int(pid), signal.SIGKILL)
             run(["ip", "netns", "del", ns.name], check=False)
         self.namespaces.clear()
+
+
+def make_switch(ns: Netns) -> None:
+    """Make SWITCH_DEV, a Linux bridge, in `ns` and bring it up."""
+    ns.exec("ip", "link", "add", SWITCH_DEV, "type", "bridge")
+    ns.exec("ip", "link", "set", SWITCH_DEV, "up")
 
 
 def leftover_namespaces(prefix: str) -> list[str]:

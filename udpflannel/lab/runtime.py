@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from udpflannel.lab.netns import (
+    SWITCH_DEV,
     Lab,
     LabError,
     Netns,
     check_safe_address,
     leftover_namespaces,
+    make_switch,
     run,
     run_prefix,
 )
@@ -36,7 +38,6 @@ from udpflannel.subnet import read_subnet_env
 
 STATE_ROOT = Path("/run/udpflannel-lab")
 STATE_FILE = "state.json"
-BRIDGE_DEV = "br0"  # the switch inside a `kind: bridge` namespace
 CNI_BRIDGE = "cni0"  # flannel's CNI bridge name
 POD_IFACE = "eth0"
 HEALTHZ_PORT = 9180  # the agents' /metrics, on the node namespace's loopback only
@@ -226,8 +227,7 @@ def _build_underlay(topo: Topology, state: LabState, lab: Lab, log) -> None:
         state.namespaces.append(ns.name)
         state.save()  # before the next step: `down` must know every namespace even if we crash now
         if node.kind == "bridge":
-            ns.exec("ip", "link", "add", BRIDGE_DEV, "type", "bridge")
-            ns.exec("ip", "link", "set", BRIDGE_DEV, "up")
+            make_switch(ns)
         else:
             assert node.underlay is not None
             state.nodes[node.name] = NodeState(
@@ -235,47 +235,19 @@ def _build_underlay(topo: Topology, state: LabState, lab: Lab, log) -> None:
             )
     for link in topo.links:
         a, b = topo.nodes[link.a.node], topo.nodes[link.b.node]
-        _veth(
-            lab,
-            (lab.namespaces[a.name], link.a.iface, str(a.underlay) if a.kind == "linux" else None),
-            (lab.namespaces[b.name], link.b.iface, str(b.underlay) if b.kind == "linux" else None),
-            wire_mode=True,
+        lab.veth(
+            lab.namespaces[a.name],
+            lab.namespaces[b.name],
+            str(a.underlay) if a.kind == "linux" else None,
+            str(b.underlay) if b.kind == "linux" else None,
+            name_a=link.a.iface,
+            name_b=link.b.iface,
         )
         for end, iface in ((a, link.a.iface), (b, link.b.iface)):
             if end.kind == "bridge":
-                lab.namespaces[end.name].exec("ip", "link", "set", iface, "master", BRIDGE_DEV)
+                lab.namespaces[end.name].exec("ip", "link", "set", iface, "master", SWITCH_DEV)
     segment = topo.agents[0].underlay.network if topo.agents[0].underlay else "?"
     log(f"lab {state.prefix}: {len(topo.agents)} nodes on {segment}, state in {state.dir}")
-
-
-def _veth(
-    lab: Lab,
-    a: tuple[Netns, str, str | None],
-    b: tuple[Netns, str, str | None],
-    *,
-    mtu: int = 1500,
-    wire_mode: bool,
-) -> None:
-    """A veth pair whose ends may stay unaddressed (bridge ports); Lab.veth addresses both ends."""
-    for _, _, addr in (a, b):
-        if addr is not None:
-            check_safe_address(addr)
-    tmp_a, tmp_b = f"{lab.prefix}{secrets.token_hex(2)}", f"{lab.prefix}{secrets.token_hex(2)}"
-    run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
-    try:
-        run(["ip", "link", "set", tmp_a, "netns", a[0].name])
-        run(["ip", "link", "set", tmp_b, "netns", b[0].name])
-    except LabError:
-        run(["ip", "link", "del", tmp_a], check=False)
-        raise
-    for (ns, name, addr), tmp in ((a, tmp_a), (b, tmp_b)):
-        ns.exec("ip", "link", "set", tmp, "name", name)
-        ns.exec("ip", "link", "set", name, "mtu", str(mtu))
-        if addr is not None:
-            ns.exec("ip", "addr", "add", addr, "dev", name)
-        ns.exec("ip", "link", "set", name, "up")
-        if wire_mode:
-            ns.exec("ethtool", "-K", name, "tx", "off", "gro", "on")
 
 
 def _start_agents(
@@ -350,10 +322,13 @@ def _wire_pods(topo_node: Node, node: NodeState, state: LabState, lab: Lab) -> N
         state.namespaces.append(pod_ns.name)
         state.save()
         host_veth = f"veth{node.name[:6]}p{i}"
-        _veth(
-            lab,
-            (pod_ns, POD_IFACE, f"{pod_ip}/{prefixlen}"),
-            (host, host_veth, None),
+        lab.veth(
+            pod_ns,
+            host,
+            f"{pod_ip}/{prefixlen}",
+            None,
+            name_a=POD_IFACE,
+            name_b=host_veth,
             mtu=node.mtu,
             wire_mode=False,
         )
