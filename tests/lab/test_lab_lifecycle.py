@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_agent import fake_agent
 
 from udpflannel.lab import topology
 from udpflannel.lab.netns import LabError, leftover_namespaces
@@ -21,22 +22,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create 
 
 REPO = Path(__file__).resolve().parents[2]
 THREE_NODE = REPO / "containerlab" / "three-node.clab.yml"
-
-# Writes subnet.env atomically (198.19.<n>.1/24) and then idles, bounded, like an agent holding its lease.
-FAKE_AGENT = (
-    "import os, sys, time\n"
-    "path, n = sys.argv[1], sys.argv[2]\n"
-    "body = f'FLANNEL_NETWORK=198.19.0.0/16\\nFLANNEL_SUBNET=198.19.{n}.1/24\\n'\n"
-    "body += 'FLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n'\n"
-    "open(path + '.tmp', 'w').write(body)\n"
-    "os.replace(path + '.tmp', path)\n"
-    "time.sleep(120)\n"
-)
-
-
-def fake_agent(state: LabState, node: topology.Node) -> list[str]:
-    n = list(state.nodes).index(node.name) + 1
-    return [sys.executable, "-c", FAKE_AGENT, str(state.node_dir(node.name) / "subnet.env"), str(n)]
 
 
 def dead_agent(state: LabState, node: topology.Node) -> list[str]:

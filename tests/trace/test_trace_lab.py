@@ -5,38 +5,22 @@ a dataplane known to work, independent of our agent. Root only."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_agent import fake_agent
 
 from udpflannel.lab import topology
 from udpflannel.lab.demo import DemoReport, check_lab
 from udpflannel.lab.netns import leftover_namespaces
-from udpflannel.lab.runtime import LabRun, LabState, up
+from udpflannel.lab.runtime import LabRun, up
 from udpflannel.trace.tracer import pick_pods, trace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
 
 REPO = Path(__file__).resolve().parents[2]
 THREE_NODE = REPO / "containerlab" / "three-node.clab.yml"
-
-# Stand-in agent: writes subnet.env (198.19.<n>.1/24) atomically, then idles (bounded) holding the "lease".
-FAKE_AGENT = (
-    "import os, sys, time\n"
-    "path, n = sys.argv[1], sys.argv[2]\n"
-    "body = f'FLANNEL_NETWORK=198.19.0.0/16\\nFLANNEL_SUBNET=198.19.{n}.1/24\\n'\n"
-    "body += 'FLANNEL_MTU=1450\\nFLANNEL_IPMASQ=false\\n'\n"
-    "open(path + '.tmp', 'w').write(body)\n"
-    "os.replace(path + '.tmp', path)\n"
-    "time.sleep(120)\n"
-)
-
-
-def fake_agent(state: LabState, node: topology.Node) -> list[str]:
-    n = list(state.nodes).index(node.name) + 1
-    return [sys.executable, "-c", FAKE_AGENT, str(state.node_dir(node.name) / "subnet.env"), str(n)]
 
 
 def vtep_mac(i: int) -> str:

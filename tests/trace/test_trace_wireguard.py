@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_agent import fake_agent_with
 
 from udpflannel.lab import topology
 from udpflannel.lab.netns import leftover_namespaces
-from udpflannel.lab.runtime import LabRun, LabState, up
+from udpflannel.lab.runtime import LabRun, up
 from udpflannel.trace.tracer import WG_PROBE_LEN, trace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces")
@@ -24,22 +24,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create 
 REPO = Path(__file__).resolve().parents[2]
 WG_TOPOLOGY = REPO / "containerlab" / "three-node-wireguard.clab.yml"
 WG_PORT = 51820  # flannel's wireguard ListenPort default, as in the topology's net-conf
-
-# Stand-in agent: writes subnet.env (198.19.<n>.1/24) atomically, then idles (bounded) holding the "lease".
-FAKE_AGENT = (
-    "import os, sys, time\n"
-    "path, n = sys.argv[1], sys.argv[2]\n"
-    "body = f'FLANNEL_NETWORK=198.19.0.0/16\\nFLANNEL_SUBNET=198.19.{n}.1/24\\n'\n"
-    "body += 'FLANNEL_MTU=1420\\nFLANNEL_IPMASQ=false\\n'\n"
-    "open(path + '.tmp', 'w').write(body)\n"
-    "os.replace(path + '.tmp', path)\n"
-    "time.sleep(120)\n"
-)
-
-
-def fake_agent(state: LabState, node: topology.Node) -> list[str]:
-    n = list(state.nodes).index(node.name) + 1
-    return [sys.executable, "-c", FAKE_AGENT, str(state.node_dir(node.name) / "subnet.env"), str(n)]
 
 
 def wg_dev(labrun: LabRun, node: str) -> str:
@@ -89,7 +73,7 @@ def wireguard_mesh(labrun: LabRun) -> None:
 @pytest.fixture(scope="module")
 def wg_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
     root = tmp_path_factory.mktemp("wglabs")
-    labrun = up(topology.load(WG_TOPOLOGY), root=root, agent=fake_agent, log=lambda _: None)
+    labrun = up(topology.load(WG_TOPOLOGY), root=root, agent=fake_agent_with(mtu=1420), log=lambda _: None)
     try:
         wireguard_mesh(labrun)
         yield labrun
