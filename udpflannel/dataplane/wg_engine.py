@@ -3,13 +3,14 @@
 TX: TUN read (superpackets with IFF_VNET_HDR) -> GSO split / partial checksums finished -> peer lookup
 (longest prefix over allowed IPs, cached per destination) -> rows.seal_rows per peer: headers, counters,
 nonces and padding as array operations, encrypt_into in place, equal-size messages back to back in one
-preallocated buffer -> one UDP_SEGMENT sendmsg of that buffer. RX: recvmmsg with UDP_GRO into our own
-arena -> each train opened in place on its (datagrams, segment size) view (rows.open_rows: one index
-lookup, one replay-window update, inner checks as arrays) -> packet.gro.coalesce validates and merges ->
-TUN writes. The only per-packet Python work on either path is the AEAD call. A batch of at most FEW
-packets (pings, ACKs, handshakes) takes a plain per-packet path instead: a dozen array operations cost
-more than the packets. Handshakes, cookies and timers run here too, since the Noise state lives beside
-the keys. The clock is not read here: every call takes `now`.
+preallocated buffer -> one UDP_SEGMENT sendmsg of that buffer. RX (wg_rx.py): recvmmsg with UDP_GRO into
+our own arena -> each train opened in place on its (datagrams, segment size) view (rows.open_rows: one
+index lookup, one replay-window update, inner checks as arrays) -> packet.gro.coalesce validates and
+merges (several trains of one receive together: packet.gro_trains) -> TUN writes. The only per-packet
+Python work on either path is the AEAD call. A batch of at most FEW packets (pings, ACKs, handshakes)
+takes a plain per-packet path instead: a dozen array operations cost more than the packets. Handshakes,
+cookies and timers run here too, since the Noise state lives beside the keys. The clock is not read here:
+every call takes `now`.
 """
 
 from __future__ import annotations
@@ -22,47 +23,40 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udpflannel.codec.wireguard import messages as wgm
-from udpflannel.codec.wireguard.batch import SealedBatch, open_batch, seal_batch
+from udpflannel.codec.wireguard.batch import SealedBatch, seal_batch
 from udpflannel.codec.wireguard.events import Event, HandshakeCompleted, Reply
-from udpflannel.codec.wireguard.rows import OpenedRows, SealedRows, ViewCache, open_rows, seal_rows
+from udpflannel.codec.wireguard.rows import SealedRows, ViewCache, seal_rows
 from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
 from udpflannel.dataplane.peers import Peer as TableRow
 from udpflannel.dataplane.wg_config import WgPeerConfig, format_endpoint
 from udpflannel.dataplane.wg_io import (
+    BATCH,
+    FEW,
+    HEADROOM,
+    MAX_CACHED,
     finish_partial_checksums,
-    message_sizes,
-    message_sizes_few,
-    packets_in_writes,
     send_contiguous,
     send_one,
 )
-from udpflannel.io.mmsg import MmsgArena, decode_sockaddr
+from udpflannel.dataplane.wg_rx import CACHED_MIN_SEGMENT, WgReceiver
+from udpflannel.io.mmsg import MmsgArena
 from udpflannel.io.tun import Tun, TunRead, new_read_arena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
-from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gso import split_superpacket
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
-    ZERO_VNET_HDR,
     VnetHdr,
 )
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # TUN reads / datagrams per turn
-HEADROOM = 32  # in front of every TUN packet: room for the 10-byte virtio header
 MAX_BATCHES_PER_WAKE = 16
 MAX_ERRORS_LOGGED = 5
-FEW = 4  # packets up to which a per-packet Python path beats a dozen array operations
-MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
 RX_SLOT = 65536 + 9216  # a 64 KiB train plus one jumbo datagram
-CACHED_MIN_SEGMENT = 512  # trains of smaller datagrams (ACKs) are opened without the view cache
-CACHED_SLOTS = 4
-MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
 
 
 @dataclass
@@ -77,7 +71,7 @@ class EngineCounters:
     drops: Counter = field(default_factory=Counter)  # datapath drops that are not the codec's
 
 
-class WgEngine:
+class WgEngine(WgReceiver):
     """Owns the Device and the peer table; the I/O objects are given (so tests may pass fakes)."""
 
     def __init__(self, device: Device, tun: Tun, udp: UdpSocket) -> None:
@@ -92,6 +86,7 @@ class WgEngine:
         # row of its (k, segment size) view. Pages are only touched when used.
         self.rx_arena = MmsgArena(BATCH, RX_SLOT)
         self._rx_flat = memoryview(self.rx_arena.data.reshape(-1))
+        self._train_out: np.ndarray | None = None  # gro_trains output arena, grown on demand
         self.rx_views = ViewCache(self.rx_arena.data, RX_SLOT // CACHED_MIN_SEGMENT + 1)
         self._rx_ctl = memoryview(self.rx_arena.control.reshape(-1))
         self._sources: dict[bytes, tuple] = {}
@@ -310,133 +305,6 @@ class WgEngine:
             self.counters.tx_bytes += int(lengths[start:stop].sum())
             if sent < count:
                 self.counters.drops["send_error"] += count - sent
-
-    # -- RX
-
-    def rx_once(self, now: float) -> int:
-        """One recvmmsg into the receive arena; each UDP_GRO train is opened in place on its strided view
-        (open_rows), other datagrams one by one (open_batch). Returns the datagrams received."""
-        udp, arena = self.udp, self.rx_arena
-        try:
-            m = arena.recv(udp.fileno(), BATCH)
-        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: report, never raise
-            udp.stats.recv_errors += 1
-            udp.stats.last_recv_errno = exc.errno or 0
-            m = 0
-        udp.stats.recv_calls += 1
-        if m == 0:
-            return 0
-        total, seg, counts = (
-            message_sizes(arena, udp, m) if m > FEW else message_sizes_few(arena, udp, self._rx_ctl, m)
-        )
-        n = sum(counts)
-        udp.stats.received += n
-        try:
-            self._receive(m, total, seg, counts, now)
-        except Exception:  # a bug must not stop the datapath: drop the batch, count it
-            self._internal_error(n)
-        return n
-
-    def _receive(self, m: int, total: list[int], seg: list[int], counts: list[int], now: float) -> None:
-        arena, slot = self.rx_arena, self.rx_arena.slot_size
-        flat = self._rx_flat
-        pending: list[tuple[memoryview, tuple]] = []  # datagrams for the one-by-one path, in arrival order
-        for j in range(m):
-            t, s, k = total[j], seg[j], counts[j]
-            if k == 0:
-                continue
-            src = self._source(j)
-            if k >= MIN_TRAIN and k * s <= slot:
-                # Flush what came before first, so one flow's packets keep their order.
-                self._open_views(pending, now)
-                pending = []
-                rows = arena.data[j, : k * s].reshape(k, s)
-                # Row views are kept for big-datagram trains in the first slots (bounded memory).
-                cache = self.rx_views if s >= CACHED_MIN_SEGMENT and j < CACHED_SLOTS else None
-                opened = open_rows(self.device, rows, t - (k - 1) * s, src, now, cache, j * slot)
-                if opened is not None:
-                    self._deliver_rows(rows, opened)
-                    continue
-            base = j * slot
-            pending.extend((flat[base + a : base + min(a + s, t)], src) for a in range(0, t, s))
-        self._open_views(pending, now)
-
-    def _source(self, j: int) -> tuple:
-        """The sender of arena message j as (host, port), from a small cache keyed by the raw sockaddr."""
-        raw = self.rx_arena.names[j].tobytes()
-        ep = self._sources.get(raw)
-        if ep is None:
-            if len(self._sources) >= MAX_CACHED:
-                self._sources.clear()
-            ep = self._sources[raw] = decode_sockaddr(raw)
-        return ep
-
-    def _deliver_rows(self, rows: np.ndarray, opened: OpenedRows) -> None:
-        if opened.events:
-            self.send_events(opened.events)
-        keep = opened.keep
-        if keep is None:
-            buf, lengths = rows, opened.lengths
-        else:
-            idx = np.flatnonzero(keep)
-            if len(idx) == 0:
-                return
-            buf, lengths = rows[idx], opened.lengths[idx]
-        self._write_inner(PacketBatch(buf, lengths, wgm.MESSAGE_TRANSPORT_OFFSET_CONTENT, len(lengths)))
-
-    def _open_views(self, pending: list[tuple[memoryview, tuple]], now: float) -> None:
-        """Datagrams one by one (handshakes, short trains, no GRO): runs from one source share one
-        open_batch call; the delivered packets are copied into one batch for validation and GRO."""
-        if not pending:
-            return
-        events: list[Event] = []
-        delivered: list[memoryview] = []
-        a = 0
-        while a < len(pending):
-            src = pending[a][1]
-            z = a + 1
-            while z < len(pending) and pending[z][1] == src:
-                z += 1
-            opened = open_batch(self.device, [v for v, _ in pending[a:z]], src, now)
-            events.extend(opened.events)
-            delivered.extend(v for _, v in opened.delivered)
-            a = z
-        if events:
-            self.send_events(events)
-        if not delivered:
-            return
-        if self.tun.vnet and len(delivered) > FEW:
-            self._write_inner(PacketBatch.from_packets(delivered, HEADROOM))
-            return
-        # Written where they lie, with a zero virtio header: nothing to coalesce, and the kernel checks
-        # the checksums of such packets itself (as for any packet written without NEEDS_CSUM).
-        writes = [(ZERO_VNET_HDR, v) for v in delivered] if self.tun.vnet else [(v,) for v in delivered]
-        self.counters.rx_bytes += sum(len(v) for v in delivered)
-        ok = self.tun.write_batch(writes)
-        self.counters.tun_writes += ok
-        self.counters.rx_packets += ok
-        if ok < len(writes):
-            self.counters.drops["tun_write_error"] += len(writes) - ok
-
-    def _write_inner(self, inner: PacketBatch) -> None:
-        """Decrypted inner packets to the TUN: validated, coalesced (GRO) into as few writes as possible."""
-        n = inner.n
-        self.counters.rx_bytes += int(inner.lengths[:n].sum())
-        if self.tun.vnet:
-            # coalesce validates (L4 checksums included: the kernel trusts a coalesced NEEDS_CSUM packet)
-            # and leaves out what fails; what it left out is counted from what it wrote.
-            writes = coalesce(inner, None, vnet=True, gro=True)
-            bad = n - packets_in_writes(writes)
-            if bad:
-                self.counters.drops["bad_inner_packet"] += bad
-        else:
-            bad = 0
-            writes = [(v,) for v in inner.views()]
-        ok = self.tun.write_batch(writes)
-        self.counters.tun_writes += ok
-        if ok < len(writes):
-            self.counters.drops["tun_write_error"] += len(writes) - ok
-        self.counters.rx_packets += n - bad
 
     # -- handshake traffic and timers
 

@@ -18,6 +18,11 @@ from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
 from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN
 
+BATCH = 64  # TUN reads / datagrams per turn
+HEADROOM = 32  # in front of every TUN packet: room for the 10-byte virtio header
+FEW = 4  # packets up to which a per-packet Python path beats a dozen array operations
+MAX_CACHED = 4096  # entries of the source and route caches before they are cleared
+
 # sendmsg errors that mean UDP_SEGMENT cannot work on this socket (as io/udp.py decides for send_segments).
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
