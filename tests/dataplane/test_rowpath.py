@@ -31,25 +31,43 @@ def _small(outbound: bool = False) -> list[bytes]:
     return [udp[0], six, tcp, udp[1]]
 
 
-def _run(datagrams, monkeypatch, *, per_row: bool):
+def _run(datagrams, monkeypatch, *, per_row: bool, encap: str = "vxlan", outbound: list[bytes] | None = None):
     if not per_row:  # the batch pipeline for every size
         monkeypatch.setattr(engine_mod, "FEW_PACKETS", 0)
         monkeypatch.setattr(engine_mod, "FEW_SMALL_PACKETS", 0)
-    eng, c = _engine("vxlan", datagrams=datagrams, tun_packets=_small(outbound=True))
+    tun_packets = _small(outbound=True) if outbound is None else outbound
+    eng, c = _engine(encap, datagrams=datagrams, tun_packets=tun_packets)
     eng.engine.rx_once()
     eng.engine.tx_once()
     monkeypatch.undo()
     return eng, c
 
 
-def test_few_frames_per_row_match_the_batch_pipeline(monkeypatch):
-    datagrams = [(_frame(p), "198.18.0.2") for p in _small()]
-    row, c_row = _run(datagrams, monkeypatch, per_row=True)
-    batch, c_batch = _run(datagrams, monkeypatch, per_row=False)
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_few_frames_per_row_match_the_batch_pipeline(monkeypatch, encap):
+    # udp: flannel's udp format is the bare inner packet; its TTL goes down by one on the way out
+    datagrams = [(_frame(p) if encap == "vxlan" else p, "198.18.0.2") for p in _small()]
+    row, c_row = _run(datagrams, monkeypatch, per_row=True, encap=encap)
+    batch, c_batch = _run(datagrams, monkeypatch, per_row=False, encap=encap)
     assert row.tun.written == batch.tun.written == _small()
     assert sorted(row.sent) == sorted(batch.sent) and len(row.sent) == 4
     for name in COUNTED:
         assert c_row[INDEX[name]] == c_batch[INDEX[name]], name
+    if encap == "udp":
+        ttls = [scapy.IP(d).ttl if d[0] >> 4 == 4 else scapy.IPv6(d).hlim for d, _, _ in row.sent]
+        assert ttls == [63] * 4
+        for d, _, _ in row.sent:
+            if d[0] >> 4 == 4:
+                fixed = scapy.IP(d)
+                del fixed.chksum
+                assert bytes(scapy.IP(bytes(fixed)))[:20] == d[:20]  # the incremental checksum is right
+
+
+def test_udp_ttl_one_is_answered_by_the_pipeline(monkeypatch):
+    expiring = [bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5", ttl=1) / scapy.UDP(sport=7, dport=9))]
+    eng, c = _run([], monkeypatch, per_row=True, encap="udp", outbound=_small(outbound=True)[:1] + expiring)
+    assert c[INDEX["drop_ttl_exceeded"]] == 1 and len(eng.sent) == 1
+    assert scapy.IP(eng.tun.written[-1]).getlayer(scapy.ICMP).type == 11  # time exceeded, as a router does
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,7 @@ class Engine(RowPaths):
             few = len(rows) <= FEW_PACKETS or (
                 len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
             )
-            if not (self.is_vxlan and few and self.send_few(batch, rows.tolist())):
+            if not (few and self.send_few(batch, rows.tolist())):
                 self.send_batch(batch, plain, one_flow=False)
 
     def plan_tx(self, batch: PacketBatch, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -392,7 +392,7 @@ class Engine(RowPaths):
         total = 0
         # GRO trains arrive as zero-copy views of the receive buffer: each is delivered before the next
         # receive reuses that buffer.
-        for rec in (sock or self.rx).recv_trains(sets=self.tun.vnet and self.is_vxlan):
+        for rec in (sock or self.rx).recv_trains(sets=self.tun.vnet):
             if isinstance(rec, TrainSet):
                 n = int(rec.counts.sum())
                 total += n
@@ -426,14 +426,15 @@ class Engine(RowPaths):
 
     def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
         """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then
-        gro_trains."""
+        gro_trains (which also holds every row to row 0's TTL: the udp proxy's TTL rule needs no more)."""
         m, big, _ = ts.rows.shape
         head = self.head
-        valid = np.arange(big) < ts.counts[:, None]
-        expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
-        diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
-        if (diff.any(axis=2) & valid).any():
-            return None
+        valid = np.arange(big) < ts.counts[:, None]  # rows past a train's end are stale
+        if self.is_vxlan:
+            expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
+            diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
+            if (diff.any(axis=2) & valid).any():
+                return None
         if self.cfg.check_peer_source and self._strangers(ts.src_addr).any():
             return None
         if self._train_out is None or len(self._train_out) < m:
@@ -447,7 +448,7 @@ class Engine(RowPaths):
         few = n <= FEW_PACKETS or (
             n <= FEW_SMALL_PACKETS and int(batch.lengths[:n].max()) <= SMALL_PACKET + self.head
         )
-        if self.is_vxlan and few and self.receive_few(batch, src_addr):
+        if few and self.receive_few(batch, src_addr):
             return
         if self.is_vxlan:
             res = vxlan_codec.decode_batch(

@@ -1,7 +1,8 @@
 """Per-row paths of the engine for a few small packets (ACKs, pings): checked, looked up and sent or
 delivered one by one in plain Python, which costs less than the ~30-60 array operations of the batch
 pipelines when a batch holds a handful of rows. Each falls back (returns False, having done nothing)
-when a row needs the batch pipeline's judgement, so drops are always counted there.
+when a row needs the batch pipeline's judgement, so drops are always counted there. Both encapsulations:
+vxlan writes its header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
 _dsts, _flows, template, head, counters, _rx_prefix, _count. No sockets of its own, no clock."""
@@ -14,12 +15,14 @@ from udpflannel.codec import vxlan as vxlan_codec
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
 from udpflannel.dataplane.txprep import flow_hash
+from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.parse import validate_one
 from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
 
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
+_ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}  # the inner Ethernet type a VXLAN frame must carry
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
 _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
 
@@ -51,19 +54,25 @@ class RowPaths:
         plan = []
         for i in rows:
             ln = int(lengths[i])
-            if not 40 <= ln <= mtu or buf[i, off] >> 4 not in (4, 6):
+            version = buf[i, off] >> 4
+            if not 40 <= ln <= mtu or version not in (4, 6):
                 return False
+            if not head and buf[i, off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)] <= 1:
+                return False  # the udp proxy's TTL rule: the general path answers time exceeded
             peer, sock_index = self._flow(buf, off, i)
             if peer == NO_PEER:
                 return False
             plan.append((i, ln, peer, sock_index))
         groups: dict[int, tuple[object, list]] = {}
         for i, ln, peer, sock_index in plan:
-            hdr = buf[i, off - head : off]
-            hdr[:] = self.template
-            hdr[8:14] = self.table.macs[peer]
-            if buf[i, off] >> 4 == 6:
-                hdr[20:22] = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
+            if head:
+                hdr = buf[i, off - head : off]
+                hdr[:] = self.template
+                hdr[8:14] = self.table.macs[peer]
+                if buf[i, off] >> 4 == 6:
+                    hdr[20:22] = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
+            else:
+                _decrement_ttl(buf[i].data, off)
             pool = self._pools[int(self.table.outer_v6[peer])]
             sock = pool[sock_index % len(pool)]
             groups.setdefault(id(sock), (sock, []))[1].append(
@@ -93,12 +102,10 @@ class RowPaths:
         plan = []
         for i, ln in enumerate(batch.lengths[: batch.n].tolist()):
             row = buf[i].data
-            if ln <= head or row[off : off + 14] != prefix:
+            if ln <= head:
                 return False
             version = row[inner] >> 4
-            if row[off + 20 : inner] != (
-                b"\x08\x00" if version == 4 else b"\x86\xdd" if version == 6 else b""
-            ):
+            if head and (row[off : off + 14] != prefix or row[off + 20 : inner] != _ETHERTYPE.get(version)):
                 return False
             if check_source:
                 src = src_addr[i].tobytes()
@@ -109,11 +116,13 @@ class RowPaths:
             if code:
                 return False
             plan.append((row, length))
-        if self.tun.vnet:
+        if self.tun.vnet and inner >= VNET_HDR_LEN:
             writes = []
             for row, length in plan:
                 row[inner - VNET_HDR_LEN : inner] = ZERO_VNET_HDR  # no offload: a zero virtio header
                 writes.append((row[inner - VNET_HDR_LEN : inner + length],))
+        elif self.tun.vnet:  # no room in front (a udp train's view): the header as its own buffer
+            writes = [(ZERO_VNET_HDR, row[inner : inner + length]) for row, length in plan]
         else:
             writes = [(row[inner : inner + length],) for row, length in plan]
         ok = self.tun.write_batch(writes)
@@ -124,3 +133,19 @@ class RowPaths:
         else:
             self.counters[_TUN_WRITE_ERROR] += len(writes) - ok
         return True
+
+
+def _decrement_ttl(row: memoryview, off: int) -> None:
+    """flannel's udp proxy forwards like a router: TTL (IPv4, header checksum fixed as RFC 1624 eqn. 3
+    does: the word holding TTL went down by 0x0100) or hop limit (IPv6) down by one, for one packet."""
+    if row[off] >> 4 == 6:
+        row[off + h.IPV6_HOP_LIMIT] -= 1
+        return
+    row[off + h.IPV4_TTL] -= 1
+    at = off + h.IPV4_CSUM
+    s = (~((row[at] << 8) | row[at + 1]) & 0xFFFF) + 0xFEFF
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    new = ~s & 0xFFFF
+    row[at] = new >> 8
+    row[at + 1] = new & 0xFF
