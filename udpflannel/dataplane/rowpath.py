@@ -9,6 +9,8 @@ _dsts, _flows, template, head, counters, _rx_prefix, _count. No sockets of its o
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from udpflannel.codec import vxlan as vxlan_codec
@@ -63,7 +65,7 @@ class RowPaths:
             if peer == NO_PEER:
                 return False
             plan.append((i, ln, peer, sock_index))
-        groups: dict[int, tuple[object, list]] = {}
+        groups: dict[tuple[int, int], tuple[Any, int, list[int], list[int]]] = {}  # by socket and peer
         for i, ln, peer, sock_index in plan:
             if head:
                 hdr = buf[i, off - head : off]
@@ -75,15 +77,22 @@ class RowPaths:
                 _decrement_ttl(buf[i].data, off)
             pool = self._pools[int(self.table.outer_v6[peer])]
             sock = pool[sock_index % len(pool)]
-            groups.setdefault(id(sock), (sock, []))[1].append(
-                (buf[i, off - head : off + ln].data, self._dsts[peer])
-            )
+            group = groups.setdefault((id(sock), peer), (sock, peer, [], []))
+            group[2].append(i)
+            group[3].append(ln + head)
         sent = 0
-        for sock, items in groups.values():
-            calls, before = sock.stats.send_calls, sock.stats.sent  # type: ignore[attr-defined]
-            sock.sendmmsg(items)  # type: ignore[attr-defined]
-            sent += sock.stats.sent - before  # type: ignore[attr-defined]
-            self._count("tx_send_calls", sock.stats.send_calls - calls)  # type: ignore[attr-defined]
+        contiguous = buf.flags.c_contiguous
+        for sock, peer, rows_of, sizes in groups.values():
+            calls, before = sock.stats.send_calls, sock.stats.sent
+            dest = self._dsts[peer]
+            if contiguous:  # iovecs as arrays from the buffer's address: no per-datagram objects
+                sock.send_rows(buf, np.array(rows_of), off - head, np.array(sizes), dest)
+            else:
+                col = off - head
+                items = [(buf[i, col : col + z].data, dest) for i, z in zip(rows_of, sizes, strict=True)]
+                sock.sendmmsg(items)
+            sent += sock.stats.sent - before
+            self._count("tx_send_calls", sock.stats.send_calls - calls)
         self._count("tx_packets", sent)
         self._count("tx_bytes", sum(ln for _, ln, _, _ in plan))
         if sent < len(plan):

@@ -30,6 +30,7 @@ from udpflannel.packet.batch import PacketBatch
 Buffer = bytes | bytearray | memoryview
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
+NAME_CACHE_MAX = 1024  # destinations whose encoded sockaddr is kept
 
 
 @dataclass
@@ -62,6 +63,7 @@ class UdpSocket(UdpReceiver):
     _arena: MmsgArena | None = None
     _send_hdrs: np.ndarray | None = None
     _send_iov: np.ndarray | None = None
+    _names: dict[tuple[str, int], tuple[bytes, np.ndarray, int]] = field(default_factory=dict)
 
     @classmethod
     def open(
@@ -202,14 +204,25 @@ class UdpSocket(UdpReceiver):
         """Send each (payload, dest) as one datagram with as few sendmmsg calls as possible."""
         if not items:
             return 0
-        names = {d: encode_sockaddr(self.family, d[0], d[1]) for d in {d for _, d in items}}
-        return self._sendmmsg([p for p, _ in items], [names[d] for _, d in items])
+        return self._sendmmsg([p for p, _ in items], [self._name(d)[0] for _, d in items])
 
     def sendmmsg_to(self, payloads: Sequence[Buffer], dest: tuple[str, int]) -> int:
         """Send each payload as one datagram to one destination (the per-datagram fallback of GSO)."""
         if not payloads:
             return 0
-        return self._sendmmsg(payloads, [encode_sockaddr(self.family, dest[0], dest[1])] * len(payloads))
+        return self._sendmmsg(payloads, [self._name(dest)[0]] * len(payloads))
+
+    def _name(self, dest: tuple[str, int]) -> tuple[bytes, np.ndarray, int]:
+        """dest as a sockaddr: its bytes, a numpy copy the kernel may read, and that copy's address.
+        Cached: a node sends to a handful of peers, and encoding costs more than the send's own setup."""
+        hit = self._names.get(dest)
+        if hit is None:
+            if len(self._names) >= NAME_CACHE_MAX:
+                self._names.clear()
+            raw = encode_sockaddr(self.family, dest[0], dest[1])
+            arr = np.frombuffer(raw, np.uint8).copy()
+            hit = self._names[dest] = (raw, arr, arr.ctypes.data)
+        return hit
 
     def send_rows(self, buf: np.ndarray, rows: np.ndarray, col: int, lengths: np.ndarray, dest) -> int:
         """Send buf[r, col : col + lengths[i]] for the i-th row r of `rows` as one datagram each to dest,
@@ -221,18 +234,24 @@ class UdpSocket(UdpReceiver):
         if not buf.flags.c_contiguous:
             raise ValueError("send_rows needs a C-contiguous buffer")
         hdrs, iov = self._send_arrays(n)
-        name = np.frombuffer(encode_sockaddr(self.family, dest[0], dest[1]), np.uint8)
+        _, name, name_at = self._name(dest)
         stride = np.uint64(buf.strides[0])
         iov[:n, 0] = np.uint64(buf.ctypes.data + col) + rows.astype(np.uint64) * stride
         iov[:n, 1] = lengths
-        hdrs["name"][:n] = name.ctypes.data  # one destination: every message points at the same name
+        hdrs["name"][:n] = name_at  # one destination: every message points at the same name
         return self._sendmmsg_prepared(hdrs, iov, n, (buf, name))
 
     def _send_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mmsghdr and iovec arrays for n messages; each header points at its own iovec (one each)
+        and has the family's name length from the start, so a send sets only names and iovecs."""
         if self._send_hdrs is None or len(self._send_hdrs) < n:
             size = max(n, 64)
-            self._send_hdrs = np.zeros(size, MMSGHDR_DTYPE)
-            self._send_iov = np.zeros((size, 2), "<u8")
+            hdrs = np.zeros(size, MMSGHDR_DTYPE)
+            iov = np.zeros((size, 2), "<u8")
+            hdrs["iov"] = iov.ctypes.data + np.arange(size, dtype=np.uint64) * np.uint64(iov.strides[0])
+            hdrs["iovlen"] = 1
+            hdrs["namelen"] = SOCKADDR_SIZE if self.family == socket.AF_INET6 else 16
+            self._send_hdrs, self._send_iov = hdrs, iov
         assert self._send_iov is not None
         return self._send_hdrs, self._send_iov
 
@@ -250,9 +269,6 @@ class UdpSocket(UdpReceiver):
     def _sendmmsg_prepared(self, hdrs: np.ndarray, iov: np.ndarray, n: int, keep: object) -> int:
         """sendmmsg over the first n headers once names and iovecs are set; `keep` holds the buffers
         whose addresses the kernel reads, alive until the calls return."""
-        hdrs["namelen"][:n] = SOCKADDR_SIZE if self.family == socket.AF_INET6 else 16
-        hdrs["iov"][:n] = iov.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(16)
-        hdrs["iovlen"][:n] = 1
         ok = 0
         i = 0
         fd = self.sock.fileno()
