@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from udpflannel.lab import kernel_vxlan  # noqa: E402
 from udpflannel.lab.netns import Lab, Netns  # noqa: E402
 from udpflannel.lab.transfer import read_json_line  # noqa: E402
 
@@ -69,28 +70,7 @@ def start_node(ns: Netns, index: int, kind: str, state: pathlib.Path, env: dict[
     node = Node(ns, index, kind)
     if kind == "kernel":
         node.mac = f"02:5a:00:00:00:{index:02x}"
-        ns.exec(
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "address",
-            node.mac,
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            node.public_ip,
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        )
-        ns.exec("ip", "link", "set", "flannel.1", "mtu", "1450")
-        ns.exec("ip", "addr", "add", f"{node.tun_ip}/32", "dev", "flannel.1")
-        ns.exec("ip", "link", "set", "flannel.1", "up")
+        kernel_vxlan.add_device(ns, mac=node.mac, local=node.public_ip, address=f"{node.tun_ip}/32")
         return node
     cmd = [
         sys.executable,
@@ -123,9 +103,7 @@ def start_node(ns: Netns, index: int, kind: str, state: pathlib.Path, env: dict[
 
 def connect(a: Node, b: Node) -> None:
     if a.kind == "kernel":
-        a.ns.exec("ip", "route", "replace", b.subnet, "via", b.tun_ip, "dev", "flannel.1", "onlink")
-        a.ns.exec("ip", "neigh", "replace", b.tun_ip, "lladdr", b.mac, "dev", "flannel.1", "nud", "permanent")
-        a.ns.exec("bridge", "fdb", "replace", b.mac, "dev", "flannel.1", "dst", b.public_ip)
+        kernel_vxlan.add_peer(a.ns, subnet=b.subnet, vtep=b.tun_ip, mac=b.mac, public_ip=b.public_ip)
         return
     btype = "" if b.kind == "udp" else "vxlan"
     data = {"VNI": 1, "VtepMAC": b.mac} if btype else None

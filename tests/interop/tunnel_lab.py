@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from udpflannel.lab import kernel_vxlan
 from udpflannel.lab.netns import Lab, Netns
 from udpflannel.lab.transfer import checked_transfer, read_json_line
 
@@ -134,52 +135,17 @@ class TunnelLab:
         if kind == "kernel" and v6_underlay:
             # flanneld's dual-stack vxlan: a second device, flannel-v6.1, over the IPv6 underlay.
             node.mac6 = f"02:5a:00:00:06:{index:02x}"
-            ns.exec(
-                "ip",
-                "link",
-                "add",
-                "flannel-v6.1",
-                "address",
-                node.mac6,
-                "type",
-                "vxlan",
-                "id",
-                str(VNI),
-                "local",
-                node.public_ipv6,
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
+            kernel_vxlan.add_device(
+                ns,
+                mac=node.mac6,
+                local=node.public_ipv6,
+                address=f"{node.tun_ip6}/128",
+                name=kernel_vxlan.DEVICE_V6,
+                mtu=1430,
             )
-            ns.exec("ip", "link", "set", "flannel-v6.1", "mtu", "1430")
-            ns.exec("ip", "-6", "addr", "add", f"{node.tun_ip6}/128", "dev", "flannel-v6.1", "nodad")
-            ns.exec("ip", "link", "set", "flannel-v6.1", "up")
         if kind == "kernel":
             node.mac = f"02:5a:00:00:00:{index:02x}"
-            ns.exec(
-                "ip",
-                "link",
-                "add",
-                "flannel.1",
-                "address",
-                node.mac,
-                "type",
-                "vxlan",
-                "id",
-                str(VNI),
-                "local",
-                node.public_ip,
-                "dev",
-                "eth0",
-                "dstport",
-                "8472",
-                "nolearning",
-            )
-            ns.exec("ip", "link", "set", "flannel.1", "mtu", "1450")
-            ns.exec("ip", "addr", "add", f"{node.tun_ip}/32", "dev", "flannel.1")
-            ns.exec("ip", "link", "set", "flannel.1", "up")
+            kernel_vxlan.add_device(ns, mac=node.mac, local=node.public_ip, address=f"{node.tun_ip}/32")
         else:
             cmd = [
                 sys.executable,
@@ -230,36 +196,22 @@ class TunnelLab:
     def connect(self, a: Node, b: Node, dual: bool = False) -> None:
         """Tell a about b (a lease event, or flanneld's route + neighbour + fdb for a kernel node)."""
         if a.kind == "kernel" and dual:
-            dev = "flannel-v6.1"
-            a.ns.exec("ip", "-6", "route", "replace", b.subnet6, "via", b.tun_ip6, "dev", dev, "onlink")
-            a.ns.exec(
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                b.tun_ip6,
-                "lladdr",
-                b.mac6 or b.mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
+            kernel_vxlan.add_peer(
+                a.ns,
+                subnet=b.subnet6,
+                vtep=b.tun_ip6,
+                mac=b.mac6 or b.mac,
+                public_ip=b.public_ipv6,
+                name=kernel_vxlan.DEVICE_V6,
             )
-            a.ns.exec("bridge", "fdb", "replace", b.mac6 or b.mac, "dev", dev, "dst", b.public_ipv6)
         if a.kind == "kernel":
-            a.ns.exec("ip", "route", "replace", b.subnet, "via", b.tun_ip, "dev", "flannel.1", "onlink")
-            a.ns.exec(
-                "ip", "neigh", "replace", b.tun_ip, "lladdr", b.mac, "dev", "flannel.1", "nud", "permanent"
-            )
-            a.ns.exec("bridge", "fdb", "replace", b.mac, "dev", "flannel.1", "dst", b.public_ip)
+            kernel_vxlan.add_peer(a.ns, subnet=b.subnet, vtep=b.tun_ip, mac=b.mac, public_ip=b.public_ip)
         else:
             a.send({"op": "add", **b.lease_json(dual)}, "applied")
 
     def disconnect(self, a: Node, b: Node) -> None:
         if a.kind == "kernel":
-            a.ns.exec("ip", "route", "del", b.subnet, check=False)
-            a.ns.exec("ip", "neigh", "del", b.tun_ip, "dev", "flannel.1", check=False)
-            a.ns.exec("bridge", "fdb", "del", b.mac, "dev", "flannel.1", "dst", b.public_ip, check=False)
+            kernel_vxlan.remove_peer(a.ns, subnet=b.subnet, vtep=b.tun_ip, mac=b.mac, public_ip=b.public_ip)
         else:
             a.send({"op": "remove", **b.lease_json()}, "applied")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fake_agent import fake_agent
 
-from udpflannel.lab import topology
+from udpflannel.lab import kernel_vxlan, topology
 from udpflannel.lab.demo import DemoReport, check_lab
 from udpflannel.lab.netns import leftover_namespaces
 from udpflannel.lab.runtime import LabRun, up
@@ -27,26 +27,21 @@ def vtep_mac(i: int) -> str:
     return f"02:5a:00:00:01:{i:02x}"
 
 
-def kernel_vxlan(labrun: LabRun) -> None:
+def kernel_vxlan_lab(labrun: LabRun) -> None:
     """flanneld's vxlan backend, by hand: flannel.1 per node, and for each peer route + neighbour + fdb."""
     nodes = list(labrun.state.nodes.values())
     for i, node in enumerate(nodes, 1):
         ns = labrun.lab.namespaces[node.name]
-        ns.exec("ip", "link", "add", "flannel.1", "address", vtep_mac(i), "type", "vxlan", "id", "1",
-                "dstport", "8472", "local", node.public_ip, "dev", node.iface, "nolearning")  # fmt: skip
-        ns.exec("ip", "link", "set", "flannel.1", "mtu", "1450", "up")
-        ns.exec("ip", "addr", "add", node.subnet.replace("/24", "/32"), "dev", "flannel.1")
+        vtep = node.subnet.replace("/24", "/32")
+        kernel_vxlan.add_device(ns, mac=vtep_mac(i), local=node.public_ip, address=vtep, dev=node.iface)
     for node in nodes:
         ns = labrun.lab.namespaces[node.name]
         for j, peer in enumerate(nodes, 1):
-            if peer is node:
-                continue
-            gw = peer.subnet.split("/")[0]
-            ns.exec("ip", "route", "add", peer.subnet, "via", gw, "dev", "flannel.1", "onlink")
-            ns.exec(
-                "ip", "neigh", "replace", gw, "lladdr", vtep_mac(j), "dev", "flannel.1", "nud", "permanent"
-            )
-            ns.exec("bridge", "fdb", "append", vtep_mac(j), "dev", "flannel.1", "dst", peer.public_ip)
+            if peer is not node:
+                gw = peer.subnet.split("/")[0]
+                kernel_vxlan.add_peer(
+                    ns, subnet=peer.subnet, vtep=gw, mac=vtep_mac(j), public_ip=peer.public_ip
+                )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ def vxlan_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
     root = tmp_path_factory.mktemp("labs")
     labrun = up(topology.load(THREE_NODE), root=root, agent=fake_agent, log=lambda _: None)
     try:
-        kernel_vxlan(labrun)
+        kernel_vxlan_lab(labrun)
         yield labrun
     finally:
         labrun.close()
