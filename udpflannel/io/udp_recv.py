@@ -18,6 +18,7 @@ from udpflannel.packet.batch import PacketBatch, round_up
 
 TRAIN_MIN = 2  # recv_trains: GRO messages of at least this many datagrams are passed on as zero-copy views
 ARENA_SLACK = 4096  # receive slots are 64 KiB + this, so k * segment size of any train fits the slot
+SINGLES_MAX = 16  # up to this many one-datagram messages are read with struct and left where they are
 
 
 @dataclass
@@ -90,7 +91,8 @@ class UdpReceiver:
         """One recvmmsg, as batches in arrival order: each UDP_GRO train of at least TRAIN_MIN datagrams
         is a zero-copy view of the receive buffer (its datagrams are the rows of a [k, segment size] array,
         offset 0: a train of equal-size datagrams is a strided 2-D view of one buffer); runs of other
-        messages are copied into one batch as recv_batch does. Views are valid until the next receive on
+        messages are copied into one batch as recv_batch does, but a few one-datagram messages are passed
+        on where they lie (offset 0). Views are valid until the next receive on
         this socket, so each batch must be consumed before then. [] when nothing waits. With `sets`,
         consecutive trains of one segment size come as one TrainSet instead."""
         arena, m = self._recv(max_messages)
@@ -102,6 +104,16 @@ class UdpReceiver:
             k = -(-t // s) if 0 < s < t else 0
             if not flags & linux.MSG_TRUNC and k >= TRAIN_MIN and k * s <= arena.slot_size:
                 return [self._train_view(arena, 0, k, s, t)]
+        if m <= SINGLES_MAX:
+            # A few datagrams of their own (ACKs, pings): each already sits in a row of the arena.
+            lengths = []
+            for j in range(m):
+                t, flags, s = arena.message(j)
+                if flags & linux.MSG_TRUNC or 0 < s < t:
+                    break
+                lengths.append(t)
+            else:
+                return [self._singles(arena, lengths)]
         shapes = self._shapes(arena, m)
         total, seg, counts = shapes
         out: list[Received | TrainSet] = []
@@ -146,6 +158,17 @@ class UdpReceiver:
         lasts = np.array([t - (k - 1) * s for _, k, s, t in run], np.int64)
         views = [(arena, j, k, s, t) for j, k, s, t in run]
         return TrainSet(rows, counts, lasts, src, self.family, views, self)
+
+    def _singles(self, arena: MmsgArena, lengths: list[int]) -> Received:
+        """Messages 0..m-1, one datagram each, as a zero-copy batch over their receive slots (offset 0),
+        valid until the next receive."""
+        m = len(lengths)
+        aoff, alen = self._addr_cols()
+        names = arena.names[:m]
+        port = (names[:, 2].astype(np.uint16) << 8) | names[:, 3]
+        self.stats.received += m
+        batch = PacketBatch(arena.data[:m], np.array(lengths, np.int32), 0, m)
+        return Received(batch, names[:, aoff : aoff + alen], port, self.family)
 
     def _addr_cols(self) -> tuple[int, int]:
         """(offset, length) of the address in a sockaddr of our family."""
