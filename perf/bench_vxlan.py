@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from udpflannel.lab import kernel_vxlan  # noqa: E402
 from udpflannel.lab.netns import Lab, Netns  # noqa: E402
+from udpflannel.lab.runner import runner_command, start_runner  # noqa: E402
 from udpflannel.lab.transfer import read_json_line  # noqa: E402
 
 NETWORK = "198.19.0.0/16"
@@ -72,29 +73,10 @@ def start_node(ns: Netns, index: int, kind: str, state: pathlib.Path, env: dict[
         node.mac = f"02:5a:00:00:00:{index:02x}"
         kernel_vxlan.add_device(ns, mac=node.mac, local=node.public_ip, address=f"{node.tun_ip}/32")
         return node
-    cmd = [
-        sys.executable,
-        "-m",
-        "udpflannel.dataplane",
-        "--backend",
-        kind,
-        "--iface",
-        "eth0",
-        "--network",
-        NETWORK,
-        "--subnet",
-        node.subnet,
-        "--subnet-file",
-        str(state / f"n{index}" / "subnet.env"),
-    ]
-    node.proc = subprocess.Popen(
-        ns.cmd(*cmd),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    cmd = runner_command(
+        kind, network=NETWORK, subnet=node.subnet, subnet_file=state / f"n{index}" / "subnet.env"
     )
-    ready = _readline(node.proc, "ready")
+    node.proc, ready = start_runner(ns, cmd, env)
     node.pids = [node.proc.pid, *ready["pids"]]
     if kind == "vxlan":
         node.mac = ready["attrs"]["BackendData"]["VtepMAC"]

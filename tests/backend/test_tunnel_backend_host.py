@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from udpflannel.lab.netns import Lab
+from udpflannel.lab.runner import runner_command
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
@@ -24,26 +24,10 @@ def test_start_configures_host_and_stop_cleans_up(kind, tun, mtu):
         a = lab.netns("a")
         b = lab.netns("b")
         lab.veth(a, b, "198.18.0.1/16", "198.18.0.2/16")
-        proc = subprocess.Popen(
-            a.cmd(
-                sys.executable,
-                "-m",
-                "udpflannel.dataplane",
-                "--backend",
-                kind,
-                "--iface",
-                "eth0",
-                "--network",
-                "198.19.0.0/16",
-                "--subnet",
-                "198.19.1.0/24",
-                "--subnet-file",
-                f"{tmp}/subnet.env",
-            ),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        cmd = runner_command(
+            kind, network="198.19.0.0/16", subnet="198.19.1.0/24", subnet_file=f"{tmp}/subnet.env"
         )
+        proc = subprocess.Popen(a.cmd(*cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             ready = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
             assert ready["ready"] and ready["mtu"] == mtu and len(ready["pids"]) >= 1

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
 from udpflannel.lab import kernel_vxlan
 from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.runner import runner_command, start_runner
 from udpflannel.lab.transfer import checked_transfer, read_json_line
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 NETWORK = "198.19.0.0/16"
 NETWORK6 = "fd00:198:19::/48"
 VNI = 1
@@ -147,33 +145,15 @@ class TunnelLab:
             node.mac = f"02:5a:00:00:00:{index:02x}"
             kernel_vxlan.add_device(ns, mac=node.mac, local=node.public_ip, address=f"{node.tun_ip}/32")
         else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "udpflannel.dataplane",
-                "--backend",
+            cmd = runner_command(
                 kind,
-                "--iface",
-                "eth0",
-                "--network",
-                NETWORK,
-                "--subnet",
-                node.subnet,
-                "--subnet-file",
-                str(state / "subnet.env"),
-            ]
-            if dual:
-                cmd += ["--network6", NETWORK6, "--subnet6", node.subnet6]
-            full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-            node.proc = subprocess.Popen(
-                ns.cmd(*cmd),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=full_env,
-                start_new_session=True,
+                network=NETWORK,
+                subnet=node.subnet,
+                subnet_file=state / "subnet.env",
+                network6=NETWORK6 if dual else None,
+                subnet6=node.subnet6 if dual else None,
             )
-            ready = _read_line(node.proc, "ready", 20)
+            node.proc, ready = start_runner(ns, cmd, env, start_new_session=True)
             attrs = ready["attrs"]
             node.pids = ready["pids"]
             node.offloads = ready.get("offloads", {})
