@@ -91,6 +91,9 @@ def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
         out = a.exec(sys.executable, "-c", SOURCE, ip_b, "7000", str(20_000_000), "60", timeout=90)
         sent, digest, _, got_n, got_digest = out.split()
         assert sent == got_n and digest == got_digest
+        # The agent itself never loads numpy: only its datapath workers do (DESIGN.md, memory budget).
+        maps = pathlib.Path(f"/proc/{procs[0].pid}/maps").read_text()
+        assert "numpy" not in maps, "the agent process loaded numpy"
         # A datapath worker that dies is restarted by the agent's loop (nothing scrapes /metrics here).
         worker = _children(procs[0].pid)[0]
         os.kill(worker, signal.SIGKILL)

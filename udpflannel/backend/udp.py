@@ -8,9 +8,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from udpflannel.codec.udp import UDP_OVERHEAD, UDP_PORT
-from udpflannel.dataplane.engine import EngineConfig
-from udpflannel.dataplane.peers import Peer
+from udpflannel.codec.wire import UDP_OVERHEAD, UDP_PORT
+from udpflannel.dataplane.spec import EngineConfig, Peer
 from udpflannel.dataplane.tunnel import TunnelBackend, peer_public_ip
 from udpflannel.host.links import HostConfig
 from udpflannel.lease.model import Lease, LeaseAttrs

@@ -13,7 +13,7 @@ import pathlib
 import secrets
 from typing import Any
 
-from udpflannel.codec.vxlan import (
+from udpflannel.codec.wire import (
     VXLAN_DEFAULT_VNI,
     VXLAN_OVERHEAD,
     VXLAN_OVERHEAD_V6,
@@ -21,8 +21,7 @@ from udpflannel.codec.vxlan import (
     format_mac,
     parse_mac,
 )
-from udpflannel.dataplane.engine import EngineConfig
-from udpflannel.dataplane.peers import Peer
+from udpflannel.dataplane.spec import EngineConfig, Peer
 from udpflannel.dataplane.tunnel import TunnelBackend, peer_public_ip
 from udpflannel.host.links import HostConfig
 from udpflannel.lease.model import Lease, LeaseAttrs

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-UDP_PORT = 8285  # flannel's udp backend default port
-UDP_OVERHEAD = 20 + 8  # outer IPv4 + UDP: flannel's udp MTU overhead
+from udpflannel.codec.wire import UDP_OVERHEAD, UDP_PORT  # noqa: F401  (re-exported)
 
 IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40

@@ -1,8 +1,6 @@
-"""VXLAN (RFC 7348) as kernel flannel.1 speaks it: the wire constants, and encode/decode of the 8-byte VXLAN
-header plus the inner Ethernet header, per packet and for whole numpy batches. Sans-I/O: no sockets, no clock.
-
-The outer IPv4 and UDP headers are the kernel's job (we send through a UDP socket), so what this module writes
-in front of an inner IP packet is VXLAN_HEADROOM = 8 + 14 bytes; VXLAN_OVERHEAD (50) is what the MTU loses.
+"""VXLAN (RFC 7348) as kernel flannel.1 speaks it: encode/decode of the 8-byte VXLAN header plus the inner
+Ethernet header, per packet and for whole numpy batches. The wire constants live in codec/wire.py (no
+numpy, for the control plane) and are re-exported here. Sans-I/O: no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -12,20 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# RFC 7348 section 5: flags byte with only the I bit set, 24 reserved bits, 24-bit VNI, 8 reserved bits.
-VXLAN_FLAGS_I = 0x08
-VXLAN_PORT = 8472  # Linux's default VXLAN port, flannel's too (not IANA's 4789)
-VXLAN_DEFAULT_VNI = 1
-VXLAN_HEADER_LEN = 8
-ETH_HEADER_LEN = 14
-ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_IPV6 = 0x86DD
-VXLAN_HEADROOM = VXLAN_HEADER_LEN + ETH_HEADER_LEN  # bytes we prepend to an inner IP packet: 22
-OUTER_IPV4_UDP_LEN = 20 + 8
-OUTER_IPV6_UDP_LEN = 40 + 8
-VXLAN_OVERHEAD = OUTER_IPV4_UDP_LEN + VXLAN_HEADROOM  # 50: flannel's vxlan MTU overhead
-VXLAN_OVERHEAD_V6 = OUTER_IPV6_UDP_LEN + VXLAN_HEADROOM  # 70: over an IPv6 underlay (flannel-v6.1)
-VNI_MAX = (1 << 24) - 1
+from udpflannel.codec.wire import (  # noqa: F401  (wire constants, re-exported for the datapath)
+    ETH_HEADER_LEN,
+    ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
+    OUTER_IPV4_UDP_LEN,
+    OUTER_IPV6_UDP_LEN,
+    VNI_MAX,
+    VXLAN_DEFAULT_VNI,
+    VXLAN_FLAGS_I,
+    VXLAN_HEADER_LEN,
+    VXLAN_HEADROOM,
+    VXLAN_OVERHEAD,
+    VXLAN_OVERHEAD_V6,
+    VXLAN_PORT,
+    format_mac,
+    parse_mac,
+)
 
 # Result codes of decode_batch; the dataplane maps them to its DropReason members.
 OK = 0
@@ -33,18 +34,6 @@ BAD_HEADER = 1  # shorter than VXLAN + Ethernet, or the I flag missing / reserve
 BAD_VNI = 2
 WRONG_DST_MAC = 3
 BAD_ETHERTYPE = 4  # not IPv4/IPv6, or the inner IP version disagrees with the ethertype
-
-
-def parse_mac(text: str) -> bytes:
-    """'02:5a:00:00:00:01' -> 6 bytes; raises ValueError on anything else."""
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,6 @@ import contextlib
 import mmap
 import os
 
-import numpy as np
-
 from udpflannel.packet.drops import DropReason
 
 # Order is the memory layout: traffic counters, then one drop counter per DropReason (label = metric name).
@@ -34,7 +32,9 @@ assert len(COUNTER_NAMES) <= SLOTS
 
 
 class Counters:
-    """A [workers, SLOTS] int64 array over a memfd; the fd is passed to each worker process."""
+    """[workers, SLOTS] int64 cells over a memfd; the fd is passed to each worker process. Workers take
+    their row as a numpy array (row); the agent only sums (totals), with a memoryview, so it never loads
+    numpy (DESIGN.md, memory budget)."""
 
     def __init__(self, workers: int, fd: int | None = None) -> None:
         self.workers = workers
@@ -44,17 +44,27 @@ class Counters:
             os.ftruncate(fd, size)
         self.fd = fd
         self._map = mmap.mmap(fd, size)
-        self.array = np.frombuffer(self._map, dtype=np.int64).reshape(workers, SLOTS)
+        self._cells: memoryview | None = memoryview(self._map).cast("q")
+        self._rows: list = []  # numpy views handed to workers, dropped before the mapping closes
 
-    def row(self, worker: int) -> np.ndarray:
-        return self.array[worker]
+    def row(self, worker: int):  # -> numpy int64 [SLOTS]
+        import numpy as np  # the datapath worker's side only
+
+        arr = np.frombuffer(self._map, dtype=np.int64).reshape(self.workers, SLOTS)[worker]
+        self._rows.append(arr)
+        return arr
 
     def totals(self) -> dict[str, int]:
-        summed = self.array.sum(axis=0)
-        return {name: int(summed[i]) for name, i in INDEX.items()}
+        cells = self._cells
+        if cells is None:
+            return {name: 0 for name in INDEX}
+        return {name: sum(cells[w * SLOTS + i] for w in range(self.workers)) for name, i in INDEX.items()}
 
     def close(self) -> None:
-        self.array = np.zeros((0, SLOTS), dtype=np.int64)
+        self._rows.clear()
+        if self._cells is not None:
+            self._cells.release()
+            self._cells = None
         # A view may still be alive somewhere; then the mapping goes away with the process.
         with contextlib.suppress(BufferError):
             self._map.close()

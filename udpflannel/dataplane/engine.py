@@ -11,7 +11,6 @@ The clock is not read here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from udpflannel.dataplane import icmp
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
 from udpflannel.dataplane.rowpath import RowPaths
+from udpflannel.dataplane.spec import HEADROOM, EngineConfig
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.io.udp_recv import TrainSet
 from udpflannel.packet.batch import PacketBatch
@@ -40,7 +40,6 @@ FEW_PACKETS = 4  # up to this many plain packets per batch take the per-row path
 # ... and up to this many when all are small (ACKs): per row ~5-10 us vs ~150 us for the array pipeline
 FEW_SMALL_PACKETS = 16
 SMALL_PACKET = 256
-HEADROOM = 64  # >= virtio header (10) and VXLAN + Ethernet (22), cache-line aligned
 FLOW_HASH_BYTES = 44  # txprep.flow_hash reads this many bytes of each packet
 PACKED_MIN_SEGMENT = 256  # superpackets with at least this gso_size are split end to end (one send buffer)
 
@@ -59,27 +58,6 @@ _UDP_DROPS = np.array([DropReason.NONE, DropReason.BAD_HEADER, DropReason.TTL_EX
 _DROP_SLOT = np.full(max(DropReason) + 1, -1, dtype=np.int64)
 for _reason, _name in DROP_NAMES.items():
     _DROP_SLOT[_reason] = INDEX[_name]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What a worker needs to know; built by the backend, sent to the worker as JSON."""
-
-    encap: str  # "vxlan" or "udp"
-    mtu: int  # inner MTU of the tunnel (TUN MTU)
-    port: int  # destination UDP port at peers
-    vni: int = vxlan_codec.VXLAN_DEFAULT_VNI
-    vtep_mac: str = "00:00:00:00:00:00"
-    icmp_src_v4: str | None = None  # our TUN address: source of ICMP errors we generate
-    icmp_src_v6: str | None = None
-    check_peer_source: bool = True
-
-    def to_json(self) -> dict:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> EngineConfig:
-        return cls(**{k: v for k, v in obj.items() if k in cls.__dataclass_fields__})
 
 
 class Engine(RowPaths):

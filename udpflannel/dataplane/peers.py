@@ -10,23 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from udpflannel.dataplane.spec import Peer
+
 NO_PEER = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """One remote node as the datapath sees it."""
-
-    subnet: str  # CIDR, IPv4 or IPv6 (a dual-stack node is two Peer rows)
-    public_ip: str  # outer destination
-    vtep_mac: str = "00:00:00:00:00:00"  # VXLAN only
-
-    def to_json(self) -> dict[str, str]:
-        return {"subnet": self.subnet, "public_ip": self.public_ip, "vtep_mac": self.vtep_mac}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, str]) -> Peer:
-        return cls(str(obj["subnet"]), str(obj["public_ip"]), str(obj.get("vtep_mac", "00:00:00:00:00:00")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,16 @@ import time
 from dataclasses import dataclass, field
 
 from udpflannel.dataplane.counters import Counters
-from udpflannel.dataplane.engine import HEADROOM, EngineConfig
-from udpflannel.dataplane.peers import Peer
+from udpflannel.dataplane.spec import HEADROOM, EngineConfig, Peer
 from udpflannel.io import linux
-from udpflannel.io.tun import Tun
-from udpflannel.io.udp import UdpSocket, _probe_gso, _try_setsockopt, grow_buffers, probe_max_segments
+from udpflannel.io.tun_device import TunDevice
+from udpflannel.io.udp_endpoint import (
+    UdpEndpoint,
+    _probe_gso,
+    _try_setsockopt,
+    grow_buffers,
+    probe_max_segments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,9 @@ WORKERS_ENV = "UDPFLANNEL_WORKERS"
 DEFAULT_WORKERS = 1
 
 
-def open_udp6(bind_ip: str, port: int, *, gro: bool = True, recv_slots: int = RECV_SLOTS) -> UdpSocket:
+def open_udp6(bind_ip: str, port: int, *, gro: bool = True, recv_slots: int = RECV_SLOTS) -> UdpEndpoint:
     """An IPv6-only UDP socket (so it never competes with the IPv4 one on the same port), with the same
-    probed offloads io.udp.UdpSocket.open gives an IPv4 one."""
+    probed offloads UdpEndpoint.open gives an IPv4 one."""
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -55,7 +60,7 @@ def open_udp6(bind_ip: str, port: int, *, gro: bool = True, recv_slots: int = RE
         sock.close()
         raise
     max_segments = probe_max_segments(socket.AF_INET6) if gso else 1
-    return UdpSocket(
+    return UdpEndpoint(
         sock, socket.AF_INET6, gso, gro, max_segments, linux.UDP_MAX_PAYLOAD_V6, recv_slots, HEADROOM
     )
 
@@ -81,11 +86,11 @@ class Dataplane:
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
     bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
-    _tun: Tun | None = None
-    _rx: UdpSocket | None = None
-    _pool: list[UdpSocket] = field(default_factory=list)
-    _rx6: UdpSocket | None = None
-    _pool6: list[UdpSocket] = field(default_factory=list)
+    _tun: TunDevice | None = None
+    _rx: UdpEndpoint | None = None
+    _pool: list[UdpEndpoint] = field(default_factory=list)
+    _rx6: UdpEndpoint | None = None
+    _pool6: list[UdpEndpoint] = field(default_factory=list)
     _counters: Counters | None = None
     _workers: list[_Worker] = field(default_factory=list)
     _seq: int = 0
@@ -98,8 +103,8 @@ class Dataplane:
         if self.workers not in (1, 2):
             raise ValueError(f"{WORKERS_ENV} must be 1 or 2, not {self.workers}")
         try:
-            self._tun = Tun.open(self.tun_name)
-            self._rx = UdpSocket.open(
+            self._tun = TunDevice.open(self.tun_name)
+            self._rx = UdpEndpoint.open(
                 socket.AF_INET,
                 self.rx_bind_ip or self.bind_ip,
                 self.rx_port,
@@ -122,15 +127,15 @@ class Dataplane:
             self.stop()
             raise
 
-    def _open_pool(self, family: int, bind_ip: str) -> list[UdpSocket]:
+    def _open_pool(self, family: int, bind_ip: str) -> list[UdpEndpoint]:
         """Send sockets on consecutive ports from 32768 (skipping taken ones), so each inner flow keeps one
         outer source port, as Linux VXLAN does (spec/fastpath.md)."""
-        pool: list[UdpSocket] = []
+        pool: list[UdpEndpoint] = []
         port = SRC_PORT_BASE
         while len(pool) < self.pool_size and port <= SRC_PORT_LAST:
             try:
                 if family == socket.AF_INET:
-                    pool.append(UdpSocket.open(family, bind_ip, port, gro=False, headroom=HEADROOM))
+                    pool.append(UdpEndpoint.open(family, bind_ip, port, gro=False, headroom=HEADROOM))
                 else:
                     pool.append(open_udp6(bind_ip, port, gro=False))
             except OSError as exc:

@@ -10,9 +10,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from udpflannel.backend import update_peer_map
-from udpflannel.dataplane.engine import EngineConfig
-from udpflannel.dataplane.peers import Peer
 from udpflannel.dataplane.process import Dataplane
+from udpflannel.dataplane.spec import EngineConfig, Peer
 from udpflannel.lease.model import Event, Lease
 
 if TYPE_CHECKING:

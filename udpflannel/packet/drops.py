@@ -1,11 +1,10 @@
 """Drop reasons: every packet the datapath refuses is counted under one of these; the lower-case member name
-is the /metrics label. Code 0 (NONE) means "keep"; the dataplane adds its own reasons to this one enum."""
+is the /metrics label. Code 0 (NONE) means "keep"; the dataplane adds its own reasons to this one enum.
+No numpy here: the agent names its counters from this enum."""
 
 from __future__ import annotations
 
 from enum import IntEnum
-
-import numpy as np
 
 
 class DropReason(IntEnum):
@@ -32,15 +31,3 @@ class DropReason(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
-
-
-def count_drops(codes: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-    """Add a batch's reason codes to a per-reason counter array (index = reason value); row 0 counts keeps."""
-    size = max(len(DropReason), int(codes.max(initial=0)) + 1)
-    binc = np.bincount(codes.astype(np.intp, copy=False), minlength=size)
-    if counts is None:
-        return binc.astype(np.int64)
-    if len(counts) < size:
-        raise ValueError(f"counter array has {len(counts)} slots, reasons need {size}")
-    counts[:size] += binc
-    return counts

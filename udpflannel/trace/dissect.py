@@ -26,7 +26,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import NoPayload, Packet, Padding, Raw
 
 from udpflannel.codec.udp import UDP_PORT
-from udpflannel.codec.vxlan import VXLAN_PORT
+from udpflannel.codec.wire import VXLAN_PORT
 from udpflannel.config import BackendConfig, parse_backend
 
 # pcap link types (tcpdump's LINKTYPE_*): what a capture on each kind of hop gives us.
