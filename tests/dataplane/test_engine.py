@@ -293,7 +293,7 @@ def test_multicast_is_not_unicast_and_never_answered():
     assert c[INDEX["drop_not_unicast"]] == 2 and c[INDEX["drop_unknown_peer"]] == 0
 
 
-@pytest.mark.parametrize("ttl", [64, 1])
+@pytest.mark.parametrize("ttl", [64, 2, 1])
 def test_udp_superpacket_decrements_ttl_or_expires(ttl):
     inner = scapy.IP(src="198.19.1.0", dst="198.19.2.9", ttl=ttl) / scapy.TCP(sport=4, dport=5, flags="A")
     h = Harness("udp")
@@ -311,3 +311,19 @@ def test_udp_superpacket_decrements_ttl_or_expires(ttl):
         clean = scapy.IP(data)
         del clean.chksum, clean[scapy.TCP].chksum
         assert bytes(scapy.IP(bytes(clean))) == data
+
+
+def test_udp_superpacket_ttl_goes_down_once_on_every_path():
+    """Superpackets split together, and one with segments over the MTU (the general path takes it and sends
+    the short last segment): the TTL goes down by exactly one either way."""
+    inner = scapy.IP(src="198.19.1.0", dst="198.19.2.9", ttl=9)
+    sps = [bytes(inner / scapy.TCP(sport=4, dport=5, seq=s) / bytes(2500)) for s in (1, 5000)]
+    headers = np.zeros(2, VNET_HDR_DTYPE)
+    headers[:] = (1, 1, 40, 1000, 20, 16)
+    h = Harness("udp", mtu=1200)
+    h.engine.process_tx(PacketBatch.from_packets(sps, headroom=HEADROOM), headers, None)
+    assert len(h.sent) == 6 and {scapy.IP(d).ttl for d, _, _ in h.sent} == {8}
+    over = Harness("udp", mtu=900)  # 1040-byte segments refused, the 540-byte last one sent
+    over.engine.process_tx(PacketBatch.from_packets(sps[:1], headroom=HEADROOM), headers[:1], None)
+    assert over.counters[INDEX["drop_over_mtu"]] == 2
+    assert [scapy.IP(d).ttl for d, _, _ in over.sent] == [8]

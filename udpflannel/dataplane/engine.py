@@ -23,6 +23,7 @@ from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.io.udp_recv import TrainSet
+from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
@@ -158,13 +159,17 @@ class Engine(RowPaths):
                 self._count_drops(bad)
                 plain[partial[bad != 0]] = False
         gso_rows = np.flatnonzero(split)
+        # udp: TTL down by one in each superpacket's header before the split copies it into every segment
+        # (the split computes each segment's IPv4 checksum anyway); superpackets about to expire keep theirs
+        # for send_superpacket's router answer.
+        ttl_done = self._decrement_ttl(batch, gso_rows) if not self.is_vxlan else {}
         if len(gso_rows) >= 2 and int(headers["gso_size"][gso_rows].min()) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.
             many = split_many(batch, headers, gso_rows, self.head)
             if many is not None:
                 self._count("tx_superpackets", len(many))
-                for segs in many:
-                    self.send_superpacket(segs)
+                for i, segs in zip(gso_rows.tolist(), many, strict=True):
+                    self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
                 gso_rows = gso_rows[:0]
         for i in gso_rows.tolist():
             ln = int(batch.lengths[i])
@@ -182,7 +187,7 @@ class Engine(RowPaths):
                 self._count_drops(np.array([segs.drop], dtype=np.uint8))
                 continue
             self._count("tx_superpackets")
-            self.send_superpacket(segs)
+            self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
         if plain.any():
             rows = np.flatnonzero(plain)
             few = len(rows) <= FEW_PACKETS or (
@@ -212,9 +217,24 @@ class Engine(RowPaths):
         codes[~active] = DropReason.NONE
         return peer, codes
 
-    def send_superpacket(self, segs: PacketBatch) -> None:
+    def _decrement_ttl(self, batch: PacketBatch, rows: np.ndarray) -> dict[int, bool]:
+        """flannel's udp proxy rule for superpacket rows of a TUN batch: TTL / hop limit down by one in the
+        header (the split then gives every segment the new value and a checksum to match). Row -> done;
+        rows at TTL <= 1 (or not IP) are left alone for the general path to answer."""
+        off, buf = batch.offset, batch.buf
+        done: dict[int, bool] = {}
+        for i in rows.tolist():
+            version = buf[i, off] >> 4
+            col = off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)
+            done[i] = version in (4, 6) and buf[i, col] > 1
+            if done[i]:
+                buf[i, col] -= 1
+        return done
+
+    def send_superpacket(self, segs: PacketBatch, *, ttl_done: bool = False) -> None:
         """Segments of one split superpacket: one flow, so one peer lookup, one header template, one outer
-        5-tuple, and as few UDP_SEGMENT sends as the limits allow. Anything unusual takes the general path."""
+        5-tuple, and as few UDP_SEGMENT sends as the limits allow. Anything unusual takes the general path.
+        ttl_done: udp, the TTL went down in the superpacket before the split."""
         n = segs.n
         lens = segs.lengths[:n]
         off = segs.offset
@@ -223,9 +243,9 @@ class Engine(RowPaths):
         if (
             peer == NO_PEER
             or int(lens.max()) > self.cfg.mtu
-            or (not self.is_vxlan and int(segs.buf[:n, ttl_at].min()) <= 1)
+            or (not self.is_vxlan and not ttl_done and int(segs.buf[:n, ttl_at].min()) <= 1)
         ):
-            self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True)
+            self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True, ttl_done=ttl_done)
             return
         if self.is_vxlan:
             # One flow, one family, one peer: the peer's whole 22-byte header row broadcast over the segments.
@@ -233,7 +253,7 @@ class Engine(RowPaths):
             if segs.buf[0, off] >> 4 == 6:
                 segs.buf[:n, off - 2] = vxlan_codec.ETHERTYPE_IPV6 >> 8
                 segs.buf[:n, off - 1] = vxlan_codec.ETHERTYPE_IPV6 & 0xFF
-        else:
+        elif not ttl_done:
             # flannel's udp proxy: TTL down by one on the way out (no row can expire: checked above).
             udp_codec.decrement_ttl_batch(segs.buf, lens, off, np.ones(n, dtype=bool))
         pool = self._pools[int(self.table.outer_v6[peer])]
@@ -250,10 +270,14 @@ class Engine(RowPaths):
         if sent < n:
             self.counters[_DROP_SLOT[DropReason.SEND_ERROR]] += n - sent
 
-    def send_batch(self, batch: PacketBatch, active: np.ndarray, *, one_flow: bool) -> None:
+    def send_batch(
+        self, batch: PacketBatch, active: np.ndarray, *, one_flow: bool, ttl_done: bool = False
+    ) -> None:
+        """Plan, answer what a router answers, encapsulate and send the active rows. ttl_done: udp, the
+        rows' TTL already went down (in their superpacket), so it must not go down twice."""
         n = batch.n
         peer, codes = self.plan_tx(batch, active)
-        if not self.is_vxlan:
+        if not self.is_vxlan and not ttl_done:
             # flannel's udp proxy routes like a router: TTL goes down by one on the way out.
             ok = active & (codes == DropReason.NONE)
             expired = udp_codec.decrement_ttl_batch(batch.buf, batch.lengths[:n], batch.offset, ok)
