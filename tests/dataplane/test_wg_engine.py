@@ -145,15 +145,26 @@ def tcp_superpacket(n_segments: int, mss: int = 1000) -> tuple[bytes, VnetHdr, b
     return frame[VNET_HDR_LEN:], VnetHdr.decode(frame[:VNET_HDR_LEN]), payload
 
 
-def test_superpacket_split_sealed_and_coalesced_again() -> None:
+def handshaken_vnet_pair() -> tuple[Node, Node]:
+    """Two vnet nodes that know each other and have finished a handshake (first packet: 8 bytes of UDP)."""
     a, b = Node(1, True), Node(2, True)
     try:
         for x, y in ((a, b), (b, a)):
             cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
             x.engine.set_peers([cfg], time.monotonic())
-        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
+        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))
         pump([a, b])
         b.written()
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return a, b
+
+
+def test_superpacket_split_sealed_and_coalesced_again() -> None:
+    a, b = handshaken_vnet_pair()
+    try:
         raw, hdr, payload = tcp_superpacket(20)
         assert hdr.gso_type != 0
         calls = a.engine.counters.tx_send_calls
@@ -179,14 +190,8 @@ def test_superpacket_split_sealed_and_coalesced_again() -> None:
 def test_trains_received_together_are_coalesced_together() -> None:
     """Three superpackets sealed as three UDP_GRO trains, taken by one recvmmsg: gro_trains writes each
     back as the superpacket it was."""
-    a, b = Node(1, True), Node(2, True)
+    a, b = handshaken_vnet_pair()
     try:
-        for x, y in ((a, b), (b, a)):
-            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
-            x.engine.set_peers([cfg], time.monotonic())
-        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
-        pump([a, b])
-        b.written()
         sent = [tcp_superpacket(12) for _ in range(3)]
         for raw, hdr, _ in sent:
             a.inject(raw, hdr)

@@ -142,6 +142,23 @@ def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool, packed: b
     return _segment(pkt, headroom, l3, hlen, mss, k, v4=v4, tcp=tcp, proto=proto, packed=packed)
 
 
+def payload_sums(buf: np.ndarray, p0: int, mss: int, wide: int) -> np.ndarray:
+    """Every row's sum of the mss payload bytes from column p0, in one pass over whole 32-bit words: columns
+    p0 .. p0 + wide (a multiple of 4; past mss only zeros) plus, when wide < mss, the 1-3 tail bytes (packed
+    rows, where the next row follows). Network order, mod 0xFFFF, unfolded."""
+    pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
+    if wide < mss:
+        # The payload starts on a 16-bit boundary (hlen is a multiple of 4), so even positions are high
+        # bytes of a network-order word (x 256), odd ones low bytes.
+        tail = buf[:, p0 + wide : p0 + mss].astype(np.int64)
+        pay += tail[:, 0] * 256
+        if mss % 4 > 1:
+            pay += tail[:, 1]
+        if mss % 4 > 2:
+            pay += tail[:, 2] * 256
+    return pay
+
+
 def _segment(
     pkt: np.ndarray,
     off: int,
@@ -206,17 +223,7 @@ def _segment(
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
         pseudo = sum(hw[h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2]) + proto
 
-    # Payload sums of all rows in one pass (little-endian words, times 256 for network order).
-    pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
-    if packed and wide != mss:
-        # The 1-3 tail bytes: the payload starts on a 16-bit boundary (hlen is a multiple of 4), so even
-        # positions are high bytes of a network-order word (x 256), odd ones low bytes.
-        tail = buf[:, p0 + wide : p0 + mss].astype(np.int64)
-        pay += tail[:, 0] * 256
-        if mss % 4 > 1:
-            pay += tail[:, 1]
-        if mss % 4 > 2:
-            pay += tail[:, 2] * 256
+    pay = payload_sums(buf, p0, mss, wide)
     l4len = hlen - l3 + mss
     if tcp:
         t = rows_view(buf, off + l3, h.TCP_HDR)

@@ -14,7 +14,7 @@ import numpy as np
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M
-from udpflannel.packet.gso import MAX_SEGMENTS
+from udpflannel.packet.gso import MAX_SEGMENTS, payload_sums
 from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6
 
@@ -135,14 +135,7 @@ def _segment_many(
     else:
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
         pseudo = hw[:, h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2].sum(axis=1) + h.IPPROTO_TCP
-    pay = buf[:, p0 : p0 + wide].view("<u4").sum(axis=1, dtype=np.int64) * 256
-    if wide != mss:
-        tail = buf[:, p0 + wide : p0 + mss].astype(np.int64)
-        pay += tail[:, 0] * 256
-        if mss % 4 > 1:
-            pay += tail[:, 1]
-        if mss % 4 > 2:
-            pay += tail[:, 2] * 256
+    pay = payload_sums(buf, p0, mss, wide)
     t = rows_view(buf, off + l3, h.TCP_HDR)
     seq0 = (hw[:, t0 + h.TCP_SEQ // 2] << 16) | hw[:, t0 + h.TCP_SEQ // 2 + 1]
     seq = (seq0[g_of] + mss * i_in) & 0xFFFFFFFF
