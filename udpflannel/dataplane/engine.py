@@ -431,16 +431,15 @@ class Engine(RowPaths):
         gro_trains (which also holds every row to row 0's TTL: the udp proxy's TTL rule needs no more)."""
         m, big, _ = ts.rows.shape
         head = self.head
-        valid = np.arange(big) < ts.counts[:, None]  # rows past a train's end are stale
         if self.is_vxlan:
+            valid = np.arange(big) < ts.counts[:, None]  # rows past a train's end are stale
             expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
             diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
             if (diff.any(axis=2) & valid).any():
                 return None
         if self.cfg.check_peer_source and self._strangers(ts.src_addr).any():
             return None
-        if self._train_out is None or len(self._train_out) < m:
-            self._train_out = out_arena(max(m, 8))
+        self._train_out = out_arena(m, self._train_out)
         return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out)
 
     def process_rx(self, batch: PacketBatch, src_addr: np.ndarray) -> None:

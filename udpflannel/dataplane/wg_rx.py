@@ -113,15 +113,11 @@ class WgReceiver:
                 return None
             if not bool((opened.lengths[: k - 1] == full).all()):
                 return None
-        data = self.rx_arena.data
         counts = np.array([k for _, k, _, _ in trains], np.int64)
         content = wgm.MESSAGE_TRANSPORT_OFFSET_CONTENT
         lasts = np.array([content + int(o.lengths[k - 1]) for _, k, _, o in trains], np.int64)
-        rows = np.lib.stride_tricks.as_strided(
-            data[j0], shape=(len(trains), int(counts.max()), s), strides=(data.strides[0], s, 1)
-        )
-        if self._train_out is None or len(self._train_out) < len(trains):
-            self._train_out = out_arena(max(len(trains), 8))
+        rows = self.rx_arena.slot_rows(j0, len(trains), int(counts.max()), s)
+        self._train_out = out_arena(len(trains), self._train_out)
         return coalesce_trains(rows, counts, lasts, content, self._train_out, full_len=full)
 
     def _source(self, j: int) -> tuple:

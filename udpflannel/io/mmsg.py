@@ -102,6 +102,13 @@ class MmsgArena:
             raise OSError(err, os.strerror(err))
         return got
 
+    def slot_rows(self, j0: int, m: int, k: int, s: int) -> np.ndarray:
+        """Read-only [m, k, s] view of slots j0 .. j0 + m - 1, each cut into k rows of s bytes (the
+        datagrams of UDP_GRO trains of segment size s); k * s must fit a slot."""
+        return np.lib.stride_tricks.as_strided(
+            self.data[j0], shape=(m, k, s), strides=(self.data.strides[0], s, 1), writeable=False
+        )
+
     def first_message(self) -> tuple[int, int, int]:
         """(byte length, msg_flags, UDP_GRO segment size or 0) of message 0, read with struct."""
         return self.message(0)

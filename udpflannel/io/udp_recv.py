@@ -147,11 +147,7 @@ class UdpReceiver:
         """Consecutive trains of one segment size as one [m, K, s] view over their receive slots."""
         j0, s = run[0][0], run[0][2]
         counts = np.array([k for _, k, _, _ in run], np.int64)
-        big = int(counts.max())
-        data = arena.data
-        rows = np.lib.stride_tricks.as_strided(
-            data[j0], shape=(len(run), big, s), strides=(data.strides[0], s, 1), writeable=False
-        )
+        rows = arena.slot_rows(j0, len(run), int(counts.max()), s)
         aoff, alen = self._addr_cols()
         src = arena.names[j0 : j0 + len(run), aoff : aoff + alen]
         self.stats.received += int(counts.sum())

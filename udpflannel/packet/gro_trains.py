@@ -44,9 +44,12 @@ class MergedTrains:
     writes: list[memoryview | None]
 
 
-def out_arena(slots: int) -> np.ndarray:
-    """An output arena for coalesce_trains: one row per train, room for a 64 KiB packet and its header."""
-    return np.empty((slots, VNET_HDR_LEN + h.IP_MAXPACKET + 64), np.uint8)
+def out_arena(slots: int, reuse: np.ndarray | None = None) -> np.ndarray:
+    """An output arena for coalesce_trains: one row per train, room for a 64 KiB packet and its header.
+    `reuse` (an earlier arena) is returned when it has the rows; a new one has at least 8."""
+    if reuse is not None and len(reuse) >= slots:
+        return reuse
+    return np.empty((max(slots, 8), VNET_HDR_LEN + h.IP_MAXPACKET + 64), np.uint8)
 
 
 def coalesce_trains(
