@@ -364,28 +364,6 @@ class Engine(RowPaths):
             if reply is not None and self.tun.write_plain(reply):
                 self._count("icmp_sent")
 
-    def _strangers(self, src_addr: np.ndarray) -> np.ndarray:
-        """Rows whose outer source (uint8 [n, 4] IPv4 or [n, 16] IPv6) is no peer's PublicIP(v6)."""
-        if src_addr.shape[1] == 16:
-            known6 = self.table.source6_set
-            if (src_addr == src_addr[0]).all():
-                return np.full(len(src_addr), src_addr[0].tobytes() not in known6)
-            return np.fromiter(
-                (row.tobytes() not in known6 for row in src_addr), dtype=bool, count=len(src_addr)
-            )
-        if src_addr.strides[0] == 0:  # one source for every row (a GRO train): one lookup
-            first_v4 = int.from_bytes(src_addr[0].tobytes(), "big")
-            return np.full(len(src_addr), first_v4 not in self.table.source_set)
-        known = self.table.source_v4
-        src = np.ascontiguousarray(src_addr).view(">u4").reshape(-1)
-        if len(known) == 0:
-            return np.ones(len(src), dtype=bool)
-        first = src[0]
-        if (src == first).all():  # a GRO train, or one peer talking: one lookup
-            return np.full(len(src), int(first) not in self.table.source_set)
-        pos = np.minimum(np.searchsorted(known, src), len(known) - 1)
-        return known[pos] != src
-
     # --- RX -----------------------------------------------------------------------------------------------
 
     def rx_once(self, sock=None) -> int:
@@ -437,7 +415,7 @@ class Engine(RowPaths):
             diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
             if (diff.any(axis=2) & valid).any():
                 return None
-        if self.cfg.check_peer_source and self._strangers(ts.src_addr).any():
+        if self.cfg.check_peer_source and self.table.strangers(ts.src_addr).any():
             return None
         self._train_out = out_arena(m, self._train_out)
         return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out)
@@ -450,6 +428,8 @@ class Engine(RowPaths):
             n <= FEW_SMALL_PACKETS and int(batch.lengths[:n].max()) <= SMALL_PACKET + self.head
         )
         if few and self.receive_few(batch, src_addr):
+            return
+        if self.tun.vnet and n >= 2 and self.receive_run(batch, src_addr):
             return
         if self.is_vxlan:
             res = vxlan_codec.decode_batch(
@@ -465,7 +445,7 @@ class Engine(RowPaths):
         else:
             codes = _UDP_DROPS[udp_codec.decode_batch(batch.buf, batch.lengths[:n], batch.offset)]
         if self.cfg.check_peer_source:
-            stranger = self._strangers(src_addr[:n])
+            stranger = self.table.strangers(src_addr[:n])
             codes[stranger & (codes == DropReason.NONE)] = DropReason.NOT_A_PEER_SOURCE
         head = self.head
         inner = PacketBatch(batch.buf, batch.lengths[:n] - head, batch.offset + head, n)

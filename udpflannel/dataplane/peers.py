@@ -67,6 +67,28 @@ class PeerTable:
     def __len__(self) -> int:
         return len(self.peers)
 
+    def strangers(self, src_addr: np.ndarray) -> np.ndarray:
+        """Rows whose outer source (uint8 [n, 4] IPv4 or [n, 16] IPv6) is no peer's PublicIP(v6)."""
+        if src_addr.shape[1] == 16:
+            known6 = self.source6_set
+            if (src_addr == src_addr[0]).all():
+                return np.full(len(src_addr), src_addr[0].tobytes() not in known6)
+            return np.fromiter(
+                (row.tobytes() not in known6 for row in src_addr), dtype=bool, count=len(src_addr)
+            )
+        if src_addr.strides[0] == 0:  # one source for every row (a GRO train): one lookup
+            first_v4 = int.from_bytes(src_addr[0].tobytes(), "big")
+            return np.full(len(src_addr), first_v4 not in self.source_set)
+        known = self.source_v4
+        src = np.ascontiguousarray(src_addr).view(">u4").reshape(-1)
+        if len(known) == 0:
+            return np.ones(len(src), dtype=bool)
+        first = src[0]
+        if (src == first).all():  # a GRO train, or one peer talking: one lookup
+            return np.full(len(src), int(first) not in self.source_set)
+        pos = np.minimum(np.searchsorted(known, src), len(known) - 1)
+        return known[pos] != src
+
     def lookup_v4(self, dst: np.ndarray) -> np.ndarray:
         """dst: uint32 [n] host-order addresses -> int32 [n] peer index or NO_PEER."""
         out = np.full(len(dst), NO_PEER, dtype=np.int32)

@@ -1,6 +1,7 @@
 """Per-row paths of the engine for a few small packets (ACKs, pings): checked, looked up and sent or
 delivered one by one in plain Python, which costs less than the ~30-60 array operations of the batch
-pipelines when a batch holds a handful of rows. Each falls back (returns False, having done nothing)
+pipelines when a batch holds a handful of rows; and the receive of a train that is one clean run, judged
+by its row 0 in Python and by gro_run for the rest. Each falls back (returns False, having done nothing)
 when a row needs the batch pipeline's judgement, so drops are always counted there. Both encapsulations:
 vxlan writes its header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
@@ -20,6 +21,7 @@ from udpflannel.dataplane.txprep import flow_hash
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
+from udpflannel.packet.gro_run import coalesce_run
 from udpflannel.packet.parse import validate_one
 from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
 
@@ -141,6 +143,31 @@ class RowPaths:
             self._count("rx_bytes", sum(length for _, length in plan))
         else:
             self.counters[_TUN_WRITE_ERROR] += len(writes) - ok
+        return True
+
+    def receive_run(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
+        """A train of one flow's segments that makes one superpacket (the commonest receive under load):
+        row 0's outer header checked here, every other row held to it by coalesce_run, the sources by the
+        peer table; one TUN write. False, having done nothing, otherwise."""
+        n, off, head = batch.n, batch.offset, self.head
+        if head:
+            row0 = batch.buf[0, off : off + head + 1].tobytes()
+            if len(row0) <= head or row0[:14] != self._rx_prefix:
+                return False
+            if row0[20:head] != _ETHERTYPE.get(row0[-1] >> 4):
+                return False
+        if self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any():
+            return False
+        run = coalesce_run(batch, head)
+        if run is None:
+            return False
+        ok = self.tun.write_batch([(run,)])
+        self._count("rx_coalesced_writes", ok)
+        if ok:
+            self._count("rx_packets", n)
+            self._count("rx_bytes", int(batch.lengths[:n].sum()) - n * head)
+        else:
+            self.counters[_TUN_WRITE_ERROR] += 1
         return True
 
 

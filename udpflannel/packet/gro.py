@@ -9,7 +9,6 @@ lies, with a zero virtio header in its headroom."""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,15 +16,9 @@ import numpy as np
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M, sum_rows_raw
+from udpflannel.packet.gro_run import coalesce_run, finish_superpacket
 from udpflannel.packet.parse import IpFields, ip_fields, readable, validate_ip
-from udpflannel.packet.vnet import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VNET_HDR_LEN,
-    VNET_HDR_STRUCT,
-    ZERO_VNET_HDR,
-)
+from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
 
 Iovecs = tuple[memoryview | bytes, ...]
 _ACK, _ACK_PSH = h.TCP_ACK_FLAG, h.TCP_ACK_FLAG | h.TCP_PSH
@@ -53,8 +46,11 @@ def coalesce(
     n = batch.n
     if n == 0:
         return []
-    verified = codes is not None and not codes.any()
+    verified = codes is not None and not np.count_nonzero(codes)
     if (codes is None or verified) and vnet and gro:
+        run = coalesce_run(batch, verified=verified)
+        if run is not None:
+            return [(run,)]
         buf = readable(batch)
         first = buf[:, batch.offset]
         v6 = bool(first[0] >> 4 == 6)
@@ -310,30 +306,11 @@ def _merge(batch: PacketBatch, src: np.ndarray, t: _TcpRows, a: int, b: int) -> 
     dst[v + hl : v + hl + full * gso].reshape(full, gso)[:] = src[a:b, off + hl : off + hl + gso]
     dst[v + hl + full * gso : v + total] = src[b, off + hl : off + hl + last]
     mv = memoryview(dst)
-    v4 = bool(_at(t.v4, a))
-    if v4:
-        _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
-        _H.pack_into(mv, v + h.IPV4_CSUM, 0)
-        _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (_sum16(mv[v : v + l3]) - 1) % M)
-        pseudo = _sum16(mv[v + h.IPV4_SRC : v + h.IPV4_DST + 4])
-    else:
-        _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, total - h.IPV6_HLEN)
-        pseudo = _sum16(mv[v + h.IPV6_SRC : v + h.IPV6_DST + 16])
-    mv[v + l3 + h.TCP_FLAGS] = int(t.flags[b])
-    # NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented; the kernel finishes it.
-    _H.pack_into(mv, v + l3 + h.TCP_CSUM, (pseudo + h.IPPROTO_TCP + total - l3 - 1) % M + 1)
-    kind = VIRTIO_NET_HDR_GSO_TCPV4 if v4 else VIRTIO_NET_HDR_GSO_TCPV6
-    VNET_HDR_STRUCT.pack_into(mv, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hl, gso, l3, h.TCP_CSUM)
+    v6 = not _at(t.v4, a)
+    finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=int(t.flags[b]))
     return mv[: v + total]
 
 
 def _at(x: np.ndarray | int, i: int) -> int:
     """Element i of a per-row array, or the value itself when every row shares it."""
     return x if isinstance(x, int) else int(x[i])
-
-
-def _sum16(b: memoryview) -> int:
-    return sum(struct.unpack(f"!{len(b) // 2}H", b))
-
-
-_H = struct.Struct("!H")

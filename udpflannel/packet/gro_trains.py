@@ -11,7 +11,6 @@ written are those gro.coalesce_train would write for the same train."""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,13 +18,8 @@ import numpy as np
 from udpflannel.packet import headers as h
 from udpflannel.packet.checksum import M
 from udpflannel.packet.gro import _V4_TRAIN_MASK, _V6_TRAIN_MASK
-from udpflannel.packet.vnet import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VNET_HDR_LEN,
-    VNET_HDR_STRUCT,
-)
+from udpflannel.packet.gro_run import finish_superpacket
+from udpflannel.packet.vnet import VNET_HDR_LEN
 
 # gro's flow-key masks, plus the words coalesce_trains predicts: IP length, TCP sequence number, flags.
 _V4_MASK = _V4_TRAIN_MASK.copy()
@@ -165,30 +159,12 @@ def _build(
     dst[:, v + hl : v + hl + K * gso].reshape(m, K, gso)[:] = rows[:, :, inner + hl : inner + hl + gso]
     flat = memoryview(out.reshape(-1))
     stride = out.shape[1]
-    kind = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
     writes: list[memoryview | None] = []
     for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags.tolist(), strict=True)):
         if not good:
             writes.append(None)
             continue
         mv = flat[j * stride : j * stride + v + t]
-        if v6:
-            _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, t - h.IPV6_HLEN)
-            pseudo = sum(_ADDR6.unpack_from(mv, v + h.IPV6_SRC))
-        else:
-            _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, t)
-            _H.pack_into(mv, v + h.IPV4_CSUM, 0)
-            _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (sum(_IP4.unpack_from(mv, v)) - 1) % M)
-            pseudo = sum(_ADDR4.unpack_from(mv, v + h.IPV4_SRC))
-        mv[v + l3 + h.TCP_FLAGS] = fl
-        # NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented; the kernel finishes it.
-        _H.pack_into(mv, v + l3 + h.TCP_CSUM, (pseudo + h.IPPROTO_TCP + t - l3 - 1) % M + 1)
-        VNET_HDR_STRUCT.pack_into(mv, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hl, gso, l3, h.TCP_CSUM)
+        finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=t, flags=fl)
         writes.append(mv)
     return writes
-
-
-_H = struct.Struct("!H")
-_IP4 = struct.Struct("!10H")
-_ADDR4 = struct.Struct("!4H")
-_ADDR6 = struct.Struct("!16H")

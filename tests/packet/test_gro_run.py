@@ -1,0 +1,141 @@
+"""coalesce_run, the one-superpacket fast path of GRO: every clean train (IPv4/IPv6, TCP options, odd sizes,
+sequence numbers that wrap, behind a VXLAN-sized prefix or none, padded or end-to-end rows) becomes exactly
+the superpacket it was split from; any flaw that must keep a train from being one superpacket (a corrupt
+byte anywhere, PSH or a gap mid-train, a short middle row, a row with another prefix) gives None, so the
+row-by-row path judges it."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
+
+from udpflannel.packet import headers as h
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.gro import coalesce
+from udpflannel.packet.gro_run import coalesce_run
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PREFIX = bytes(range(100, 122))  # 22 bytes, as a VXLAN + inner Ethernet header
+
+
+def laid_out(segs: list[bytes], prefix: bytes, end_to_end: bool) -> PacketBatch:
+    """The segments behind `prefix`, as padded rows (a TUN read arena) or end to end (a UDP_GRO train;
+    a row longer than the first, which no train has, is cut there and stale bytes fill short ones)."""
+    rows = [prefix + s for s in segs]
+    if not end_to_end:
+        return PacketBatch.from_packets(rows, headroom=16)
+    s = len(rows[0])
+    raw = b"".join(r[:s].ljust(s, b"\xee") for r in rows)
+    lengths = np.array([min(len(r), s) for r in rows], np.int32)
+    return PacketBatch(np.frombuffer(raw, np.uint8).reshape(len(rows), s), lengths, 0, len(rows))
+
+
+def refresh_checksums(seg: bytearray, v6: bool) -> None:
+    """Make a deliberately changed segment sound again (so only the change itself can refuse it)."""
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
+    if v6:
+        struct.pack_into("!H", seg, h.IPV6_PAYLOAD_LEN, len(seg) - l3)
+    else:
+        struct.pack_into("!HH", seg, h.IPV4_TOTAL_LEN, len(seg), 0)
+        struct.pack_into("!H", seg, h.IPV4_CSUM, 0)
+        struct.pack_into("!H", seg, h.IPV4_CSUM, reference.checksum(bytes(seg[:l3])))
+    struct.pack_into("!H", seg, l3 + h.TCP_CSUM, 0)
+    l4 = bytes(seg[l3:])
+    struct.pack_into(
+        "!H", seg, l3 + h.TCP_CSUM, reference.checksum(l4, reference.pseudo_header(bytes(seg), 6, len(l4)))
+    )
+
+
+@st.composite
+def trains(draw: st.DrawFn) -> tuple[list[bytes], bytes, bool]:
+    v6 = draw(st.booleans())
+    mss = draw(st.integers(100, 1448))
+    k = draw(st.integers(2, min(44, 60000 // mss)))
+    n = (k - 1) * mss + draw(st.integers(1, mss))
+    sp = build_tcp(
+        v6=v6,
+        payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),
+        mss=mss,
+        seq=draw(st.integers(0, 2**32 - 1)),
+        flags=draw(st.sampled_from(["A", "PA"])),
+        options=draw(st.sampled_from(TCP_OPTIONS)),
+        ip_id=draw(st.integers(0, 0xFFFF)),
+        window=draw(st.integers(0, 0xFFFF)),
+    )
+    segs = reference.split(sp.raw, sp.vh)
+    return segs, sp.vh.encode() + sp.raw, v6
+
+
+@given(t=trains(), prefixed=st.booleans(), end_to_end=st.booleans())
+@SETTINGS
+def test_a_clean_train_is_its_superpacket(
+    t: tuple[list[bytes], bytes, bool], prefixed: bool, end_to_end: bool
+):
+    segs, superpacket, _ = t
+    prefix = PREFIX if prefixed else b""
+    run = coalesce_run(laid_out(segs, prefix, end_to_end), len(prefix))
+    assert run is not None and bytes(run) == superpacket == reference.coalesce_run(segs)
+
+
+@given(
+    t=trains(),
+    flaw=st.sampled_from(["byte", "psh", "gap", "short", "prefix"]),
+    where=st.integers(0, 10**6),
+    end_to_end=st.booleans(),
+)
+@SETTINGS
+def test_a_flawed_train_is_left_to_the_row_by_row_path(
+    t: tuple[list[bytes], bytes, bool], flaw: str, where: int, end_to_end: bool
+) -> None:
+    segs, _, v6 = t
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
+    rows = [bytearray(PREFIX + s) for s in segs]
+    middle = where % max(1, len(segs) - 1)  # any row but the last (PSH and a short row are fine there)
+    seg = bytearray(segs[middle])
+    in_prefix = flaw == "prefix"
+    if flaw == "byte":
+        i = where % len(rows)
+        j = where % len(rows[i])
+        rows[i][j] ^= 1 + where % 255
+        in_prefix = j < len(PREFIX)
+    elif flaw == "psh":
+        seg[l3 + h.TCP_FLAGS] |= h.TCP_PSH
+        refresh_checksums(seg, v6)
+        rows[middle] = bytearray(PREFIX + seg)
+    elif flaw == "gap":
+        i = 1 + where % (len(segs) - 1)  # a gap before row i
+        seg = bytearray(segs[i])
+        seq = struct.unpack_from("!I", seg, l3 + h.TCP_SEQ)[0]
+        struct.pack_into("!I", seg, l3 + h.TCP_SEQ, (seq + 1 + where % 1000) & 0xFFFFFFFF)
+        refresh_checksums(seg, v6)
+        rows[i] = bytearray(PREFIX + seg)
+    elif flaw == "short":
+        if len(segs) < 3 or len(seg) - 1 <= len(segs[-1]):
+            return  # no middle row, or shortening it would not make it shorter than a full row
+        seg = seg[:-1]
+        refresh_checksums(seg, v6)
+        rows[middle] = bytearray(PREFIX + seg)
+    else:
+        rows[where % len(rows)][where % len(PREFIX)] ^= 0x80
+    batch = laid_out([bytes(r[len(PREFIX) :]) for r in rows], b"", end_to_end)
+    prefixed = laid_out([bytes(r) for r in rows], b"", end_to_end)
+    assert coalesce_run(prefixed, len(PREFIX)) is None
+    if not in_prefix:
+        assert coalesce_run(batch) is None
+
+
+def test_more_than_64_kib_is_two_superpackets() -> None:
+    """Two back-to-back superpackets of one flow (80 KB together): coalesce_run declines, the row-by-row
+    path cuts the run where 64 KiB would be passed."""
+    a = build_tcp(v6=False, payload=payload_bytes(1, 40 * 1000), mss=1000, seq=5)
+    b = build_tcp(v6=False, payload=payload_bytes(2, 40 * 1000), mss=1000, seq=5 + 40 * 1000)
+    segs = reference.split(a.raw, a.vh) + reference.split(b.raw, b.vh)
+    batch = PacketBatch.from_packets(segs, headroom=16)
+    assert coalesce_run(batch) is None
+    out = [b"".join(bytes(x) for x in w) for w in coalesce(batch)]
+    assert len(out) == 2 and sum(len(o) - 10 - 40 for o in out) == 80 * 1000

@@ -1,0 +1,201 @@
+"""GRO of the commonest train in about fifteen array operations: every row one full-size segment of one TCP
+flow but the last (which may be shorter), flags exactly ACK (the last may add PSH), adjacent sequence
+numbers, every checksum right, one superpacket of at most 64 KiB. A lone UDP_GRO train from a peer that
+sent one superpacket looks like this; gro._train, which decides joins row by row, costs about twice as much.
+
+Anything else returns None with nothing changed, and the caller takes the general path, so the bytes
+written are always those gro.coalesce writes. The header patch of a merged superpacket lives here too,
+shared by gro and gro_trains."""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import numpy as np
+
+from udpflannel.packet import headers as h
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.checksum import M
+from udpflannel.packet.vnet import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR_LEN,
+    VNET_HDR_STRUCT,
+)
+
+_ACK, _ACK_PSH = h.TCP_ACK_FLAG, h.TCP_ACK_FLAG | h.TCP_PSH
+_H = struct.Struct("!H")
+_IP4 = struct.Struct("!10H")
+_ADDR4 = struct.Struct("!4H")
+_ADDR6 = struct.Struct("!16H")
+
+
+@lru_cache(maxsize=64)
+def _row_mask(prefix: int, v6: bool, hl: int) -> np.ndarray:
+    """16-bit words (all or nothing) of prefix + IP + TCP header that every full-size row repeats from row 0:
+    the whole prefix, every IP word but IPv4's id and checksum, the TCP ports, ACK number, data offset and
+    flags, and the options; not the sequence number (checked apart), window, checksum or urgent pointer."""
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
+    mask = np.full((prefix + hl) // 2, 0xFFFF, np.uint16)
+    ip = prefix // 2
+    if not v6:
+        mask[[ip + h.IPV4_ID // 2, ip + h.IPV4_CSUM // 2]] = 0
+    tcp = ip + l3 // 2
+    for field in (h.TCP_SEQ, h.TCP_SEQ + 2, h.TCP_WINDOW, h.TCP_CSUM, h.TCP_URG):
+        mask[tcp + field // 2] = 0
+    return mask
+
+
+def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False) -> memoryview | None:
+    """The rows of `batch` as one write (virtio header + superpacket), or None. Each row holds `prefix`
+    bytes (e.g. VXLAN and inner Ethernet headers, which the caller judged in row 0; every row must repeat
+    them) and then its IP packet; `batch.lengths` count both. `verified`: the IP and TCP checksums were
+    checked already (validate_ip)."""
+    n, off = batch.n, batch.offset
+    if n < 2 or prefix & 1:
+        return None
+    buf = batch.buf
+    inner = off + prefix
+    lens = batch.lengths
+    first, final = int(lens[0]) - prefix, int(lens[n - 1]) - prefix
+    p0 = buf[0, off : inner + h.IPV6_HLEN + h.TCP_MAX_HLEN].tobytes()
+    f0 = p0[prefix:]
+    if len(f0) < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
+        return None
+    if f0[0] == 0x45:
+        v6, l3, ip_len = False, h.IPV4_MIN_HLEN, _H.unpack_from(f0, h.IPV4_TOTAL_LEN)[0]
+        if f0[h.IPV4_PROTO] != h.IPPROTO_TCP or _H.unpack_from(f0, h.IPV4_FRAG)[0] & h.IPV4_MF_OFFSET_MASK:
+            return None
+    elif f0[0] >> 4 == 6 and len(f0) >= h.IPV6_HLEN + h.TCP_MIN_HLEN:
+        v6, l3 = True, h.IPV6_HLEN
+        ip_len = _H.unpack_from(f0, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
+        if f0[h.IPV6_NEXT_HDR] != h.IPPROTO_TCP:
+            return None
+    else:
+        return None
+    doff = f0[l3 + h.TCP_DOFF] >> 4
+    hl = l3 + doff * 4
+    gso, last = first - hl, final - hl
+    if (
+        doff < 5
+        or len(f0) < hl
+        or buf.shape[1] < inner + hl
+        or ip_len != first
+        or f0[l3 + h.TCP_FLAGS] != _ACK
+        or gso <= 0
+        or not 0 < last <= gso
+        or hl + (n - 1) * gso + last > h.IP_MAXPACKET
+    ):
+        return None
+    if n > 2 and np.count_nonzero(lens[1 : n - 1] != lens[0]):
+        return None
+    # Rows 0..n-2: row 0's words where the mask looks (its length and flags included). Native byte order:
+    # the mask is whole words, so it reads the same either way, and non-native views cost a byte swap.
+    words = buf[: n - 1, off : inner + hl].view(np.uint16)
+    if np.count_nonzero((words ^ words[0]) & _row_mask(prefix, v6, hl)):
+        return None
+    # The last row: the same flow, its own length, ACK or ACK|PSH (plain Python: one row).
+    pn = buf[n - 1, off : inner + hl].tobytes()
+    fn = pn[prefix:]
+    t0 = prefix + l3  # where the TCP header starts in p0 and pn
+    if v6:
+        same_ip = p0[: prefix + 4] == pn[: prefix + 4] and p0[prefix + 6 : t0] == pn[prefix + 6 : t0]
+        own_len = _H.unpack_from(fn, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
+    else:
+        same_ip = (
+            p0[: prefix + 2] == pn[: prefix + 2]
+            and p0[prefix + h.IPV4_FRAG : prefix + h.IPV4_CSUM]
+            == pn[prefix + h.IPV4_FRAG : prefix + h.IPV4_CSUM]
+            and p0[prefix + h.IPV4_SRC : t0] == pn[prefix + h.IPV4_SRC : t0]
+        )
+        own_len = _H.unpack_from(fn, h.IPV4_TOTAL_LEN)[0]
+    last_flags = pn[t0 + h.TCP_FLAGS]
+    if not (
+        same_ip
+        and own_len == final
+        and p0[t0 : t0 + h.TCP_SEQ] == pn[t0 : t0 + h.TCP_SEQ]
+        and p0[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS] == pn[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS]
+        and last_flags in (_ACK, _ACK_PSH)
+        and p0[t0 + h.TCP_MIN_HLEN : prefix + hl] == pn[t0 + h.TCP_MIN_HLEN :]  # options
+    ):
+        return None
+    # Adjacent sequence numbers (uint32 differences wrap as the sequence space does).
+    seq = buf[:n, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, 0]
+    if np.count_nonzero((seq[1:] - seq[:-1]) != gso):
+        return None
+    if not verified and not _checksums_ok(buf, n, inner, first, final, f0, v6):
+        return None
+    return _build(buf, n, inner, hl, l3, gso, last, last_flags, v6)
+
+
+def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f0: bytes, v6: bool) -> bool:
+    """IPv4 header checksums, and every row's TCP checksum: the sum of its whole IP packet plus what turns
+    that into pseudo-header + segment (as in gro._train). Rows 0..n-2 share the length and addresses, so
+    one constant fixes them all. Sums are of little-endian 16-bit words: 256 x the network-order sum (mod
+    0xFFFF), which is 0 exactly when that is, so the constant is scaled to match rather than every sum.
+    uint32 sums cannot overflow: at most 32768 words of 0xFFFF plus a constant under 2**27."""
+    if v6:
+        w = struct.unpack_from("!4H", f0)
+        fix = 4 * M - w[0] - w[1] - w[3] + h.IPPROTO_TCP
+        fix_first = fix_last = fix
+    else:
+        fix = sum(_ADDR4.unpack_from(f0, h.IPV4_SRC)) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
+        fix_first, fix_last = fix + first, fix + final
+    rows = buf[: n - 1, inner : inner + first]
+    even = first & ~1
+    s = rows[:, :even].view("<u2").sum(axis=1, dtype=np.uint32)
+    if first & 1:  # the odd last byte, as the low byte of a little-endian word
+        s += rows[:, even]
+    s += fix_first * 256
+    if np.count_nonzero(np.remainder(s, M, out=s)):
+        return False
+    if not v6:
+        ip = buf[:n, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=1, dtype=np.uint32)
+        if np.count_nonzero(np.remainder(ip, M, out=ip)):
+            return False
+    # The last row alone, the same way.
+    even = final & ~1
+    x = int(buf[n - 1, inner : inner + even].view("<u2").sum(dtype=np.uint32))
+    if final & 1:
+        x += int(buf[n - 1, inner + even])
+    return (x + fix_last * 256) % M == 0
+
+
+def _build(
+    buf: np.ndarray, n: int, inner: int, hl: int, l3: int, gso: int, last: int, last_flags: int, v6: bool
+) -> memoryview:
+    """Row 0's headers and every payload, in one new buffer behind a virtio header."""
+    v = VNET_HDR_LEN
+    total = hl + (n - 1) * gso + last
+    dst = np.empty(v + total, np.uint8)
+    dst[v : v + hl] = buf[0, inner : inner + hl]
+    end = v + hl + (n - 1) * gso
+    dst[v + hl : end].reshape(n - 1, gso)[:] = buf[: n - 1, inner + hl : inner + hl + gso]
+    dst[end:] = buf[n - 1, inner + hl : inner + hl + last]
+    mv = memoryview(dst)
+    finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=last_flags)
+    return mv
+
+
+def finish_superpacket(
+    mv: memoryview, *, v6: bool, hl: int, l3: int, gso: int, total: int, flags: int
+) -> None:
+    """Patch a merged superpacket (`mv`: virtio header + packet; row 0's headers in place) to its own
+    length, IPv4 header checksum, the last segment's flags and a NEEDS_CSUM TCP checksum, and write the
+    virtio header that asks the kernel to segment it in gso-byte pieces."""
+    v = VNET_HDR_LEN
+    if v6:
+        _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, total - h.IPV6_HLEN)
+        pseudo = sum(_ADDR6.unpack_from(mv, v + h.IPV6_SRC))
+    else:
+        _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
+        _H.pack_into(mv, v + h.IPV4_CSUM, 0)
+        _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (sum(_IP4.unpack_from(mv, v)) - 1) % M)
+        pseudo = sum(_ADDR4.unpack_from(mv, v + h.IPV4_SRC))
+    mv[v + l3 + h.TCP_FLAGS] = flags
+    # NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented; the kernel finishes it.
+    _H.pack_into(mv, v + l3 + h.TCP_CSUM, (pseudo + h.IPPROTO_TCP + total - l3 - 1) % M + 1)
+    kind = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+    VNET_HDR_STRUCT.pack_into(mv, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hl, gso, l3, h.TCP_CSUM)
