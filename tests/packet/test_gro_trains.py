@@ -4,7 +4,10 @@ would not write as one superpacket (or would refuse)."""
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
@@ -118,3 +121,23 @@ def test_mixed_versions_are_left_to_the_caller() -> None:
     assert len(trains[0][0]) == len(trains[1][0])
     _, rows, counts, lasts = lay_out(trains)
     assert coalesce_trains(rows, counts, lasts, INNER, out_arena(2)) is None
+
+
+@pytest.mark.parametrize("where", ["second", "last"])
+def test_a_sequence_gap_keeps_that_train_apart(where: str) -> None:
+    """A gap before the second or before the last datagram (TCP checksum made right again): that train
+    is not merged, its neighbours are."""
+    trains = []
+    for seed in range(3):
+        sp = build_tcp(v6=False, payload=payload_bytes(seed, 6 * 1000 + 5), mss=1000, seq=seed * 7)
+        trains.append(reference.split(sp.raw, sp.vh))
+    i = 1 if where == "second" else len(trains[1]) - 1
+    seg = bytearray(trains[1][i])
+    struct.pack_into("!I", seg, 24, struct.unpack_from("!I", seg, 24)[0] + 1)
+    struct.pack_into("!H", seg, 36, 0)
+    l4 = bytes(seg[20:])
+    struct.pack_into("!H", seg, 36, reference.checksum(l4, reference.pseudo_header(bytes(seg), 6, len(l4))))
+    trains[1][i] = bytes(seg)
+    _, rows, counts, lasts = lay_out(trains)
+    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(3))
+    assert merged is not None and merged.ok.tolist() == [True, False, True]

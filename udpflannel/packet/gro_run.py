@@ -30,10 +30,11 @@ _H = struct.Struct("!H")
 _IP4 = struct.Struct("!10H")
 _ADDR4 = struct.Struct("!4H")
 _ADDR6 = struct.Struct("!16H")
+_V6_WORDS = struct.Struct("!4H")
 
 
 @lru_cache(maxsize=64)
-def _row_mask(prefix: int, v6: bool, hl: int) -> np.ndarray:
+def row_mask(prefix: int, v6: bool, hl: int) -> np.ndarray:
     """16-bit words (all or nothing) of prefix + IP + TCP header that every full-size row repeats from row 0:
     the whole prefix, every IP word but IPv4's id and checksum, the TCP ports, ACK number, data offset and
     flags, and the options; not the sequence number (checked apart), window, checksum or urgent pointer."""
@@ -94,32 +95,11 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     # Rows 0..n-2: row 0's words where the mask looks (its length and flags included). Native byte order:
     # the mask is whole words, so it reads the same either way, and non-native views cost a byte swap.
     words = buf[: n - 1, off : inner + hl].view(np.uint16)
-    if np.count_nonzero((words ^ words[0]) & _row_mask(prefix, v6, hl)):
+    if np.count_nonzero((words ^ words[0]) & row_mask(prefix, v6, hl)):
         return None
     # The last row: the same flow, its own length, ACK or ACK|PSH (plain Python: one row).
-    pn = buf[n - 1, off : inner + hl].tobytes()
-    fn = pn[prefix:]
-    t0 = prefix + l3  # where the TCP header starts in p0 and pn
-    if v6:
-        same_ip = p0[: prefix + 4] == pn[: prefix + 4] and p0[prefix + 6 : t0] == pn[prefix + 6 : t0]
-        own_len = _H.unpack_from(fn, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
-    else:
-        same_ip = (
-            p0[: prefix + 2] == pn[: prefix + 2]
-            and p0[prefix + h.IPV4_FRAG : prefix + h.IPV4_CSUM]
-            == pn[prefix + h.IPV4_FRAG : prefix + h.IPV4_CSUM]
-            and p0[prefix + h.IPV4_SRC : t0] == pn[prefix + h.IPV4_SRC : t0]
-        )
-        own_len = _H.unpack_from(fn, h.IPV4_TOTAL_LEN)[0]
-    last_flags = pn[t0 + h.TCP_FLAGS]
-    if not (
-        same_ip
-        and own_len == final
-        and p0[t0 : t0 + h.TCP_SEQ] == pn[t0 : t0 + h.TCP_SEQ]
-        and p0[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS] == pn[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS]
-        and last_flags in (_ACK, _ACK_PSH)
-        and p0[t0 + h.TCP_MIN_HLEN : prefix + hl] == pn[t0 + h.TCP_MIN_HLEN :]  # options
-    ):
+    last_flags = last_row_flags(p0, buf[n - 1, off : inner + hl].tobytes(), prefix, hl, v6, final)
+    if last_flags is None:
         return None
     # Adjacent sequence numbers (uint32 differences wrap as the sequence space does).
     seq = buf[:n, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, 0]
@@ -130,37 +110,74 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     return _build(buf, n, inner, hl, l3, gso, last, last_flags, v6)
 
 
-def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f0: bytes, v6: bool) -> bool:
-    """IPv4 header checksums, and every row's TCP checksum: the sum of its whole IP packet plus what turns
-    that into pseudo-header + segment (as in gro._train). Rows 0..n-2 share the length and addresses, so
-    one constant fixes them all. Sums are of little-endian 16-bit words: 256 x the network-order sum (mod
-    0xFFFF), which is 0 exactly when that is, so the constant is scaled to match rather than every sum.
-    uint32 sums cannot overflow: at most 32768 words of 0xFFFF plus a constant under 2**27."""
+def last_row_flags(p0: bytes, pn: bytes, prefix: int, hl: int, v6: bool, final: int) -> int | None:
+    """The flags of a train's last row (`pn`: its prefix and headers) when it carries row 0's (`p0`) prefix,
+    IP and TCP flow fields and options, its own IP length `final`, and ACK or ACK|PSH; else None."""
+    t0 = prefix + (h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN)  # where the TCP header starts
     if v6:
-        w = struct.unpack_from("!4H", f0)
-        fix = 4 * M - w[0] - w[1] - w[3] + h.IPPROTO_TCP
-        fix_first = fix_last = fix
+        same_ip = p0[: prefix + 4] == pn[: prefix + 4] and p0[prefix + 6 : t0] == pn[prefix + 6 : t0]
+        own_len = _H.unpack_from(pn, prefix + h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
     else:
-        fix = sum(_ADDR4.unpack_from(f0, h.IPV4_SRC)) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
-        fix_first, fix_last = fix + first, fix + final
+        frag, csum = prefix + h.IPV4_FRAG, prefix + h.IPV4_CSUM  # flags, fragment, TTL, protocol between
+        same_ip = (
+            p0[: prefix + 2] == pn[: prefix + 2]
+            and p0[frag:csum] == pn[frag:csum]
+            and p0[prefix + h.IPV4_SRC : t0] == pn[prefix + h.IPV4_SRC : t0]
+        )
+        own_len = _H.unpack_from(pn, prefix + h.IPV4_TOTAL_LEN)[0]
+    flags = pn[t0 + h.TCP_FLAGS]
+    if (
+        same_ip
+        and own_len == final
+        and p0[t0 : t0 + h.TCP_SEQ] == pn[t0 : t0 + h.TCP_SEQ]
+        and p0[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS] == pn[t0 + h.TCP_ACK : t0 + h.TCP_FLAGS]
+        and flags in (_ACK, _ACK_PSH)
+        and p0[t0 + h.TCP_MIN_HLEN : prefix + hl] == pn[t0 + h.TCP_MIN_HLEN : prefix + hl]  # options
+    ):
+        return flags
+    return None
+
+
+def pseudo_fix(f0: bytes, v6: bool) -> int:
+    """What turns the sum of a whole IP packet of this flow (`f0`: its headers) into the sum of its TCP
+    pseudo-header and segment, less the IPv4 total length (the caller adds each packet's). IPv4: its header
+    adds 0 (mod 0xFFFF) when sound; add addresses, protocol, minus the header length. IPv6: the header
+    holds the addresses and payload length already; take out version/class/flow and next header/hop limit,
+    add the next header alone."""
+    if v6:
+        w = _V6_WORDS.unpack_from(f0)
+        return 4 * M - w[0] - w[1] - w[3] + h.IPPROTO_TCP
+    return sum(_ADDR4.unpack_from(f0, h.IPV4_SRC)) + h.IPPROTO_TCP - h.IPV4_MIN_HLEN
+
+
+def row_sum_ok(row: np.ndarray, length: int, fix: int) -> bool:
+    """One packet's TCP checksum (`row` starts at its IP header), the way _checksums_ok checks many."""
+    even = length & ~1
+    x = int(row[:even].view("<u2").sum(dtype=np.uint32))
+    if length & 1:
+        x += int(row[even])
+    return (x + fix * 256) % M == 0
+
+
+def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f0: bytes, v6: bool) -> bool:
+    """IPv4 header checksums, and every row's TCP checksum: the sum of its whole IP packet plus pseudo_fix.
+    Sums are of little-endian 16-bit words: 256 x the network-order sum (mod 0xFFFF), which is 0 exactly
+    when that is, so the constant is scaled to match rather than every sum. uint32 sums cannot overflow:
+    at most 32768 words of 0xFFFF plus a constant under 2**27."""
+    fix = pseudo_fix(f0, v6)
     rows = buf[: n - 1, inner : inner + first]
     even = first & ~1
     s = rows[:, :even].view("<u2").sum(axis=1, dtype=np.uint32)
     if first & 1:  # the odd last byte, as the low byte of a little-endian word
         s += rows[:, even]
-    s += fix_first * 256
+    s += (fix if v6 else fix + first) * 256
     if np.count_nonzero(np.remainder(s, M, out=s)):
         return False
     if not v6:
         ip = buf[:n, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=1, dtype=np.uint32)
         if np.count_nonzero(np.remainder(ip, M, out=ip)):
             return False
-    # The last row alone, the same way.
-    even = final & ~1
-    x = int(buf[n - 1, inner : inner + even].view("<u2").sum(dtype=np.uint32))
-    if final & 1:
-        x += int(buf[n - 1, inner + even])
-    return (x + fix_last * 256) % M == 0
+    return row_sum_ok(buf[n - 1, inner:], final, fix if v6 else fix + final)
 
 
 def _build(

@@ -1,13 +1,14 @@
 """GRO over several UDP_GRO trains at once: when the receiver falls behind, one recvmmsg returns many trains
-(each a sender's split superpacket), and checking them together costs the ~40 array operations of one
-train instead of ~40 per train. Trains arrive as a [m, K, s] view of the receive slots (train j's datagrams
-are rows 0..counts[j]-1 of slab j; rows past that are stale bytes and are masked out).
+(each a sender's split superpacket), and checking them together costs the array operations of one train
+instead of those of each. Trains arrive as a [m, K, s] view of the receive slots (train j's datagrams are
+rows 0..counts[j]-1 of slab j; rows past that are stale bytes and are masked out).
 
-A train qualifies when every datagram carries a sound, checksummed TCP segment of one flow that joins the
-previous one by the rules of gro.py (ACK only, the last may add PSH; adjacent sequence numbers; equal
-sizes but the last). Qualifying trains become one superpacket each, built in a caller-owned output arena;
-the others are left to gro.coalesce_train / the general path, which judge and count every row. The bytes
-written are those gro.coalesce_train would write for the same train."""
+A train qualifies when it is what gro_run.coalesce_run merges: every datagram but the last a full-size
+copy of row 0's flow (one masked xor over all trains), the last of the same flow with ACK or ACK|PSH
+(plain Python, one row a train), adjacent sequence numbers and every checksum right. Qualifying trains
+become one superpacket each, built in a caller-owned output arena; the others are left to
+gro.coalesce_train / the general path, which judge and count every row. The bytes written are those
+gro.coalesce_train would write for the same train."""
 
 from __future__ import annotations
 
@@ -17,17 +18,11 @@ import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.checksum import M
-from udpflannel.packet.gro import _V4_TRAIN_MASK, _V6_TRAIN_MASK
-from udpflannel.packet.gro_run import finish_superpacket
+from udpflannel.packet.gro_run import finish_superpacket, last_row_flags, pseudo_fix, row_mask, row_sum_ok
 from udpflannel.packet.vnet import VNET_HDR_LEN
 
-# gro's flow-key masks, plus the words coalesce_trains predicts: IP length, TCP sequence number, flags.
-_V4_MASK = _V4_TRAIN_MASK.copy()
-_V4_MASK[[h.IPV4_TOTAL_LEN // 2, 10 + 2, 10 + 3]] = 0xFFFF
-_V4_MASK[10 + 6] = 0xF0FF
-_V6_MASK = _V6_TRAIN_MASK.copy()
-_V6_MASK[[h.IPV6_PAYLOAD_LEN // 2, 20 + 2, 20 + 3]] = 0xFFFF
-_V6_MASK[20 + 6] = 0xF0FF
+_ACK = h.TCP_ACK_FLAG
+_HEAD = h.IPV6_HLEN + h.TCP_MAX_HLEN  # enough of row 0 for any IP + TCP header this path takes
 
 
 @dataclass
@@ -61,80 +56,69 @@ def coalesce_trains(
     header length (the caller then takes them one by one)."""
     m, K, s = rows.shape
     full_len = s - inner if full_len is None else full_len
-    if s < inner + h.IPV6_HLEN + h.TCP_MIN_HLEN:
+    width = min(s - inner, _HEAD)
+    if width < h.IPV6_HLEN + h.TCP_MIN_HLEN:
         return None
-    heads = rows[:, 0, inner : inner + h.IPV6_HLEN + h.TCP_MIN_HLEN].tobytes()
+    heads = rows[:, 0, inner : inner + width].tobytes()
     v6 = heads[0] >> 4 == 6
     l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
-    tw = l3 // 2
-    wide = h.IPV6_HLEN + h.TCP_MIN_HLEN
-    # Per train, from its first datagram (plain Python: a few trains, a few fields): one flow of TCP.
     doff = heads[l3 + h.TCP_DOFF] >> 4
     hl = l3 + doff * 4
-    if full_len <= hl or int(lasts.min()) <= inner + hl or doff < 5:
+    if full_len <= hl or hl > width or int(lasts.min()) <= inner + hl or doff < 5:
         return None
-    for j in range(m):
-        f = heads[j * wide : (j + 1) * wide]
+    # Per train, from its first datagram (plain Python: a few trains, a few fields): one flow of TCP, its
+    # row 0 full-size with exactly ACK, its last datagram the same flow.
+    fixes, last_flags, python_ok = [], [], []
+    for j, (k, t) in enumerate(zip(counts.tolist(), lasts.tolist(), strict=True)):
+        f = heads[j * width : (j + 1) * width]
         if v6:
             good = f[0] >> 4 == 6 and f[h.IPV6_NEXT_HDR] == h.IPPROTO_TCP
+            ip_len = int.from_bytes(f[h.IPV6_PAYLOAD_LEN : h.IPV6_PAYLOAD_LEN + 2], "big") + h.IPV6_HLEN
         else:
             good = f[0] == 0x45 and f[h.IPV4_PROTO] == h.IPPROTO_TCP and not (f[6] & 0x3F or f[7])
+            ip_len = int.from_bytes(f[h.IPV4_TOTAL_LEN : h.IPV4_TOTAL_LEN + 2], "big")
         if not good or f[l3 + h.TCP_DOFF] >> 4 != doff:
             return None
-    a = rows[:, :, inner : inner + l3 + h.TCP_MIN_HLEN].view(">u2").astype(np.int64)  # [m, K, words]
-    a0 = a[:, 0]
+        fix = pseudo_fix(f, v6)
+        fixes.append(fix if v6 else fix + full_len)
+        final = t - inner
+        flags = (
+            last_row_flags(f, rows[j, k - 1, inner : inner + hl].tobytes(), 0, hl, v6, final)
+            if k > 1
+            else None
+        )
+        last_flags.append(flags or 0)
+        python_ok.append(
+            flags is not None
+            and ip_len == full_len
+            and f[l3 + h.TCP_FLAGS] == _ACK
+            and final <= full_len
+            and row_sum_ok(rows[j, k - 1, inner:], final, fix if v6 else fix + final)
+        )
     gso = full_len - hl
-    ar = np.arange(K)
-    last_row = counts - 1
-    at_last = (np.arange(m), last_row)
-    # What every datagram must hold where the mask looks: row 0's words, with its own length, its
-    # sequence number and exactly ACK (PSH, allowed on the last datagram, is cleared there first).
-    want = np.repeat(a0[:, None, :], K, axis=1)
-    lengths = np.full((m, K), full_len, np.int64)
-    lengths[at_last] = lasts - inner
-    want[:, :, h.IPV6_PAYLOAD_LEN // 2 if v6 else h.IPV4_TOTAL_LEN // 2] = lengths - (l3 if v6 else 0)
-    seq = ((a0[:, tw + 2] << 16) | a0[:, tw + 3])[:, None] + ar * gso
-    want[:, :, tw + 2] = (seq >> 16) & 0xFFFF
-    want[:, :, tw + 3] = seq & 0xFFFF
-    want[:, :, tw + 6] = (a0[:, tw + 6, None] & 0xF000) | h.TCP_ACK_FLAG
-    last_flags = a[:, :, tw + 6][at_last] & 0xFF
-    a[:, :, tw + 6][at_last] &= ~h.TCP_PSH
-    diff = (a ^ want) & (_V6_MASK if v6 else _V4_MASK)
-    bad = diff.any(axis=2)
-    if hl > l3 + h.TCP_MIN_HLEN:
-        opts = rows[:, :, inner + l3 + h.TCP_MIN_HLEN : inner + hl]
-        bad |= (opts != opts[:, :1]).any(axis=2)
-    # TCP checksums as in gro._train: the packet's sum, plus the pseudo-header the IP header lacks.
-    net = _sums(rows, inner, full_len, counts, lasts)
-    if v6:
-        net += (4 * M - a0[:, 0] - a0[:, 1] - a0[:, h.IPV6_NEXT_HDR // 2] + h.IPPROTO_TCP)[:, None]
-    else:
-        bad |= a[:, :, :10].sum(axis=2) % M != 0  # RFC 791: a sound header sums to 0 mod 0xFFFF
-        addr = a0[:, h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2].sum(axis=1)
-        net += lengths + (addr + h.IPPROTO_TCP - h.IPV4_MIN_HLEN)[:, None]
-    bad |= net % M != 0
-    bad[ar >= counts[:, None]] = False  # stale rows past each train's end
+    full_rows = np.arange(K) < (counts - 1)[:, None]  # [m, K]: rows that must be full-size copies of row 0
+    # Every full row: row 0's words where the mask looks (length, flags and options included).
+    words = rows[:, :, inner : inner + hl].view(np.uint16)
+    bad = ((words ^ words[:, :1]) & row_mask(0, v6, hl)).any(axis=2)
+    # Adjacent sequence numbers: pair (i, i + 1) for every full row i, judged at row i.
+    seq = rows[:, :, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, :, 0]
+    bad[:, :-1] |= (seq[:, 1:] - seq[:, :-1]) != gso
+    # TCP checksums of the full rows (the last ones were checked above), as gro_run._checksums_ok does.
+    even = full_len & ~1
+    sums = rows[:, :, inner : inner + even].view("<u2").sum(axis=2, dtype=np.uint32)
+    if full_len & 1:
+        sums += rows[:, :, inner + even]
+    sums += np.array(fixes, np.uint32)[:, None] * 256
+    bad |= np.remainder(sums, M, out=sums) != 0
+    bad &= full_rows
+    if not v6:  # RFC 791: every header (the last rows' too) sums to 0 mod 0xFFFF
+        ip = rows[:, :, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=2, dtype=np.uint32)
+        bad |= (np.remainder(ip, M, out=ip) != 0) & (np.arange(K) < counts[:, None])
     total = hl + (counts - 1) * gso + (lasts - inner - hl)
-    ok = ~bad.any(axis=1) & (total <= h.IP_MAXPACKET) & (lasts - inner <= full_len)
+    ok = ~bad.any(axis=1) & np.array(python_ok) & (total <= h.IP_MAXPACKET)
     if not ok.any():
         return MergedTrains(ok, [None] * m)
     return MergedTrains(ok, _build(rows, out, ok, inner, hl, l3, gso, total, last_flags, v6))
-
-
-def _sums(rows: np.ndarray, inner: int, full_len: int, counts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
-    """Per datagram, the sum of its inner packet's bytes (network order, mod 0xFFFF, unfolded). Full-length
-    datagrams in one pass over [m, K] rows; each train's last datagram, shorter, on its own."""
-    q, r = full_len >> 2, full_len & 3
-    s = rows[:, :, inner : inner + q * 4].view("<u4").sum(axis=2, dtype=np.int64)
-    c = inner + q * 4
-    for k in range(r):  # the 1-3 bytes after the last whole word, as a little-endian word
-        s += rows[:, :, c + k].astype(np.int64) << (8 * k)
-    s *= 256  # little-endian words to network order (mod 0xFFFF)
-    for j, (k, t) in enumerate(zip(counts.tolist(), lasts.tolist(), strict=True)):
-        ln = t - inner
-        x = int.from_bytes(rows[j, k - 1, inner:t].tobytes(), "big")  # 2**16 is 1 mod 0xFFFF
-        s[j, k - 1] = ((x << 8) if ln & 1 else x) % M
-    return s
 
 
 def _build(
@@ -146,7 +130,7 @@ def _build(
     l3: int,
     gso: int,
     total: np.ndarray,
-    last_flags: np.ndarray,
+    last_flags: list[int],
     v6: bool,
 ) -> list[memoryview | None]:
     """Every train's superpacket in `out`: row 0's headers and every payload (gso bytes a row; the last
@@ -160,7 +144,7 @@ def _build(
     flat = memoryview(out.reshape(-1))
     stride = out.shape[1]
     writes: list[memoryview | None] = []
-    for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags.tolist(), strict=True)):
+    for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags, strict=True)):
         if not good:
             writes.append(None)
             continue
