@@ -86,6 +86,8 @@ class Engine(RowPaths):
         self.pool6 = pool6 or []
         self._pools = (self.pool, self.pool6 or self.pool)
         self.counters = counters
+        # The same cells as a memoryview: one cell's += costs ~0.1 us this way, ~1 us through numpy.
+        self._cells = memoryview(counters)
         self.table = PeerTable()
         self.is_vxlan = cfg.encap == "vxlan"
         self.head = vxlan_codec.VXLAN_HEADROOM if self.is_vxlan else 0
@@ -102,7 +104,7 @@ class Engine(RowPaths):
         self._train_out: np.ndarray | None = None  # gro_trains output arena, grown on demand
 
     def _count(self, name: str, value: int = 1) -> None:
-        self.counters[INDEX[name]] += value
+        self._cells[INDEX[name]] += value
 
     def _count_drops(self, codes: np.ndarray) -> None:
         if not codes.any():
@@ -153,30 +155,34 @@ class Engine(RowPaths):
         `header(i)` (row i's header as a VnetHdr) is accepted for older callers; the rows' headers are read
         from `headers` directly, which costs less."""
         self._count("tx_batches")
-        split = is_gso(headers)
-        plain = ~split
-        partial = np.flatnonzero(plain & needs_csum(headers))
-        if len(partial):
-            bad = finish_partial_checksums(batch, headers, partial)
-            if bad.any():
-                self._count_drops(bad)
-                plain[partial[bad != 0]] = False
-        gso_rows = np.flatnonzero(split)
+        # (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) per row: a batch holds a few rows
+        # (a few superpackets, or a few dozen small packets), cheaper to sort in plain Python than as arrays.
+        hd = headers.tolist()
+        gso_list = [i for i, x in enumerate(hd) if x[1]]
+        plain = None
+        if len(gso_list) < len(hd):
+            plain = ~is_gso(headers)
+            partial = np.flatnonzero(plain & needs_csum(headers))
+            if len(partial):
+                bad = finish_partial_checksums(batch, headers, partial)
+                if bad.any():
+                    self._count_drops(bad)
+                    plain[partial[bad != 0]] = False
         # udp: TTL down by one in each superpacket's header before the split copies it into every segment
         # (the split computes each segment's IPv4 checksum anyway); superpackets about to expire keep theirs
         # for send_superpacket's router answer.
-        ttl_done = self._decrement_ttl(batch, gso_rows) if not self.is_vxlan else {}
-        if len(gso_rows) >= SPLIT_MANY_MIN and int(headers["gso_size"][gso_rows].min()) >= PACKED_MIN_SEGMENT:
+        ttl_done = self._decrement_ttl(batch, gso_list) if not self.is_vxlan and gso_list else {}
+        if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.
-            many = split_many(batch, headers, gso_rows, self.head)
+            many = split_many(batch, headers, np.array(gso_list), self.head)
             if many is not None:
                 self._count("tx_superpackets", len(many))
-                for i, segs in zip(gso_rows.tolist(), many, strict=True):
+                for i, segs in zip(gso_list, many, strict=True):
                     self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-                gso_rows = gso_rows[:0]
-        for i in gso_rows.tolist():
+                gso_list = []
+        for i in gso_list:
             ln = int(batch.lengths[i])
-            vh = VnetHdr(*headers[i].tolist())
+            vh = VnetHdr(*hd[i])
             # Packed rows (end to end) go out as one buffer; tiny segments keep the padded layout, whose
             # rows are wide enough for every header column the general path reads.
             packed = vh.gso_size >= PACKED_MIN_SEGMENT
@@ -191,7 +197,7 @@ class Engine(RowPaths):
                 continue
             self._count("tx_superpackets")
             self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-        if plain.any():
+        if plain is not None and plain.any():
             rows = np.flatnonzero(plain)
             few = len(rows) <= FEW_PACKETS or (
                 len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
@@ -220,13 +226,13 @@ class Engine(RowPaths):
         codes[~active] = DropReason.NONE
         return peer, codes
 
-    def _decrement_ttl(self, batch: PacketBatch, rows: np.ndarray) -> dict[int, bool]:
+    def _decrement_ttl(self, batch: PacketBatch, rows: list[int]) -> dict[int, bool]:
         """flannel's udp proxy rule for superpacket rows of a TUN batch: TTL / hop limit down by one in the
         header (the split then gives every segment the new value and a checksum to match). Row -> done;
         rows at TTL <= 1 (or not IP) are left alone for the general path to answer."""
         off, buf = batch.offset, batch.buf
         done: dict[int, bool] = {}
-        for i in rows.tolist():
+        for i in rows:
             version = buf[i, off] >> 4
             col = off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)
             done[i] = version in (4, 6) and buf[i, col] > 1
@@ -243,9 +249,10 @@ class Engine(RowPaths):
         off = segs.offset
         peer, sock_index = self._flow(segs.buf, off, 0)
         ttl_at = off + (7 if segs.buf[0, off] >> 4 == 6 else 8)  # IPv6 hop limit / IPv4 TTL
+        longest, final = int(lens[0]), int(lens[n - 1])  # a split: every segment but the last is longest
         if (
             peer == NO_PEER
-            or int(lens.max()) > self.cfg.mtu
+            or longest > self.cfg.mtu
             or (not self.is_vxlan and not ttl_done and int(segs.buf[:n, ttl_at].min()) <= 1)
         ):
             self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True, ttl_done=ttl_done)
@@ -269,7 +276,7 @@ class Engine(RowPaths):
         sent = sock.stats.sent - before  # datagrams the kernel took
         self._count("tx_send_calls", sock.stats.send_calls - calls)
         self._count("tx_packets", sent)
-        self._count("tx_bytes", int(lens.sum()))
+        self._count("tx_bytes", longest * (n - 1) + final)
         if sent < n:
             self.counters[_DROP_SLOT[DropReason.SEND_ERROR]] += n - sent
 
