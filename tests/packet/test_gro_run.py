@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
@@ -139,3 +140,20 @@ def test_more_than_64_kib_is_two_superpackets() -> None:
     assert coalesce_run(batch) is None
     out = [b"".join(bytes(x) for x in w) for w in coalesce(batch)]
     assert len(out) == 2 and sum(len(o) - 10 - 40 for o in out) == 80 * 1000
+
+
+@pytest.mark.parametrize("fix_header_checksum", [False, True])
+def test_a_middle_row_with_another_ip_id(fix_header_checksum: bool) -> None:
+    """The IP id may differ (the merged packet takes row 0's); a header checksum that no longer matches
+    may not."""
+    sp = build_tcp(v6=False, payload=payload_bytes(3, 10 * 1000 + 1), mss=1000, seq=9)
+    segs = [bytearray(s) for s in reference.split(sp.raw, sp.vh)]
+    struct.pack_into("!H", segs[4], h.IPV4_ID, 0xBEEF)
+    if fix_header_checksum:
+        struct.pack_into("!H", segs[4], h.IPV4_CSUM, 0)
+        struct.pack_into("!H", segs[4], h.IPV4_CSUM, reference.checksum(bytes(segs[4][:20])))
+    run = coalesce_run(laid_out([bytes(s) for s in segs], PREFIX, end_to_end=True), len(PREFIX))
+    if fix_header_checksum:
+        assert run is not None and bytes(run) == sp.vh.encode() + sp.raw
+    else:
+        assert run is None

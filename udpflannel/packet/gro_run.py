@@ -31,6 +31,8 @@ _IP4 = struct.Struct("!10H")
 _ADDR4 = struct.Struct("!4H")
 _ADDR6 = struct.Struct("!16H")
 _V6_WORDS = struct.Struct("!4H")
+_IP4_LE = struct.Struct("<10H")  # an IPv4 header as the little-endian words the row sums use
+_H_LE = struct.Struct("<H")
 
 
 @lru_cache(maxsize=64)
@@ -90,7 +92,7 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
         or hl + (n - 1) * gso + last > h.IP_MAXPACKET
     ):
         return None
-    if n > 2 and np.count_nonzero(lens[1 : n - 1] != lens[0]):
+    if n > 2 and lens[1 : n - 1].tobytes() != lens[: n - 2].tobytes():  # each the same as the one before
         return None
     # Rows 0..n-2: row 0's words where the mask looks (its length and flags included). Native byte order:
     # the mask is whole words, so it reads the same either way, and non-native views cost a byte swap.
@@ -174,8 +176,15 @@ def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f
     if np.count_nonzero(np.remainder(s, M, out=s)):
         return False
     if not v6:
-        ip = buf[:n, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=1, dtype=np.uint32)
-        if np.count_nonzero(np.remainder(ip, M, out=ip)):
+        # Rows 0..n-2 repeat row 0's IPv4 header but for id and checksum (coalesce_run checked that first),
+        # so each header sums to row 0's other words plus its own two: two columns, not ten.
+        other = sum(_IP4_LE.unpack_from(f0)) - _H_LE.unpack_from(f0, h.IPV4_ID)[0]
+        other -= _H_LE.unpack_from(f0, h.IPV4_CSUM)[0]
+        cols = buf[: n - 1, inner : inner + h.IPV4_MIN_HLEN].view("<u2")
+        ip = np.add(cols[:, h.IPV4_ID // 2], cols[:, h.IPV4_CSUM // 2], dtype=np.uint32)
+        ip += other
+        last_ip = buf[n - 1, inner : inner + h.IPV4_MIN_HLEN].tobytes()
+        if np.count_nonzero(np.remainder(ip, M, out=ip)) or sum(_IP4_LE.unpack(last_ip)) % M:
             return False
     return row_sum_ok(buf[n - 1, inner:], final, fix if v6 else fix + final)
 
