@@ -13,7 +13,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from udpflannel.packet import headers as h
-from udpflannel.packet.reference import pseudo_header
+from udpflannel.packet.reference import checksum, pseudo_header
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -131,3 +131,38 @@ def udp_superpackets(draw: st.DrawFn) -> Super:
     mss = draw(st.integers(max(8, -(-n // 1000)), 9000))
     payload = payload_bytes(draw(st.integers(0, 2**32 - 1)), n)
     return build_udp(v6=v6, payload=payload, mss=mss, ip_id=draw(st.integers(0, 0xFFFF)))
+
+
+@st.composite
+def gro_superpackets(draw: st.DrawFn, *, v6: bool, mss: int, options: list, max_segments: int = 44) -> Super:
+    """A superpacket of one TCP flow that splits into 2..max_segments segments (the last one 1..mss
+    bytes), flags ACK or PSH|ACK: what a peer's split hands a GRO receiver as one train."""
+    k = draw(st.integers(2, min(max_segments, 60000 // mss)))
+    n = (k - 1) * mss + draw(st.integers(1, mss))
+    return build_tcp(
+        v6=v6,
+        payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),
+        mss=mss,
+        seq=draw(st.integers(0, 2**32 - 1)),
+        flags=draw(st.sampled_from(["A", "PA"])),
+        options=options,
+        ip_id=draw(st.integers(0, 0xFFFF)),
+        window=draw(st.integers(0, 0xFFFF)),
+    )
+
+
+def fix_checksums(seg: bytearray, v6: bool) -> None:
+    """Make a deliberately changed TCP segment (IPv4 without options, or IPv6) sound again: its IP length,
+    IPv4 header checksum and TCP checksum, so that only the change itself can make a receiver refuse it."""
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
+    if v6:
+        struct.pack_into("!H", seg, h.IPV6_PAYLOAD_LEN, len(seg) - l3)
+    else:
+        struct.pack_into("!H", seg, h.IPV4_TOTAL_LEN, len(seg))
+        struct.pack_into("!H", seg, h.IPV4_CSUM, 0)
+        struct.pack_into("!H", seg, h.IPV4_CSUM, checksum(bytes(seg[:l3])))
+    struct.pack_into("!H", seg, l3 + h.TCP_CSUM, 0)
+    l4 = bytes(seg[l3:])
+    struct.pack_into(
+        "!H", seg, l3 + h.TCP_CSUM, checksum(l4, pseudo_header(bytes(seg), h.IPPROTO_TCP, len(l4)))
+    )

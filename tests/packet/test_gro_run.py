@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
+from packet_builders import TCP_OPTIONS, build_tcp, fix_checksums, gro_superpackets, payload_bytes
 
 from udpflannel.packet import headers as h
 from udpflannel.packet import reference
@@ -36,38 +36,11 @@ def laid_out(segs: list[bytes], prefix: bytes, end_to_end: bool) -> PacketBatch:
     return PacketBatch(np.frombuffer(raw, np.uint8).reshape(len(rows), s), lengths, 0, len(rows))
 
 
-def refresh_checksums(seg: bytearray, v6: bool) -> None:
-    """Make a deliberately changed segment sound again (so only the change itself can refuse it)."""
-    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
-    if v6:
-        struct.pack_into("!H", seg, h.IPV6_PAYLOAD_LEN, len(seg) - l3)
-    else:
-        struct.pack_into("!HH", seg, h.IPV4_TOTAL_LEN, len(seg), 0)
-        struct.pack_into("!H", seg, h.IPV4_CSUM, 0)
-        struct.pack_into("!H", seg, h.IPV4_CSUM, reference.checksum(bytes(seg[:l3])))
-    struct.pack_into("!H", seg, l3 + h.TCP_CSUM, 0)
-    l4 = bytes(seg[l3:])
-    struct.pack_into(
-        "!H", seg, l3 + h.TCP_CSUM, reference.checksum(l4, reference.pseudo_header(bytes(seg), 6, len(l4)))
-    )
-
-
 @st.composite
 def trains(draw: st.DrawFn) -> tuple[list[bytes], bytes, bool]:
     v6 = draw(st.booleans())
-    mss = draw(st.integers(100, 1448))
-    k = draw(st.integers(2, min(44, 60000 // mss)))
-    n = (k - 1) * mss + draw(st.integers(1, mss))
-    sp = build_tcp(
-        v6=v6,
-        payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),
-        mss=mss,
-        seq=draw(st.integers(0, 2**32 - 1)),
-        flags=draw(st.sampled_from(["A", "PA"])),
-        options=draw(st.sampled_from(TCP_OPTIONS)),
-        ip_id=draw(st.integers(0, 0xFFFF)),
-        window=draw(st.integers(0, 0xFFFF)),
-    )
+    options = draw(st.sampled_from(TCP_OPTIONS))
+    sp = draw(gro_superpackets(v6=v6, mss=draw(st.integers(100, 1448)), options=options))
     segs = reference.split(sp.raw, sp.vh)
     return segs, sp.vh.encode() + sp.raw, v6
 
@@ -106,20 +79,20 @@ def test_a_flawed_train_is_left_to_the_row_by_row_path(
         in_prefix = j < len(PREFIX)
     elif flaw == "psh":
         seg[l3 + h.TCP_FLAGS] |= h.TCP_PSH
-        refresh_checksums(seg, v6)
+        fix_checksums(seg, v6)
         rows[middle] = bytearray(PREFIX + seg)
     elif flaw == "gap":
         i = 1 + where % (len(segs) - 1)  # a gap before row i
         seg = bytearray(segs[i])
         seq = struct.unpack_from("!I", seg, l3 + h.TCP_SEQ)[0]
         struct.pack_into("!I", seg, l3 + h.TCP_SEQ, (seq + 1 + where % 1000) & 0xFFFFFFFF)
-        refresh_checksums(seg, v6)
+        fix_checksums(seg, v6)
         rows[i] = bytearray(PREFIX + seg)
     elif flaw == "short":
         if len(segs) < 3 or len(seg) - 1 <= len(segs[-1]):
             return  # no middle row, or shortening it would not make it shorter than a full row
         seg = seg[:-1]
-        refresh_checksums(seg, v6)
+        fix_checksums(seg, v6)
         rows[middle] = bytearray(PREFIX + seg)
     else:
         rows[where % len(rows)][where % len(PREFIX)] ^= 0x80
@@ -150,8 +123,7 @@ def test_a_middle_row_with_another_ip_id(fix_header_checksum: bool) -> None:
     segs = [bytearray(s) for s in reference.split(sp.raw, sp.vh)]
     struct.pack_into("!H", segs[4], h.IPV4_ID, 0xBEEF)
     if fix_header_checksum:
-        struct.pack_into("!H", segs[4], h.IPV4_CSUM, 0)
-        struct.pack_into("!H", segs[4], h.IPV4_CSUM, reference.checksum(bytes(segs[4][:20])))
+        fix_checksums(segs[4], v6=False)
     run = coalesce_run(laid_out([bytes(s) for s in segs], PREFIX, end_to_end=True), len(PREFIX))
     if fix_header_checksum:
         assert run is not None and bytes(run) == sp.vh.encode() + sp.raw

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packet_builders import TCP_OPTIONS, build_tcp, payload_bytes
+from packet_builders import TCP_OPTIONS, build_tcp, fix_checksums, gro_superpackets, payload_bytes
 
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
@@ -52,18 +52,7 @@ def train_sets(draw: st.DrawFn) -> list[list[bytes]]:
     options = draw(st.sampled_from(TCP_OPTIONS))
     trains = []
     for _ in range(draw(st.integers(1, 5))):
-        k = draw(st.integers(2, min(40, 60000 // mss)))
-        n = (k - 1) * mss + draw(st.integers(1, mss))
-        sp = build_tcp(
-            v6=v6,
-            payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),
-            mss=mss,
-            seq=draw(st.integers(0, 2**32 - 1)),
-            flags=draw(st.sampled_from(["A", "PA"])),
-            options=options,
-            ip_id=draw(st.integers(0, 0xFFFF)),
-            window=draw(st.integers(0, 0xFFFF)),
-        )
+        sp = draw(gro_superpackets(v6=v6, mss=mss, options=options, max_segments=40))
         trains.append(reference.split(sp.raw, sp.vh))
     # Now and then a flaw: a flipped byte, a wrong flag, or a gap in the sequence numbers.
     flaw = draw(st.sampled_from(["none", "none", "byte", "psh", "seq"]))
@@ -134,9 +123,7 @@ def test_a_sequence_gap_keeps_that_train_apart(where: str) -> None:
     i = 1 if where == "second" else len(trains[1]) - 1
     seg = bytearray(trains[1][i])
     struct.pack_into("!I", seg, 24, struct.unpack_from("!I", seg, 24)[0] + 1)
-    struct.pack_into("!H", seg, 36, 0)
-    l4 = bytes(seg[20:])
-    struct.pack_into("!H", seg, 36, reference.checksum(l4, reference.pseudo_header(bytes(seg), 6, len(l4))))
+    fix_checksums(seg, v6=False)
     trains[1][i] = bytes(seg)
     _, rows, counts, lasts = lay_out(trains)
     merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(3))
