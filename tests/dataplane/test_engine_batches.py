@@ -109,3 +109,29 @@ def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: bool):
     assert together.counters[INDEX[drops]] == (1 if flaw else 0)
     for name in ("rx_packets", "rx_bytes", "rx_coalesced_writes", drops):
         assert together.counters[INDEX[name]] == alone.counters[INDEX[name]], name
+
+
+@pytest.mark.parametrize("case", ["clean", "other-vni", "stranger"])
+def test_a_lone_train_is_one_write_or_judged_row_by_row(case: str):
+    """One train in a receive (the commonest case under load): a clean one becomes exactly its
+    superpacket in one write; a datagram with another VNI is dropped alone, the rows around it still
+    delivered; a train from no peer's address is dropped whole. Each counted by its reason."""
+    raw = superpacket(7000, 12 * MSS + 100)
+    train = vxlan_train(7000, 12 * MSS + 100)
+    if case == "other-vni":
+        bad = bytearray(train[5])
+        bad[6] ^= 0x01  # VNI 1 -> 0
+        train[5] = bytes(bad)
+    h = Harness("vxlan")
+    h.engine.tun = h.tun = RecordingTun()
+    h.engine.rx, _ = received([train], src="198.18.0.9" if case == "stranger" else "198.18.0.2")
+    assert h.engine.rx_once() == len(train)
+    drops = {r: h.counters[INDEX[DROP_NAMES[r]]] for r in (DropReason.BAD_VNI, DropReason.NOT_A_PEER_SOURCE)}
+    if case == "clean":
+        assert h.tun.written == [VnetHdr(1, 1, 40, MSS, 20, 16).encode() + raw]  # NEEDS_CSUM, TCPV4
+        assert h.counters[INDEX["rx_packets"]] == len(train) and not any(drops.values())
+    elif case == "other-vni":
+        assert len(h.tun.written) == 2 and drops[DropReason.BAD_VNI] == 1
+        assert h.counters[INDEX["rx_packets"]] == len(train) - 1
+    else:
+        assert h.tun.written == [] and drops[DropReason.NOT_A_PEER_SOURCE] == len(train)

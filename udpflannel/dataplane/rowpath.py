@@ -6,7 +6,7 @@ when a row needs the batch pipeline's judgement, so drops are always counted the
 vxlan writes its header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, template, head, counters, _rx_prefix, _count. No sockets of its own, no clock."""
+_dsts, _flows, template, head, counters, _rx_prefix, _count, _deliver. No sockets of its own, no clock."""
 
 from __future__ import annotations
 
@@ -161,13 +161,7 @@ class RowPaths:
         run = coalesce_run(batch, head)
         if run is None:
             return False
-        ok = self.tun.write_batch([(run,)])
-        self._count("rx_coalesced_writes", ok)
-        if ok:
-            self._count("rx_packets", n)
-            self._count("rx_bytes", int(batch.lengths[:n].sum()) - n * head)
-        else:
-            self.counters[_TUN_WRITE_ERROR] += 1
+        self._deliver([(run,)], n, int(batch.lengths[:n].sum()) - n * head)
         return True
 
 
