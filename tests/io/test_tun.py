@@ -21,8 +21,10 @@ from udpflannel.io import linux
 from udpflannel.io.tun import Tun, new_read_arena
 from udpflannel.lab.netns import Lab
 from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gso import split_superpacket
+from udpflannel.packet.parse import validate_ip
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN
 
 pytestmark = pytest.mark.root
@@ -233,6 +235,63 @@ def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
         assert len(segs) == 11
         assert b"".join(s[28:] for s in segs) == payload
         assert all(reference.validate(s) == (0, len(s)) for s in segs)
+    finally:
+        tun.close()
+
+
+def test_uso_write_reaches_a_socket_as_its_datagrams(lab: Lab) -> None:
+    """Datagrams of one UDP flow coalesced into one UDP_L4 write (packet/gro_udp.py): the kernel cuts it
+    back and a socket behind the TUN receives every datagram, payloads intact, checksums accepted."""
+    ns = lab.netns("w")
+
+    def make() -> Tun:
+        tun = Tun.open(f"{lab.prefix}tw", offload=True)
+        tun.configure(addresses=["198.19.8.1/24"], up=True)
+        return tun
+
+    tun = call_in_netns(ns.name, make)
+    try:
+        if "uso4" not in tun.offloads:
+            pytest.skip("kernel without TUN USO (Linux < 6.2)")
+        ns.exec("ip", "route", "add", "198.19.9.0/24", "dev", tun.name)  # the senders' side, for rp_filter
+        rng = random.Random(5)
+        payloads = [rng.randbytes(700) for _ in range(19)] + [rng.randbytes(123)]
+
+        def bound() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("198.19.8.1", 9999))
+            s.settimeout(5)
+            return s
+
+        sock = call_in_netns(ns.name, bound)
+        with sock:
+            pkts = []
+            for i, p in enumerate(payloads):
+                udp = struct.pack("!HHHH", 40000, 9999, 8 + len(p), 0) + p
+                ip = bytearray(
+                    struct.pack(
+                        "!BBHHHBBH4s4s",
+                        0x45,
+                        0,
+                        28 + len(p),
+                        i,
+                        0x4000,
+                        64,
+                        17,
+                        0,
+                        socket.inet_aton("198.19.9.2"),
+                        socket.inet_aton("198.19.8.1"),
+                    )
+                )
+                struct.pack_into("!H", ip, 10, reference.checksum(bytes(ip)))
+                c = reference.checksum(udp, reference.pseudo_header(bytes(ip) + udp, 17, len(udp))) or 0xFFFF
+                pkts.append(bytes(ip) + udp[:6] + struct.pack("!H", c) + udp[8:])
+            batch = PacketBatch.from_packets(pkts, headroom=HEADROOM)
+            writes = coalesce(batch, validate_ip(batch, l4_checksum=True), uso=True)
+            assert len(writes) == 1
+            assert tun.write_batch(writes) == 1
+            got = [sock.recv(2048) for _ in payloads]
+        assert got == payloads
     finally:
         tun.close()
 

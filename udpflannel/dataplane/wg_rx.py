@@ -184,7 +184,7 @@ class WgReceiver:
         if self.tun.vnet:
             # coalesce validates (L4 checksums included: the kernel trusts a coalesced NEEDS_CSUM packet)
             # and leaves out what fails; what it left out is counted from what it wrote.
-            writes = coalesce(inner, None, vnet=True, gro=True)
+            writes = coalesce(inner, None, vnet=True, gro=True, uso=getattr(self.tun, "uso", False))
             bad = n - packets_in_writes(writes)
             if bad:
                 self.counters.drops["bad_inner_packet"] += bad

@@ -72,6 +72,12 @@ class TunDevice:
         """Active offloads, for the agent's log line (e.g. ['vnet_hdr', 'csum', 'tso4', 'tso6'])."""
         return (["vnet_hdr"] if self.vnet else []) + linux.offload_names(self.offload_flags)
 
+    @property
+    def uso(self) -> bool:
+        """Writes may carry UDP_L4 superpackets (USO for both families, Linux 6.2+)."""
+        both = linux.TUN_F_USO4 | linux.TUN_F_USO6
+        return self.vnet and self.offload_flags & both == both
+
     def fileno(self) -> int:
         return self.fd
 

@@ -17,6 +17,7 @@ from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M, sum_rows_raw
 from udpflannel.packet.gro_run import coalesce_run, finish_superpacket
+from udpflannel.packet.gro_udp import coalesce_udp
 from udpflannel.packet.parse import IpFields, ip_fields, readable, validate_ip
 from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
 
@@ -38,11 +39,13 @@ def coalesce(
     vnet: bool = True,
     gro: bool = True,
     fields: IpFields | None = None,
+    uso: bool = False,
 ) -> list[Iovecs]:
     """Write-ready packets for the TUN device: one tuple of buffers per write (os.writev), rows with a
     non-zero drop code left out. With vnet, each write starts with a virtio_net_hdr; with gro, runs of
-    segments are merged. `codes` must come from validate_ip(..., l4_checksum=True); computed if None.
-    `fields`: ip_fields(batch) when the caller has it already (from validate_ip)."""
+    segments are merged; with uso too (the TUN takes UDP_L4 superpackets), a batch of one UDP flow's
+    datagrams is one write (gro_udp). `codes` must come from validate_ip(..., l4_checksum=True); computed
+    if None. `fields`: ip_fields(batch) when the caller has it already (from validate_ip)."""
     n = batch.n
     if n == 0:
         return []
@@ -65,6 +68,10 @@ def coalesce(
     keep = codes == 0
     if not vnet:
         return [(v,) for v, k in zip(batch.views(), keep.tolist(), strict=True) if k]
+    if uso and gro and n > 1:
+        run = coalesce_udp(batch, keep, f)
+        if run is not None:
+            return [(run,)]
     # Nothing to join without two TCP rows (e.g. a train of small UDP datagrams): every row on its own.
     if not gro or n == 1 or np.count_nonzero(keep & (f.proto == h.IPPROTO_TCP)) < 2:
         return _emit(batch, f.buf, [(i, i) for i in np.flatnonzero(keep).tolist()], None)

@@ -1,0 +1,110 @@
+"""coalesce_udp: datagrams of one UDP flow become one USO superpacket whose split (the kernel's, here the
+per-packet oracle's) gives back exactly those datagrams, with the checksum field holding what the kernel
+expects (the folded pseudo-header sum with the full UDP length); anything that is not one flow by the
+kernel's UDP GRO rules stays apart."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from packet_builders import DST4, DST6, SRC4, SRC6, payload_bytes
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+
+from udpflannel.packet import headers as h
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.gro import coalesce
+from udpflannel.packet.gro_udp import UDP_MAX_SEGMENTS, coalesce_udp
+from udpflannel.packet.parse import ip_fields, validate_ip
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VnetHdr
+
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def datagrams(v6: bool, sizes: list[int], id0: int = 7, ttl: int = 64, seed: int = 0) -> list[bytes]:
+    """One flow's datagrams as a sender's kernel numbers them (IPv4 ids id0, id0 + 1, ...)."""
+    out = []
+    for i, size in enumerate(sizes):
+        l3 = (
+            IPv6(src=SRC6, dst=DST6, hlim=ttl)
+            if v6
+            else IP(src=SRC4, dst=DST4, id=(id0 + i) & 0xFFFF, ttl=ttl)
+        )
+        out.append(bytes(l3 / UDP(sport=40000, dport=5201) / payload_bytes(seed + i, size)))
+    return out
+
+
+def merged(pkts: list[bytes]) -> memoryview | None:
+    batch = PacketBatch.from_packets(pkts, headroom=16)
+    codes = validate_ip(batch, l4_checksum=True)
+    assert not codes.any()
+    return coalesce_udp(batch, codes == 0, ip_fields(batch))
+
+
+@given(
+    v6=st.booleans(),
+    size=st.integers(1, 1400),
+    k=st.integers(2, UDP_MAX_SEGMENTS),
+    short=st.integers(0, 1399),
+    id0=st.integers(0, 0xFFFF),
+)
+@SETTINGS
+def test_one_flow_is_one_superpacket_that_splits_back(v6: bool, size: int, k: int, short: int, id0: int):
+    k = min(k, 60000 // (size + 48))
+    if k < 2:
+        return
+    pkts = datagrams(v6, [size] * (k - 1) + [max(1, size - short)], id0=id0)
+    run = merged(pkts)
+    assert run is not None
+    raw = bytes(run)
+    vh = VnetHdr.decode(raw[:10])
+    l3 = 40 if v6 else 20
+    assert (vh.gso_type, vh.gso_size, vh.csum_start, vh.csum_offset) == (
+        VIRTIO_NET_HDR_GSO_UDP_L4,
+        size,
+        l3,
+        6,
+    )
+    assert reference.split(raw[10:], vh) == pkts
+    udp_len = len(raw) - 10 - l3
+    field = struct.unpack_from("!H", raw, 10 + l3 + h.UDP_CSUM)[0]
+    assert field == reference.pseudo_header(raw[10:], h.IPPROTO_UDP, udp_len)
+
+
+def odd_one(dport: int = 5201, ttl: int = 64, size: int = 300, mf: bool = False, tcp: bool = False) -> bytes:
+    """A datagram to put among the flow's: another port, TTL or size, a fragment, or TCP."""
+    l4 = TCP(sport=40000, dport=dport) if tcp else UDP(sport=40000, dport=dport)
+    return bytes(IP(src=SRC4, dst=DST4, id=9, ttl=ttl, flags="MF" if mf else 0) / l4 / payload_bytes(2, size))
+
+
+@pytest.mark.parametrize("flaw", ["port", "ttl", "longer", "shorter-middle", "tcp", "fragment", "udp-length"])
+def test_anything_but_one_flow_stays_apart(flaw: str) -> None:
+    pkts = datagrams(False, [300] * 5)
+    mid = {
+        "port": lambda: odd_one(dport=5202),
+        "ttl": lambda: odd_one(ttl=63),
+        "longer": lambda: odd_one(size=301),
+        "shorter-middle": lambda: odd_one(size=299),
+        "tcp": lambda: odd_one(tcp=True, size=288),
+        "fragment": lambda: odd_one(mf=True),
+        "udp-length": lambda: pkts[2],
+    }[flaw]()
+    if flaw == "udp-length":  # a UDP length short of the datagram (trailing bytes a socket would cut off)
+        m = bytearray(mid)
+        struct.pack_into("!HH", m, 20 + h.UDP_LEN, 300, 0)  # IPv4 without checksum: only the length is off
+        mid = bytes(m)
+    pkts[2] = mid
+    assert merged(pkts) is None
+    batch = PacketBatch.from_packets(pkts, headroom=16)
+    assert len(coalesce(batch, validate_ip(batch, l4_checksum=True), uso=True)) == len(pkts)
+
+
+def test_coalesce_merges_only_with_uso() -> None:
+    pkts = datagrams(True, [64] * 20)
+    for uso, count in ((True, 1), (False, 20)):
+        batch = PacketBatch.from_packets(pkts, headroom=16)
+        assert len(coalesce(batch, validate_ip(batch, l4_checksum=True), uso=uso)) == count
