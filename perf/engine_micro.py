@@ -90,6 +90,10 @@ class SinkSock(UdpSocket):
         self.stats.sent += datagrams
         return datagrams
 
+    def _sendmmsg_raw(self, hdrs, m: int) -> int:
+        self.stats.send_calls += 1
+        return m
+
     def _sendmmsg_prepared(self, hdrs, iov, n: int, keep: object) -> int:
         self.stats.send_calls += 1
         self.stats.sent += n

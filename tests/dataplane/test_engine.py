@@ -92,6 +92,11 @@ class FakeSock:
         ]
         return self.sendmmsg(items)
 
+    def send_rows_gso(self, buf, rows, col, seg, last, dest) -> int:
+        lengths = np.full(len(rows), seg)
+        lengths[-1] = last
+        return self.send_rows(buf, rows, col, lengths, dest)
+
     def sendmmsg(self, items) -> int:
         for r, dest in items:
             self.log.append((bytes(r), dest, self.index))

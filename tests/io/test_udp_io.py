@@ -183,6 +183,29 @@ def test_send_rows_sends_chosen_rows_of_a_buffer(pair: tuple[Lab, str, str]) -> 
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("offload", [True, False], ids=["gso", "fallback"])
+def test_send_rows_gso_sends_equal_rows_as_segments(pair: tuple[Lab, str, str], offload: bool) -> None:
+    """300 chosen rows of 64 bytes (more than one UDP_SEGMENT message holds: several messages in one
+    sendmmsg) and a shorter last one arrive as 301 datagrams, in order; without GSO, the same datagrams."""
+    _, a, b = pair
+    tx = _open(a, "198.18.0.1", 0, gso=offload)
+    rx = _open(b, "198.18.0.2", PORT, gro=False)
+    try:
+        payloads = [bytes([i % 251]) * 60 for i in range(600)]
+        payloads[-1] = b"\x07" * 33
+        batch = PacketBatch.from_packets(payloads, headroom=8)
+        batch.buf[:, 4:8] = 0xEE
+        rows = np.array([*range(0, 598, 2), 599], dtype=np.int64)
+        assert tx.send_rows_gso(batch.buf, rows, 4, 64, 37, ("198.18.0.2", PORT)) == len(rows)
+        got, _ = _receive_all(rx, len(rows))
+        assert got == [b"\xee" * 4 + payloads[i] for i in rows.tolist()]
+        assert tx.stats.sent == len(rows) and tx.stats.send_calls == 1  # one sendmmsg either way
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.root
 def test_gso_and_fallback_put_the_same_datagrams_on_the_wire(pair: tuple[Lab, str, str]) -> None:
     _, a, b = pair
     tx_gso = _open(a, "198.18.0.1", 0, gso=True)

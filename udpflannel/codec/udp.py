@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from udpflannel.codec.wire import UDP_OVERHEAD, UDP_PORT  # noqa: F401  (re-exported)
+from udpflannel.packet import headers as h
 
 IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
@@ -76,3 +77,17 @@ def decrement_ttl_batch(buf: np.ndarray, lengths: np.ndarray, offset: int, valid
         buf[r, offset + 10] = (new >> 8).astype(np.uint8)
         buf[r, offset + 11] = (new & 0xFF).astype(np.uint8)
     return expired
+
+
+def decrement_ttl_rows(buf: np.ndarray, offset: int, rows: list[int]) -> dict[int, bool]:
+    """flannel's udp proxy rule for the superpacket rows of a TUN batch: TTL / hop limit down by one in the
+    header (the split then gives every segment the new value and a checksum to match). Row -> done; rows
+    at TTL <= 1 (or not IP) are left alone for the general path to answer."""
+    done: dict[int, bool] = {}
+    for i in rows:
+        version = buf[i, offset] >> 4
+        col = offset + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)
+        done[i] = version in (4, 6) and buf[i, col] > 1
+        if done[i]:
+            buf[i, col] -= 1
+    return done

@@ -23,7 +23,6 @@ from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.io.udp_recv import TrainSet
-from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
@@ -89,6 +88,7 @@ class Engine(RowPaths):
         # The same cells as a memoryview: one cell's += costs ~0.1 us this way, ~1 us through numpy.
         self._cells = memoryview(counters)
         self.table = PeerTable()
+        self._uso = getattr(tun, "uso", False)  # a receive of one UDP flow's datagrams can be one write
         self.is_vxlan = cfg.encap == "vxlan"
         self.head = vxlan_codec.VXLAN_HEADROOM if self.is_vxlan else 0
         self.mac = vxlan_codec.parse_mac(cfg.vtep_mac)
@@ -171,7 +171,9 @@ class Engine(RowPaths):
         # udp: TTL down by one in each superpacket's header before the split copies it into every segment
         # (the split computes each segment's IPv4 checksum anyway); superpackets about to expire keep theirs
         # for send_superpacket's router answer.
-        ttl_done = self._decrement_ttl(batch, gso_list) if not self.is_vxlan and gso_list else {}
+        ttl_done = (
+            udp_codec.decrement_ttl_rows(batch.buf, batch.offset, gso_list) if not self.is_vxlan else {}
+        )
         if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.
             many = split_many(batch, headers, np.array(gso_list), self.head)
@@ -205,15 +207,20 @@ class Engine(RowPaths):
             if not (few and self.send_few(batch, rows.tolist())):
                 self.send_batch(batch, plain, one_flow=False)
 
-    def plan_tx(self, batch: PacketBatch, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def plan_tx(
+        self, batch: PacketBatch, active: np.ndarray, one_peer: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per row: (peer index or NO_PEER, DropReason code; NONE = send). Inactive rows get NONE and are
-        skipped by the caller."""
+        skipped by the caller. one_peer: every row is one flow's, to this peer (_one_flow)."""
         n = batch.n
         off = batch.offset
         lens = batch.lengths[:n]
         version = batch.buf[:n, off] >> 4
         bad = ~((version == 4) & (lens >= 20)) & ~((version == 6) & (lens >= 40))
-        peer = self.table.lookup_packets(batch.buf, off, n)
+        if one_peer is None:
+            peer = self.table.lookup_packets(batch.buf, off, n)
+        else:
+            peer = np.full(n, one_peer, np.int32)
         codes = np.zeros(n, dtype=np.uint8)
         codes[lens > self.cfg.mtu] = DropReason.OVER_MTU
         codes[peer == NO_PEER] = DropReason.UNKNOWN_PEER
@@ -225,20 +232,6 @@ class Engine(RowPaths):
         codes[bad] = DropReason.BAD_HEADER
         codes[~active] = DropReason.NONE
         return peer, codes
-
-    def _decrement_ttl(self, batch: PacketBatch, rows: list[int]) -> dict[int, bool]:
-        """flannel's udp proxy rule for superpacket rows of a TUN batch: TTL / hop limit down by one in the
-        header (the split then gives every segment the new value and a checksum to match). Row -> done;
-        rows at TTL <= 1 (or not IP) are left alone for the general path to answer."""
-        off, buf = batch.offset, batch.buf
-        done: dict[int, bool] = {}
-        for i in rows:
-            version = buf[i, off] >> 4
-            col = off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)
-            done[i] = version in (4, 6) and buf[i, col] > 1
-            if done[i]:
-                buf[i, col] -= 1
-        return done
 
     def send_superpacket(self, segs: PacketBatch, *, ttl_done: bool = False) -> None:
         """Segments of one split superpacket: one flow, so one peer lookup, one header template, one outer
@@ -286,7 +279,9 @@ class Engine(RowPaths):
         """Plan, answer what a router answers, encapsulate and send the active rows. ttl_done: udp, the
         rows' TTL already went down (in their superpacket), so it must not go down twice."""
         n = batch.n
-        peer, codes = self.plan_tx(batch, active)
+        # A batch of one flow (a packet-rate sender): its peer and socket from the flow cache, not per row.
+        flow = None if one_flow else self._one_flow(batch, np.flatnonzero(active))
+        peer, codes = self.plan_tx(batch, active, None if flow is None else flow[0])
         if not self.is_vxlan and not ttl_done:
             # flannel's udp proxy routes like a router: TTL goes down by one on the way out.
             ok = active & (codes == DropReason.NONE)
@@ -318,22 +313,34 @@ class Engine(RowPaths):
         else:
             # Only the columns flow_hash reads: TUN read rows are 64 KiB wide, so a whole-row gather of a
             # batch of small packets would copy megabytes.
-            head_cols = batch.buf[send, : batch.offset + FLOW_HASH_BYTES]
-            which = (flow_hash(head_cols, batch.offset, len(send)) % np.uint32(npool)).astype(np.int64)
+            if flow is None:
+                head_cols = batch.buf[send, : batch.offset + FLOW_HASH_BYTES]
+                which = (flow_hash(head_cols, batch.offset, len(send)) % np.uint32(npool)).astype(np.int64)
+            else:
+                which = np.full(len(send), flow[1] % npool, np.int64)
             which += np.where(self.table.outer_v6[peer[send]], npool, 0)  # IPv6 underlay: the second pool
             sent = 0
-            for s in np.unique(which).tolist():
+            for s in sorted(set(which.tolist())):
                 rows = send[which == s]
                 pool = self._pools[s // npool]
                 sock = pool[(s % npool) % len(pool)]
                 calls, before = sock.stats.send_calls, sock.stats.sent
                 peers = peer[rows]
                 sizes = lengths[rows]
-                if len(rows) > 1 and sock.gso and (peers == peers[0]).all() and (sizes == sizes[0]).all():
-                    # One peer, equal sizes (a packet-rate flow): one UDP_SEGMENT sendmsg over the rows
-                    # instead of a datagram each through sendmmsg; the wire carries the same datagrams.
-                    views = batch.views(head=self.head)
-                    sock.send_segments([views[i] for i in rows.tolist()], None, self._dsts[int(peers[0])])
+                contiguous = batch.buf.flags.c_contiguous
+                if (
+                    len(rows) > 1
+                    and sock.gso
+                    and contiguous
+                    and (peers == peers[0]).all()
+                    and (sizes == sizes[0]).all()
+                ):
+                    # One peer, equal sizes (a packet-rate flow): UDP_SEGMENT messages over the rows instead
+                    # of a datagram each; the wire carries the same datagrams.
+                    seg = int(sizes[0]) + self.head
+                    sock.send_rows_gso(
+                        batch.buf, rows, batch.offset - self.head, seg, seg, self._dsts[int(peers[0])]
+                    )
                 elif (peers == peers[0]).all() and batch.buf.flags.c_contiguous:
                     # One peer (the usual case): iovecs straight from the batch buffer, as arrays.
                     dest = self._dsts[int(peers[0])]
@@ -471,7 +478,7 @@ class Engine(RowPaths):
         checked = validate_ip(inner, l4_checksum=True, fields=fields)
         codes = np.where(codes != DropReason.NONE, codes, checked).astype(np.uint8)
         self._count_drops(codes)
-        writes = coalesce(inner, codes, vnet=self.tun.vnet, fields=fields)
+        writes = coalesce(inner, codes, vnet=self.tun.vnet, fields=fields, uso=self._uso)
         keep = codes == DropReason.NONE
         self._deliver(writes, int(keep.sum()), int(inner.lengths[keep].sum()))
 

@@ -49,6 +49,20 @@ class RowPaths:
             self._flows[key] = hit
         return hit
 
+    def _one_flow(self, batch: PacketBatch, rows: np.ndarray) -> tuple[int, int] | None:
+        """(peer index, socket index) from the flow cache when every row in `rows` carries the first one's
+        version byte, addresses and ports (the bytes _flow keys on); else None."""
+        if len(rows) < 2:
+            return None
+        off, buf = batch.offset, batch.buf
+        first = int(rows[0])
+        lead = buf[first, off]
+        lo, hi = (8, 44) if lead >> 4 == 6 else (12, 24)
+        keys = buf[rows, off + lo : off + hi]
+        if np.count_nonzero(buf[rows, off] != lead) or np.count_nonzero(keys != keys[0]):
+            return None
+        return self._flow(buf, off, first)
+
     def send_few(self, batch: PacketBatch, rows: list[int]) -> bool:
         """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
         operations of the general path. Sends nothing and returns False when any row needs the general
