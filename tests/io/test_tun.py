@@ -19,7 +19,7 @@ from io_netns import call_in_netns
 
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun, new_read_arena
-from udpflannel.lab.netns import Lab
+from udpflannel.lab.netns import Lab, Netns
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
@@ -195,21 +195,28 @@ def test_tun_read_write_plain_packet(lab: Lab) -> None:
         tun.close()
 
 
-def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
-    """A UDP_SEGMENT send routed into a TUN with USO arrives as one UDP_L4 superpacket; our split gives
-    back every datagram with a correct checksum."""
-    ns = lab.netns("u")
+def _uso_tun(lab: Lab, short: str, address: str, route: str) -> tuple[Netns, Tun]:
+    """A namespace with an offloaded TUN (its address, and `route` through it); skips without USO."""
+    ns = lab.netns(short)
 
     def make() -> Tun:
-        tun = Tun.open(f"{lab.prefix}tu", offload=True)
-        tun.configure(addresses=["198.19.6.1/24"], up=True)
+        tun = Tun.open(f"{lab.prefix}t{short}", offload=True)
+        tun.configure(addresses=[address], up=True)
         return tun
 
     tun = call_in_netns(ns.name, make)
+    if "uso4" not in tun.offloads:
+        tun.close()
+        pytest.skip("kernel without TUN USO (Linux < 6.2)")
+    ns.exec("ip", "route", "add", route, "dev", tun.name)
+    return ns, tun
+
+
+def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
+    """A UDP_SEGMENT send routed into a TUN with USO arrives as one UDP_L4 superpacket; our split gives
+    back every datagram with a correct checksum."""
+    ns, tun = _uso_tun(lab, "u", "198.19.6.1/24", "198.19.7.0/24")
     try:
-        if "uso4" not in tun.offloads:
-            pytest.skip("kernel without TUN USO (Linux < 6.2)")
-        ns.exec("ip", "route", "add", "198.19.7.0/24", "dev", tun.name)
         payload = random.Random(3).randbytes(10 * 1000 + 123)
 
         def send() -> None:
@@ -242,18 +249,8 @@ def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
 def test_uso_write_reaches_a_socket_as_its_datagrams(lab: Lab) -> None:
     """Datagrams of one UDP flow coalesced into one UDP_L4 write (packet/gro_udp.py): the kernel cuts it
     back and a socket behind the TUN receives every datagram, payloads intact, checksums accepted."""
-    ns = lab.netns("w")
-
-    def make() -> Tun:
-        tun = Tun.open(f"{lab.prefix}tw", offload=True)
-        tun.configure(addresses=["198.19.8.1/24"], up=True)
-        return tun
-
-    tun = call_in_netns(ns.name, make)
+    ns, tun = _uso_tun(lab, "w", "198.19.8.1/24", "198.19.9.0/24")  # the senders' side routed back in
     try:
-        if "uso4" not in tun.offloads:
-            pytest.skip("kernel without TUN USO (Linux < 6.2)")
-        ns.exec("ip", "route", "add", "198.19.9.0/24", "dev", tun.name)  # the senders' side, for rp_filter
         rng = random.Random(5)
         payloads = [rng.randbytes(700) for _ in range(19)] + [rng.randbytes(123)]
 

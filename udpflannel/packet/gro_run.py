@@ -212,16 +212,22 @@ def finish_superpacket(
     length, IPv4 header checksum, the last segment's flags and a NEEDS_CSUM TCP checksum, and write the
     virtio header that asks the kernel to segment it in gso-byte pieces."""
     v = VNET_HDR_LEN
-    if v6:
-        _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, total - h.IPV6_HLEN)
-        pseudo = sum(_ADDR6.unpack_from(mv, v + h.IPV6_SRC))
-    else:
-        _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
-        _H.pack_into(mv, v + h.IPV4_CSUM, 0)
-        _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (sum(_IP4.unpack_from(mv, v)) - 1) % M)
-        pseudo = sum(_ADDR4.unpack_from(mv, v + h.IPV4_SRC))
+    pseudo = set_ip_length(mv, v6=v6, total=total)
     mv[v + l3 + h.TCP_FLAGS] = flags
     # NEEDS_CSUM: the field holds the folded pseudo-header sum, not complemented; the kernel finishes it.
     _H.pack_into(mv, v + l3 + h.TCP_CSUM, (pseudo + h.IPPROTO_TCP + total - l3 - 1) % M + 1)
     kind = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
     VNET_HDR_STRUCT.pack_into(mv, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, hl, gso, l3, h.TCP_CSUM)
+
+
+def set_ip_length(mv: memoryview, *, v6: bool, total: int) -> int:
+    """A merged packet's own IP length (and IPv4 header checksum), behind the virtio header in `mv`; returns
+    the sum of its addresses, the pseudo-header's part that every segment shares."""
+    v = VNET_HDR_LEN
+    if v6:
+        _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, total - h.IPV6_HLEN)
+        return sum(_ADDR6.unpack_from(mv, v + h.IPV6_SRC))
+    _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
+    _H.pack_into(mv, v + h.IPV4_CSUM, 0)
+    _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (sum(_IP4.unpack_from(mv, v)) - 1) % M)
+    return sum(_ADDR4.unpack_from(mv, v + h.IPV4_SRC))

@@ -18,6 +18,7 @@ import numpy as np
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M
+from udpflannel.packet.gro_run import set_ip_length
 from udpflannel.packet.parse import IpFields
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -28,9 +29,6 @@ from udpflannel.packet.vnet import (
 
 UDP_MAX_SEGMENTS = 64  # the kernel's limit on datagrams in one UDP GSO packet (128 on newer kernels)
 _H = struct.Struct("!H")
-_IP4 = struct.Struct("!10H")
-_ADDR4 = struct.Struct("!4H")
-_ADDR6 = struct.Struct("!16H")
 
 
 @lru_cache(maxsize=4)
@@ -94,14 +92,7 @@ def _finish(mv: memoryview, *, v6: bool, l3: int, gso: int, total: int) -> None:
     virtio header asking for gso-byte datagrams."""
     v = VNET_HDR_LEN
     udp_len = total - l3
-    if v6:
-        _H.pack_into(mv, v + h.IPV6_PAYLOAD_LEN, udp_len)
-        pseudo = sum(_ADDR6.unpack_from(mv, v + h.IPV6_SRC))
-    else:
-        _H.pack_into(mv, v + h.IPV4_TOTAL_LEN, total)
-        _H.pack_into(mv, v + h.IPV4_CSUM, 0)
-        _H.pack_into(mv, v + h.IPV4_CSUM, M - 1 - (sum(_IP4.unpack_from(mv, v)) - 1) % M)
-        pseudo = sum(_ADDR4.unpack_from(mv, v + h.IPV4_SRC))
+    pseudo = set_ip_length(mv, v6=v6, total=total)
     _H.pack_into(mv, v + l3 + h.UDP_LEN, udp_len)
     _H.pack_into(mv, v + l3 + h.UDP_CSUM, (pseudo + h.IPPROTO_UDP + udp_len - 1) % M + 1)
     VNET_HDR_STRUCT.pack_into(
