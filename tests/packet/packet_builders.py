@@ -135,10 +135,10 @@ def udp_superpackets(draw: st.DrawFn) -> Super:
 
 @st.composite
 def gro_superpackets(draw: st.DrawFn, *, v6: bool, mss: int, options: list, max_segments: int = 44) -> Super:
-    """A superpacket of one TCP flow that splits into 2..max_segments segments (the last one 1..mss
-    bytes), flags ACK or PSH|ACK: what a peer's split hands a GRO receiver as one train."""
+    """A superpacket of one TCP flow that splits into 2..max_segments segments (the last one 1..mss bytes,
+    often all mss), flags ACK or PSH|ACK: what a peer's split hands a GRO receiver as one train."""
     k = draw(st.integers(2, min(max_segments, 60000 // mss)))
-    n = (k - 1) * mss + draw(st.integers(1, mss))
+    n = (k - 1) * mss + draw(st.one_of(st.just(mss), st.integers(1, mss)))  # often whole segments, as TSO
     return build_tcp(
         v6=v6,
         payload=payload_bytes(draw(st.integers(0, 2**32 - 1)), n),

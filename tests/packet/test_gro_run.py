@@ -129,3 +129,18 @@ def test_a_middle_row_with_another_ip_id(fix_header_checksum: bool) -> None:
         assert run is not None and bytes(run) == sp.vh.encode() + sp.raw
     else:
         assert run is None
+
+
+@pytest.mark.parametrize("where", ["payload", "ip-id"])
+def test_a_full_last_row_is_checked_with_the_others(where: str) -> None:
+    """Whole segments (the last as long as the rest, summed together with them): a flipped payload byte or
+    a changed IP id in that last row refuses the train, as in a shorter last row."""
+    sp = build_tcp(v6=False, payload=payload_bytes(4, 8 * 1000), mss=1000, seq=77)
+    segs = [bytearray(s) for s in reference.split(sp.raw, sp.vh)]
+    clean = laid_out([bytes(s) for s in segs], PREFIX, end_to_end=True)
+    assert bytes(coalesce_run(clean, len(PREFIX))) == sp.vh.encode() + sp.raw
+    if where == "payload":
+        segs[-1][-5] ^= 0x40
+    else:
+        struct.pack_into("!H", segs[-1], h.IPV4_ID, 0x1234)
+    assert coalesce_run(laid_out([bytes(s) for s in segs], PREFIX, end_to_end=True), len(PREFIX)) is None

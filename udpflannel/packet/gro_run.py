@@ -165,9 +165,11 @@ def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f
     """IPv4 header checksums, and every row's TCP checksum: the sum of its whole IP packet plus pseudo_fix.
     Sums are of little-endian 16-bit words: 256 x the network-order sum (mod 0xFFFF), which is 0 exactly
     when that is, so the constant is scaled to match rather than every sum. uint32 sums cannot overflow:
-    at most 32768 words of 0xFFFF plus a constant under 2**27."""
+    at most 32768 words of 0xFFFF plus a constant under 2**27. A full-size last row (a superpacket of whole
+    segments, as TSO mostly makes them) is summed with the others; a shorter one on its own."""
     fix = pseudo_fix(f0, v6)
-    rows = buf[: n - 1, inner : inner + first]
+    k = n if final == first else n - 1
+    rows = buf[:k, inner : inner + first]
     even = first & ~1
     s = rows[:, :even].view("<u2").sum(axis=1, dtype=np.uint32)
     if first & 1:  # the odd last byte, as the low byte of a little-endian word
@@ -176,17 +178,18 @@ def _checksums_ok(buf: np.ndarray, n: int, inner: int, first: int, final: int, f
     if np.count_nonzero(np.remainder(s, M, out=s)):
         return False
     if not v6:
-        # Rows 0..n-2 repeat row 0's IPv4 header but for id and checksum (coalesce_run checked that first),
-        # so each header sums to row 0's other words plus its own two: two columns, not ten.
+        # Full rows repeat row 0's IPv4 header but for id and checksum (coalesce_run checked that first, and
+        # last_row_flags for the last row), so each sums to row 0's other words plus its own two.
         other = sum(_IP4_LE.unpack_from(f0)) - _H_LE.unpack_from(f0, h.IPV4_ID)[0]
         other -= _H_LE.unpack_from(f0, h.IPV4_CSUM)[0]
-        cols = buf[: n - 1, inner : inner + h.IPV4_MIN_HLEN].view("<u2")
+        cols = buf[:k, inner : inner + h.IPV4_MIN_HLEN].view("<u2")
         ip = np.add(cols[:, h.IPV4_ID // 2], cols[:, h.IPV4_CSUM // 2], dtype=np.uint32)
         ip += other
-        last_ip = buf[n - 1, inner : inner + h.IPV4_MIN_HLEN].tobytes()
-        if np.count_nonzero(np.remainder(ip, M, out=ip)) or sum(_IP4_LE.unpack(last_ip)) % M:
+        if np.count_nonzero(np.remainder(ip, M, out=ip)):
             return False
-    return row_sum_ok(buf[n - 1, inner:], final, fix if v6 else fix + final)
+        if k < n and sum(_IP4_LE.unpack(buf[n - 1, inner : inner + h.IPV4_MIN_HLEN].tobytes())) % M:
+            return False
+    return k == n or row_sum_ok(buf[n - 1, inner:], final, fix if v6 else fix + final)
 
 
 def _build(
@@ -197,9 +200,11 @@ def _build(
     total = hl + (n - 1) * gso + last
     dst = np.empty(v + total, np.uint8)
     dst[v : v + hl] = buf[0, inner : inner + hl]
-    end = v + hl + (n - 1) * gso
-    dst[v + hl : end].reshape(n - 1, gso)[:] = buf[: n - 1, inner + hl : inner + hl + gso]
-    dst[end:] = buf[n - 1, inner + hl : inner + hl + last]
+    full = n if last == gso else n - 1  # a full-size last row goes with the others
+    end = v + hl + full * gso
+    dst[v + hl : end].reshape(full, gso)[:] = buf[:full, inner + hl : inner + hl + gso]
+    if full < n:
+        dst[end:] = buf[n - 1, inner + hl : inner + hl + last]
     mv = memoryview(dst)
     finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=last_flags)
     return mv
