@@ -7,14 +7,12 @@ The bytes are gso.split_superpacket's for each superpacket alone (tests/packet/t
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M
-from udpflannel.packet.gso import MAX_SEGMENTS, payload_sums
+from udpflannel.packet.gso import MAX_SEGMENTS, header_words, payload_sums
 from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6
 
@@ -60,16 +58,6 @@ def split_many(
     return _segment_many(batch, rows, headroom, l3, hlen, mss, k, payload, v4=v4)
 
 
-_HWORDS: dict[int, struct.Struct] = {}
-
-
-def _words(n: int) -> struct.Struct:
-    s = _HWORDS.get(n)
-    if s is None:
-        s = _HWORDS[n] = struct.Struct(f"!{n // 2}H")
-    return s
-
-
 def _segment_many(
     batch: PacketBatch,
     rows: np.ndarray,
@@ -93,7 +81,7 @@ def _segment_many(
     stride = off + hlen + mss
     buf = np.empty((total_rows, stride), np.uint8)
     src_off = batch.offset
-    words = _words(hlen)
+    words = header_words(hlen)
     consts = []  # per superpacket: the template header words
     for r, r0, f, ln in zip(rows.tolist(), starts[:-1].tolist(), full.tolist(), last.tolist(), strict=True):
         pkt = batch.buf[r, src_off : src_off + hlen + f * mss + ln]
