@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from io_netns import call_in_netns
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
 
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun, new_read_arena
@@ -198,6 +200,7 @@ def test_tun_read_write_plain_packet(lab: Lab) -> None:
 def _uso_tun(lab: Lab, short: str, address: str, route: str) -> tuple[Netns, Tun]:
     """A namespace with an offloaded TUN (its address, and `route` through it); skips without USO."""
     ns = lab.netns(short)
+    ns.exec("sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0")  # an IPv6 address usable at once
 
     def make() -> Tun:
         tun = Tun.open(f"{lab.prefix}t{short}", offload=True)
@@ -246,43 +249,29 @@ def test_uso_superpacket_is_read_and_split(lab: Lab) -> None:
         tun.close()
 
 
-def test_uso_write_reaches_a_socket_as_its_datagrams(lab: Lab) -> None:
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_uso_write_reaches_a_socket_as_its_datagrams(lab: Lab, v6: bool) -> None:
     """Datagrams of one UDP flow coalesced into one UDP_L4 write (packet/gro_udp.py): the kernel cuts it
     back and a socket behind the TUN receives every datagram, payloads intact, checksums accepted."""
-    ns, tun = _uso_tun(lab, "w", "198.19.8.1/24", "198.19.9.0/24")  # the senders' side routed back in
+    if v6:
+        ours, theirs, address, route = "fd00:198:8::1", "fd00:198:9::2", "fd00:198:8::1/64", "fd00:198:9::/64"
+    else:
+        ours, theirs, address, route = "198.19.8.1", "198.19.9.2", "198.19.8.1/24", "198.19.9.0/24"
+    ns, tun = _uso_tun(lab, "w6" if v6 else "w", address, route)  # the senders' side routed back in
     try:
         rng = random.Random(5)
         payloads = [rng.randbytes(700) for _ in range(19)] + [rng.randbytes(123)]
 
         def bound() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("198.19.8.1", 9999))
+            s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("::" if v6 else "0.0.0.0", 9999))
             s.settimeout(5)
             return s
 
         sock = call_in_netns(ns.name, bound)
         with sock:
-            pkts = []
-            for i, p in enumerate(payloads):
-                udp = struct.pack("!HHHH", 40000, 9999, 8 + len(p), 0) + p
-                ip = bytearray(
-                    struct.pack(
-                        "!BBHHHBBH4s4s",
-                        0x45,
-                        0,
-                        28 + len(p),
-                        i,
-                        0x4000,
-                        64,
-                        17,
-                        0,
-                        socket.inet_aton("198.19.9.2"),
-                        socket.inet_aton("198.19.8.1"),
-                    )
-                )
-                struct.pack_into("!H", ip, 10, reference.checksum(bytes(ip)))
-                c = reference.checksum(udp, reference.pseudo_header(bytes(ip) + udp, 17, len(udp))) or 0xFFFF
-                pkts.append(bytes(ip) + udp[:6] + struct.pack("!H", c) + udp[8:])
+            ip = (lambda i: IPv6(src=theirs, dst=ours)) if v6 else (lambda i: IP(src=theirs, dst=ours, id=i))
+            pkts = [bytes(ip(i) / UDP(sport=40000, dport=9999) / p) for i, p in enumerate(payloads)]
             batch = PacketBatch.from_packets(pkts, headroom=HEADROOM)
             writes = coalesce(batch, validate_ip(batch, l4_checksum=True), uso=True)
             assert len(writes) == 1
