@@ -140,12 +140,16 @@ def test_vnet_header_fields() -> None:
     assert struct.unpack("!H", w[10 + 2 : 10 + 4])[0] == 40 + 3600
 
 
-@given(rows=st.lists(st.binary(max_size=120), min_size=1, max_size=12), headroom=st.sampled_from([0, 16]))
+@given(
+    rows=st.lists(st.binary(max_size=120), min_size=1, max_size=12),
+    headroom=st.sampled_from([0, 16]),
+    uso=st.booleans(),
+)
 @settings(max_examples=300, deadline=None)
-def test_random_rows_never_raise(rows: list[bytes], headroom: int) -> None:
+def test_random_rows_never_raise(rows: list[bytes], headroom: int, uso: bool) -> None:
     batch = PacketBatch.from_packets(rows, headroom=headroom)
     codes = validate_ip(batch, l4_checksum=True)
-    out = coalesce(batch, codes)
+    out = coalesce(batch, codes, uso=uso)
     assert len(out) <= int(np.count_nonzero(codes == 0))
 
 

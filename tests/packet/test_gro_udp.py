@@ -108,3 +108,30 @@ def test_coalesce_merges_only_with_uso() -> None:
     for uso, count in ((True, 1), (False, 20)):
         batch = PacketBatch.from_packets(pkts, headroom=16)
         assert len(coalesce(batch, validate_ip(batch, l4_checksum=True), uso=uso)) == count
+
+
+@given(
+    v6=st.booleans(),
+    k=st.integers(2, 12),
+    row=st.integers(0, 11),
+    at=st.integers(0, 47),
+    xor=st.integers(1, 255),
+)
+@SETTINGS
+def test_a_changed_header_byte_never_raises_and_never_hides(v6: bool, k: int, row: int, at: int, xor: int):
+    """One header byte of one datagram changed (no checksum fixed): coalesce with USO never raises; what it
+    writes holds exactly the datagrams validate_ip kept, merged only when they are still one flow."""
+    pkts = [bytearray(p) for p in datagrams(v6, [200] * k)]
+    target = pkts[row % k]
+    target[at % len(target)] ^= xor
+    batch = PacketBatch.from_packets([bytes(p) for p in pkts], headroom=16)
+    codes = validate_ip(batch, l4_checksum=True)
+    writes = coalesce(batch, codes, uso=True)
+    kept = int((codes == 0).sum())
+    if len(writes) == 1 and kept > 1:
+        raw = b"".join(bytes(x) for x in writes[0])
+        vh = VnetHdr.decode(raw[:10])
+        assert vh.gso_type == VIRTIO_NET_HDR_GSO_UDP_L4
+        assert len(reference.split(raw[10:], vh)) == kept
+    else:
+        assert len(writes) == kept
