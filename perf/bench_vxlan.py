@@ -239,44 +239,46 @@ def profile(a: Node, b: Node, args) -> dict[str, list[tuple[str, float]]]:
     client = a.ns.popen("iperf3", "-c", b.tun_ip, "-p", "5203", "-t", str(args.seconds + 2))
     time.sleep(1)
     outs = {}
-    spies = []
-    for name, node in (("sender", a), ("receiver", b)):
-        path = pathlib.Path(tempfile.mkdtemp()) / f"{name}.txt"
-        spies.append(
-            (
-                name,
-                path,
-                subprocess.Popen(
-                    [
-                        str(REPO / ".venv/bin/py-spy"),
-                        "record",
-                        "-d",
-                        str(args.seconds),
-                        "-p",
-                        str(node.pids[1]),
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(path),
-                        "--nonblocking",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                ),
+    with tempfile.TemporaryDirectory(prefix="udpflannel-spy-") as spy_dir:  # py-spy's output, removed after
+        spies = []
+        for name, node in (("sender", a), ("receiver", b)):
+            path = pathlib.Path(spy_dir) / f"{name}.txt"
+            spies.append(
+                (
+                    name,
+                    path,
+                    subprocess.Popen(
+                        [
+                            str(REPO / ".venv/bin/py-spy"),
+                            "record",
+                            "-d",
+                            str(args.seconds),
+                            "-p",
+                            str(node.pids[1]),
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(path),
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
             )
-        )
-    for name, path, spy in spies:
-        spy.wait(timeout=args.seconds + 30)
-        inc: collections.Counter = collections.Counter()
-        total = 0
-        for line in path.read_text().splitlines():
-            stack, _, n = line.rpartition(" ")
-            total += int(n)
-            for fr in {x.split(" (")[0] for x in stack.split(";")}:
-                inc[fr] += int(n)
-        skip = {"<module>", "_run_module_as_main", "_run_code", "main", "run"}
-        outs[name] = [(k, round(v / max(total, 1), 3)) for k, v in inc.most_common(40) if k not in skip][:20]
-    client.wait(timeout=args.seconds + 30)
+        for name, path, spy in spies:
+            spy.wait(timeout=args.seconds + 30)
+            inc: collections.Counter = collections.Counter()
+            total = 0
+            for line in path.read_text().splitlines():
+                stack, _, n = line.rpartition(" ")
+                total += int(n)
+                for fr in {x.split(" (")[0] for x in stack.split(";")}:
+                    inc[fr] += int(n)
+            skip = {"<module>", "_run_module_as_main", "_run_code", "main", "run"}
+            top = [(k, round(v / max(total, 1), 3)) for k, v in inc.most_common(40) if k not in skip]
+            outs[name] = top[:20]
+        client.wait(timeout=args.seconds + 30)
     return outs
 
 
