@@ -65,19 +65,11 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     first, final = int(lens[0]) - prefix, int(lens[n - 1]) - prefix
     p0 = buf[0, off : inner + h.IPV6_HLEN + h.TCP_MAX_HLEN].tobytes()
     f0 = p0[prefix:]
-    if len(f0) < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
+    head = tcp_head(f0)
+    if head is None:
         return None
-    if f0[0] == 0x45:
-        v6, l3, ip_len = False, h.IPV4_MIN_HLEN, _H.unpack_from(f0, h.IPV4_TOTAL_LEN)[0]
-        if f0[h.IPV4_PROTO] != h.IPPROTO_TCP or _H.unpack_from(f0, h.IPV4_FRAG)[0] & h.IPV4_MF_OFFSET_MASK:
-            return None
-    elif f0[0] >> 4 == 6 and len(f0) >= h.IPV6_HLEN + h.TCP_MIN_HLEN:
-        v6, l3 = True, h.IPV6_HLEN
-        ip_len = _H.unpack_from(f0, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
-        if f0[h.IPV6_NEXT_HDR] != h.IPPROTO_TCP:
-            return None
-    else:
-        return None
+    v6, ip_len = head
+    l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
     doff = f0[l3 + h.TCP_DOFF] >> 4
     hl = l3 + doff * 4
     gso, last = first - hl, final - hl
@@ -110,6 +102,20 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     if not verified and not _checksums_ok(buf, n, inner, first, final, f0, v6):
         return None
     return _build(buf, n, inner, hl, l3, gso, last, last_flags, v6)
+
+
+def tcp_head(f: bytes) -> tuple[bool, int] | None:
+    """(IPv6?, IP length) when `f` starts a plain TCP packet: IPv4 without options or fragmentation, or
+    IPv6 with TCP as the next header; else None. Row 0 of every train is judged by it."""
+    if len(f) < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
+        return None
+    if f[0] == 0x45:
+        if f[h.IPV4_PROTO] != h.IPPROTO_TCP or _H.unpack_from(f, h.IPV4_FRAG)[0] & h.IPV4_MF_OFFSET_MASK:
+            return None
+        return False, _H.unpack_from(f, h.IPV4_TOTAL_LEN)[0]
+    if f[0] >> 4 == 6 and len(f) >= h.IPV6_HLEN + h.TCP_MIN_HLEN and f[h.IPV6_NEXT_HDR] == h.IPPROTO_TCP:
+        return True, _H.unpack_from(f, h.IPV6_PAYLOAD_LEN)[0] + h.IPV6_HLEN
+    return None
 
 
 def last_row_flags(p0: bytes, pn: bytes, prefix: int, hl: int, v6: bool, final: int) -> int | None:

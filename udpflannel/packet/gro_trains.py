@@ -18,7 +18,14 @@ import numpy as np
 
 from udpflannel.packet import headers as h
 from udpflannel.packet.checksum import M
-from udpflannel.packet.gro_run import finish_superpacket, last_row_flags, pseudo_fix, row_mask, row_sum_ok
+from udpflannel.packet.gro_run import (
+    finish_superpacket,
+    last_row_flags,
+    pseudo_fix,
+    row_mask,
+    row_sum_ok,
+    tcp_head,
+)
 from udpflannel.packet.vnet import VNET_HDR_LEN
 
 _ACK = h.TCP_ACK_FLAG
@@ -71,14 +78,10 @@ def coalesce_trains(
     fixes, last_flags, python_ok = [], [], []
     for j, (k, t) in enumerate(zip(counts.tolist(), lasts.tolist(), strict=True)):
         f = heads[j * width : (j + 1) * width]
-        if v6:
-            good = f[0] >> 4 == 6 and f[h.IPV6_NEXT_HDR] == h.IPPROTO_TCP
-            ip_len = int.from_bytes(f[h.IPV6_PAYLOAD_LEN : h.IPV6_PAYLOAD_LEN + 2], "big") + h.IPV6_HLEN
-        else:
-            good = f[0] == 0x45 and f[h.IPV4_PROTO] == h.IPPROTO_TCP and not (f[6] & 0x3F or f[7])
-            ip_len = int.from_bytes(f[h.IPV4_TOTAL_LEN : h.IPV4_TOTAL_LEN + 2], "big")
-        if not good or f[l3 + h.TCP_DOFF] >> 4 != doff:
+        head = tcp_head(f)
+        if head is None or head[0] != v6 or f[l3 + h.TCP_DOFF] >> 4 != doff:
             return None
+        ip_len = head[1]
         fix = pseudo_fix(f, v6)
         fixes.append(fix if v6 else fix + full_len)
         final = t - inner
