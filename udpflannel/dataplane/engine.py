@@ -320,6 +320,7 @@ class Engine(RowPaths):
                 which = np.full(len(send), flow[1] % npool, np.int64)
             which += np.where(self.table.outer_v6[peer[send]], npool, 0)  # IPv6 underlay: the second pool
             sent = 0
+            contiguous = batch.buf.flags.c_contiguous  # iovecs may then be computed from its address
             for s in sorted(set(which.tolist())):
                 rows = send[which == s]
                 pool = self._pools[s // npool]
@@ -327,7 +328,6 @@ class Engine(RowPaths):
                 calls, before = sock.stats.send_calls, sock.stats.sent
                 peers = peer[rows]
                 sizes = lengths[rows]
-                contiguous = batch.buf.flags.c_contiguous
                 if (
                     len(rows) > 1
                     and sock.gso
@@ -341,7 +341,7 @@ class Engine(RowPaths):
                     sock.send_rows_gso(
                         batch.buf, rows, batch.offset - self.head, seg, seg, self._dsts[int(peers[0])]
                     )
-                elif (peers == peers[0]).all() and batch.buf.flags.c_contiguous:
+                elif (peers == peers[0]).all() and contiguous:
                     # One peer (the usual case): iovecs straight from the batch buffer, as arrays.
                     dest = self._dsts[int(peers[0])]
                     sock.send_rows(batch.buf, rows, batch.offset - self.head, sizes + self.head, dest)

@@ -182,13 +182,9 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         n = len(rows)
         if n == 0:
             return 0
-        if not buf.flags.c_contiguous:
-            raise ValueError("send_rows needs a C-contiguous buffer")
         hdrs, iov = self._send_arrays(n)
         _, name, name_at = self._name(dest)
-        stride = np.uint64(buf.strides[0])
-        iov[:n, 0] = np.uint64(buf.ctypes.data + col) + rows.astype(np.uint64) * stride
-        iov[:n, 1] = lengths
+        _point_at_rows(iov, buf, rows, col, lengths)
         hdrs["name"][:n] = name_at  # one destination: every message points at the same name
         return self._sendmmsg_prepared(hdrs, iov, n, (buf, name))
 
@@ -196,18 +192,17 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         """send_rows for rows of seg bytes each (the last one `last` bytes, at most seg) with UDP_SEGMENT:
         each message of one sendmmsg gathers as many rows as the segment and payload limits allow, its
         iovecs computed as arrays (no per-datagram Python objects). Falls back to send_rows (one datagram
-        a message) without GSO or if the kernel refuses. Returns datagrams sent."""
+        a message) without GSO or if the kernel refuses. buf must be C-contiguous. Returns datagrams sent."""
         n = len(rows)
         lengths = np.full(n, seg, np.int64)
         lengths[-1] = last
-        if not self.gso or n < 2 or not buf.flags.c_contiguous:
-            return self.send_rows(buf, rows, col, lengths, dest) if buf.flags.c_contiguous else 0
+        if not self.gso or n < 2:
+            return self.send_rows(buf, rows, col, lengths, dest)
         per_call = max(1, min(self.max_segments, self.max_payload // seg))
         m = -(-n // per_call)
         hdrs, iov, control = self._gso_arrays(n, m)
         named = self._name(dest)  # (encoded, array, address): held until the call returns
-        iov[:n, 0] = np.uint64(buf.ctypes.data + col) + rows.astype(np.uint64) * np.uint64(buf.strides[0])
-        iov[:n, 1] = lengths
+        _point_at_rows(iov, buf, rows, col, lengths)
         starts = np.arange(0, n, per_call, dtype=np.uint64)
         hdrs["iov"][:m] = np.uint64(iov.ctypes.data) + starts * np.uint64(iov.strides[0])
         hdrs["iovlen"][:m] = per_call
@@ -294,6 +289,15 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         del keep
         self.stats.sent += ok
         return ok
+
+
+def _point_at_rows(iov: np.ndarray, buf: np.ndarray, rows: np.ndarray, col: int, lengths: np.ndarray) -> None:
+    """iovecs [n, 2] for buf[r, col : col + lengths[i]], r = rows[i], computed from the buffer's address."""
+    if not buf.flags.c_contiguous:
+        raise ValueError("sending rows needs a C-contiguous buffer")
+    n = len(rows)
+    iov[:n, 0] = np.uint64(buf.ctypes.data + col) + rows.astype(np.uint64) * np.uint64(buf.strides[0])
+    iov[:n, 1] = lengths
 
 
 def _gso_calls(lengths: np.ndarray, seg: int, max_segments: int, max_payload: int) -> list[tuple[int, int]]:
