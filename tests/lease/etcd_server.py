@@ -24,10 +24,16 @@ def etcd_available() -> bool:
     return os.access(ETCD_BINARY, os.X_OK)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all bound at once, since a port just released can be handed out again."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @dataclass
@@ -35,13 +41,18 @@ class EtcdServer:
     """One single-member etcd. start() may be called again after kill()/stop(): same ports, same data dir."""
 
     data_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="udpflannel-etcd-"))
-    client_port: int = field(default_factory=_free_port)
-    peer_port: int = field(default_factory=_free_port)
+    client_port: int = 0  # 0: a free port, chosen in __post_init__
+    peer_port: int = 0
     extra_args: list[str] = field(default_factory=list)
     tls: tuple[str, str] | None = (
         None  # (cert, key): serve https and require client certificates signed by cert
     )
     proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        client, peer = _free_ports(2)
+        self.client_port = self.client_port or client
+        self.peer_port = self.peer_port or peer
 
     @property
     def endpoint(self) -> str:
