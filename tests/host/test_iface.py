@@ -18,7 +18,8 @@ from udpflannel.host.iface import select_interface, InterfaceError
 kw = json.loads(sys.argv[1])
 try:
     i = select_interface(**kw)
-    print(json.dumps({"name": i.name, "mtu": i.mtu, "public_ip": i.public_ip, "address": i.address}))
+    print(json.dumps({"name": i.name, "mtu": i.mtu, "public_ip": i.public_ip, "address": i.address,
+                      "pyroute2": "pyroute2" in sys.modules}))
 except InterfaceError as e:
     print(json.dumps({"error": str(e)}))
 """
@@ -42,7 +43,7 @@ def probe(lab: Lab, **kw: object) -> dict:
 @pytest.mark.parametrize(
     ("kw", "expected"),
     [
-        ({}, {"name": "eth2", "public_ip": "198.18.1.1"}),
+        ({}, {"name": "eth2", "public_ip": "198.18.1.1", "pyroute2": False}),
         ({"iface": ["eth1"]}, {"name": "eth1", "mtu": 1400, "public_ip": "198.18.0.1"}),
         ({"iface": ["198.18.0.1"]}, {"name": "eth1"}),
         ({"iface": ["nope", "eth1"]}, {"name": "eth1"}),
@@ -66,6 +67,7 @@ def test_select(lab: Lab, kw: dict, expected: dict) -> None:
         ({"iface": ["nope"]}, "no interface matches --iface nope"),
         ({"iface_regex": ["("]}, "not a valid regex"),
         ({"iface_regex": ["^wlan"]}, "no interface matches --iface-regex"),
+        ({"iface_can_reach": "not-an-address"}, "--iface-can-reach not-an-address is not an IP address"),
         ({"iface": ["eth1"], "want_ipv6": True}, "no global IPv6 address"),
     ],
 )

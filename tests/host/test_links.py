@@ -1,5 +1,5 @@
-"""host/links.py in a throwaway namespace: addresses and routes applied through pyroute2, then undo() leaves
-the namespace as it was."""
+"""host/links.py in a throwaway namespace: addresses and routes applied through the netlink child, then
+undo() leaves the namespace as it was, and the calling process never imported pyroute2."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if os.geteuid() != 0:
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
-import json, subprocess
+import json, subprocess, sys
 from udpflannel.host.links import HostConfig, HostError, Route
 def sh(*cmd):
     return subprocess.run(list(cmd), capture_output=True, text=True).stdout
@@ -42,7 +42,23 @@ try:
 except HostError:
     missing = True
 h.undo()
-print(json.dumps({"during": during, "after": state(), "missing": missing}))
+after = state()
+# A link that is gone took its routes and addresses along: undo() then starts no netlink child at all.
+import udpflannel.host.links as links
+spawned = []
+class Counting(links.Netlink):
+    def __init__(self):
+        spawned.append(1)
+        super().__init__()
+links.Netlink = Counting
+g = HostConfig()
+g.add_address("d1", "198.19.2.0/32")
+g.add_route(Route("198.19.2.0/24", "d1"))
+g.close()
+subprocess.run(["ip", "link", "del", "d0"], check=True)  # takes its veth peer d1 along
+g.undo()
+print(json.dumps({"during": during, "after": after, "missing": missing,
+                  "pyroute2": "pyroute2" in sys.modules, "spawned": len(spawned)}))
 """
 
 
@@ -62,3 +78,5 @@ def test_apply_and_undo_leave_nothing_behind():
         assert "198.19.1.0" not in after["addr"] and "fd00:198:19:1::" not in after["addr"]
         assert "198.19." not in after["route"] and "fd00:198:19::/48" not in after["route6"]
         assert out["missing"]
+        assert not out["pyroute2"]  # the agent's memory budget: netlink work runs in a child
+        assert out["spawned"] == 1  # g's set-up only; its undo() had nothing left to do

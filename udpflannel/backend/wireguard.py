@@ -263,18 +263,19 @@ class WireguardBackend:
             self._start(lease)
 
     def _start(self, lease: Lease) -> None:
-        from udpflannel.host.links import HostConfig, Route  # pyroute2: only after the workers exist
+        from udpflannel.host.links import HostConfig, Route
 
         self.lease = lease
         subnets = {4: lease.subnet, 6: lease.ipv6_subnet}
         networks = {4: getattr(self.config, "network", None), 6: getattr(self.config, "ipv6_network", None)}
+        self.host = HostConfig()
         try:
+            self.host.connect()  # the netlink child starts up while the workers do
             active = [d for d in self.devices if any(subnets[f] is not None for f in d.carries)]
             for dev in active:
                 worker = WgWorkerProcess(dev.name, dev.port, dev.bind, self.mtu, self.private_key)
                 worker.start()
                 self.workers[dev.name] = worker
-            self.host = HostConfig()
             for dev in active:
                 self.host.link_index(dev.name, wait=2.0)
                 # No link-local: the kernel's router solicitations and MLD reports would only be dropped
@@ -289,6 +290,7 @@ class WireguardBackend:
                     self.host.add_address(dev.name, f"{addr}/{32 if family == 4 else 128}")
                     if network is not None:
                         self.host.add_route(Route(str(network), dev.name, src=addr))
+            self.host.close()  # the netlink child exits; undo() starts another if there is work left
             self._push_peers()
         except BaseException:
             self._stop()
@@ -353,13 +355,14 @@ class WireguardBackend:
             self._stop()
 
     def _stop(self) -> None:
-        if self.host is not None:
-            self.host.undo()
-            self.host.close()
-            self.host = None
+        # The workers first: their TUNs go, and with them the addresses and routes through them, so
+        # undo() usually has nothing left to ask netlink for.
         for worker in self.workers.values():
             worker.stop()
         self.workers.clear()
+        if self.host is not None:
+            self.host.undo()
+            self.host = None
 
 
 def peer_config(

@@ -65,36 +65,38 @@ class TunnelBackend:
     # --- Backend protocol -----------------------------------------------------------------------------------
 
     def start(self, lease: Lease) -> None:
-        from udpflannel.host.links import HostConfig  # pyroute2: only after the workers exist
+        from udpflannel.host.links import HostConfig
 
         self.lease = lease
         bind_ip = self.iface.address or "0.0.0.0"
         # Receive on every address of the node as kernel VXLAN does; send from the interface address.
         bind_ip6 = (self.iface.address_v6 or "::") if self.v6_underlay else None
-        self.dataplane = Dataplane(
-            self.engine_config(lease),
-            self.tun_name,
-            bind_ip,
-            self.port,
-            rx_bind_ip="0.0.0.0",
-            bind_ip6=bind_ip6,
-        )
-        self.dataplane.start()
-        log.info(
-            "%s datapath: TUN %s, workers %s, offloads %s",
-            self.type,
-            self.tun_name,
-            self.dataplane.pids(),
-            self.dataplane.offloads(),
-        )
+        self.host = HostConfig()
         try:
-            self.host = HostConfig()
+            self.host.connect()  # the netlink child starts up while the workers do
+            self.dataplane = Dataplane(
+                self.engine_config(lease),
+                self.tun_name,
+                bind_ip,
+                self.port,
+                rx_bind_ip="0.0.0.0",
+                bind_ip6=bind_ip6,
+            )
+            self.dataplane.start()
+            log.info(
+                "%s datapath: TUN %s, workers %s, offloads %s",
+                self.type,
+                self.tun_name,
+                self.dataplane.pids(),
+                self.dataplane.offloads(),
+            )
             self.host.link_index(self.tun_name, wait=2.0)
             self.host.no_link_local(self.tun_name)
             self.host.set_link(
                 self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN, gso_max_size=GSO_MAX_SIZE
             )
             self.configure_tun(self.host, lease)
+            self.host.close()  # the netlink child exits; undo() starts another if there is work left
             self._push_peers()
         except BaseException:
             self.stop()
@@ -122,12 +124,14 @@ class TunnelBackend:
         return self.dataplane.stats() if self.dataplane is not None else {}
 
     def stop(self) -> None:
-        if self.host is not None:
-            self.host.undo()
-            self.host = None
+        # The datapath first: its TUN goes, and with it the addresses and routes through it, so undo()
+        # usually has nothing left to ask netlink for.
         if self.dataplane is not None:
             self.dataplane.stop()
             self.dataplane = None
+        if self.host is not None:
+            self.host.undo()
+            self.host = None
 
     # --- helpers --------------------------------------------------------------------------------------------
 

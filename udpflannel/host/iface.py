@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from udpflannel.backend import ExternalInterface
+from udpflannel.host.netlink import Netlink, NetlinkError
 
 
 class InterfaceError(RuntimeError):
@@ -24,50 +25,11 @@ class _Link:
     v6: tuple[str, ...]  # global addresses only
 
 
-def _links() -> list[_Link]:
-    from pyroute2 import IPRoute  # heavy import: only the control plane pays for it
-
-    with IPRoute() as ipr:
-        addrs: dict[int, tuple[list[str], list[str]]] = {}
-        for a in ipr.get_addr():
-            v4, v6 = addrs.setdefault(a["index"], ([], []))
-            ip = a.get_attr("IFA_ADDRESS")
-            if a["family"] == 2:
-                v4.append(ip)
-            elif not ipaddress.IPv6Address(ip).is_link_local:
-                v6.append(ip)
-        out = []
-        for link in ipr.get_links():
-            idx = link["index"]
-            v4, v6 = addrs.get(idx, ([], []))
-            out.append(
-                _Link(idx, link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU"), tuple(v4), tuple(v6))
-            )
-        return out
-
-
-def _route_oif(dst: str) -> int | None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    with IPRoute() as ipr:
-        try:
-            routes = ipr.route("get", dst=dst)
-        except NetlinkError:
-            return None
-        return routes[0].get_attr("RTA_OIF") if routes else None
-
-
-def _default_oif() -> int | None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for family in (2, 10):
-            for r in ipr.get_default_routes(family=family):
-                oif = r.get_attr("RTA_OIF")
-                if oif:
-                    return oif
-    return None
+def _links(netlink: Netlink) -> tuple[list[_Link], int | None]:
+    """Every link with its addresses, and the index of the default route's link."""
+    found = netlink.call("interfaces")
+    links = [_Link(idx, name, mtu, tuple(v4), tuple(v6)) for idx, name, mtu, v4, v6 in found["links"]]
+    return links, found["default_oif"]
 
 
 def _matches(link: _Link, spec: str) -> bool:
@@ -85,7 +47,18 @@ def select_interface(
     want_ipv6: bool = False,
 ) -> ExternalInterface:
     """Pick the underlay interface; raise InterfaceError with a one-line explanation when none fits."""
-    links = [link for link in _links() if link.name != "lo"]
+    if iface_can_reach:
+        try:
+            ipaddress.ip_address(iface_can_reach)
+        except ValueError:
+            raise InterfaceError(f"--iface-can-reach {iface_can_reach} is not an IP address") from None
+    try:
+        with Netlink() as netlink:
+            every, default_oif = _links(netlink)
+            reach_oif = netlink.call("route_oif", dst=iface_can_reach) if iface_can_reach else None
+    except NetlinkError as exc:
+        raise InterfaceError(f"cannot read this host's interfaces over netlink: {exc}") from None
+    links = [link for link in every if link.name != "lo"]
     chosen: _Link | None = None
     if iface:
         for spec in iface:
@@ -115,15 +88,13 @@ def select_interface(
         if chosen is None:
             raise InterfaceError(f"no interface matches --iface-regex {','.join(iface_regex)}")
     elif iface_can_reach:
-        oif = _route_oif(iface_can_reach)
-        chosen = next((link for link in links if link.index == oif), None)
+        chosen = next((link for link in links if link.index == reach_oif), None)
         if chosen is None:
             raise InterfaceError(
                 f"no route to --iface-can-reach {iface_can_reach}: add a route or use --iface"
             )
     else:
-        oif = _default_oif()
-        chosen = next((link for link in links if link.index == oif), None)
+        chosen = next((link for link in links if link.index == default_oif), None)
         if chosen is None:
             raise InterfaceError("no default route to pick the interface from: pass --iface NAME (or an IP)")
 
