@@ -40,7 +40,7 @@ from udpflannel.dataplane.wg_io import (
     send_contiguous,
     send_one,
 )
-from udpflannel.dataplane.wg_rx import CACHED_MIN_SEGMENT, WgReceiver
+from udpflannel.dataplane.wg_rx import CACHED_MIN_SEGMENT, CACHED_SLOTS, WgReceiver
 from udpflannel.io.mmsg import MmsgArena
 from udpflannel.io.tun import Tun, TunRead, new_read_arena
 from udpflannel.io.udp import UdpSocket
@@ -87,7 +87,9 @@ class WgEngine(WgReceiver):
         self.rx_arena = MmsgArena(BATCH, RX_SLOT)
         self._rx_flat = memoryview(self.rx_arena.data.reshape(-1))
         self._train_out: np.ndarray | None = None  # gro_trains output arena, grown on demand
-        self.rx_views = ViewCache(self.rx_arena.data, RX_SLOT // CACHED_MIN_SEGMENT + 1)
+        self.rx_views = ViewCache(
+            self.rx_arena.data, RX_SLOT // CACHED_MIN_SEGMENT + 1, max_layouts=2 * CACHED_SLOTS
+        )
         self._rx_ctl = memoryview(self.rx_arena.control.reshape(-1))
         self._sources: dict[bytes, tuple] = {}
         self._routes: dict[bytes, int] = {}
