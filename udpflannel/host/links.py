@@ -76,20 +76,17 @@ class HostConfig:
         mtu: int | None = None,
         up: bool = True,
         txqlen: int | None = None,
-        gso_max_size: int | None = None,
     ) -> None:
-        """MTU, queue length and state; gso_max_size caps TUN superpackets (best effort on old kernels)."""
+        """MTU, queue length and state."""
         attrs: dict[str, int] = {}
         if mtu is not None:
             attrs["mtu"] = mtu
         if txqlen is not None:
             attrs["txqlen"] = txqlen
         try:
-            refused = self._call("set_link", name=name, attrs=attrs, up=up, gso_max_size=gso_max_size)
+            self._call("set_link", name=name, attrs=attrs, up=up)
         except NetlinkError as exc:
             raise HostError(f"setting link {name} {attrs} up={up}: {exc}") from exc
-        if refused:  # old kernels: superpackets are then sent in chunks
-            log.info("gso_max_size not set on %s: %s", name, refused)
 
     def no_link_local(self, name: str) -> None:
         """No IPv6 link-local address on `name` (addr_gen_mode none), so the kernel sends no router

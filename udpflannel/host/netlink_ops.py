@@ -77,19 +77,12 @@ def link_mtu(ipr: Any, name: str) -> int:
     return int(ipr.get_links(link_index(ipr, name))[0].get_attr("IFLA_MTU"))
 
 
-def set_link(ipr: Any, name: str, attrs: dict[str, int], up: bool, gso_max_size: int | None) -> str | None:
-    """MTU / txqlen, then gso_max_size (best effort: old kernels refuse it; returns why), then the state."""
+def set_link(ipr: Any, name: str, attrs: dict[str, int], up: bool) -> None:
+    """MTU and queue length (attrs), then the state."""
     idx = link_index(ipr, name)
     if attrs:
         ipr.link("set", index=idx, **attrs)
-    refused = None
-    if gso_max_size is not None:
-        try:
-            ipr.link("set", index=idx, gso_max_size=gso_max_size)
-        except Exception as exc:
-            refused = str(exc)
     ipr.link("set", index=idx, state="up" if up else "down")
-    return refused
 
 
 def address(ipr: Any, cmd: str, name: str, cidr: str) -> None:

@@ -39,6 +39,7 @@ DEMO_BUDGET = 60.0  # seconds, the whole demo
 TUNNEL_WAIT = 5.0  # seconds for tunnel devices to appear after the leases
 WARM_UP = 12.0  # seconds for every cross-node pair to answer once before the matrix counts
 _DROP_RE = re.compile(r'^udpflannel_drops_total\{reason="([^"]+)"\} (\d+)', re.M)
+_TX_RE = re.compile(r"^udpflannel_(tx_packets|tx_superpackets) (\d+)", re.M)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DemoReport:
     throughput_bps: float | None = None
     trace_text: str | None = None
     drops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per node: datagrams sent and TUN reads that were TCP superpackets (vxlan / udp agents)
+    tx: dict[str, dict[str, int]] = field(default_factory=dict)
+    iperf_sender: str = ""  # the node whose pod sent the iperf3 stream
     worked: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -239,6 +243,7 @@ def _iperf(state: LabState, report: DemoReport, out: Callable[[str], None]) -> N
         report.skipped.append("iperf3: needs pods on two nodes")
         return
     (snode, sns, sip), (dnode, dns, dip) = pods[0], pods[1]
+    report.iperf_sender = snode.name
     server = subprocess.Popen(
         ["ip", "netns", "exec", dns, "iperf3", "-s", "-1", "-B", dip, "-p", str(IPERF_PORT)],
         stdout=subprocess.DEVNULL,
@@ -292,8 +297,8 @@ def _trace(state: LabState, report: DemoReport, out: Callable[[str], None]) -> N
         report.failed.append(f"trace: seen at {result.seen}/{len(result.hops)} hops, reply {result.replied}")
 
 
-def fetch_drops(ns: str, port: int = HEALTHZ_PORT) -> dict[str, int] | None:
-    """The agent's drop counters from /metrics on the node namespace's loopback (None if it serves none)."""
+def fetch_metrics(ns: str, port: int = HEALTHZ_PORT) -> str | None:
+    """The agent's /metrics text, fetched on the node namespace's loopback (None if it serves none)."""
     url = f"http://127.0.0.1:{port}/metrics"
     code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=2).read().decode())"
     try:
@@ -302,16 +307,17 @@ def fetch_drops(ns: str, port: int = HEALTHZ_PORT) -> dict[str, int] | None:
         )
     except subprocess.TimeoutExpired:
         return None
-    if proc.returncode != 0:
-        return None
-    return {reason: int(n) for reason, n in _DROP_RE.findall(proc.stdout)}
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def _drops(state: LabState, report: DemoReport) -> None:
     for node in state.nodes.values():
-        drops = fetch_drops(node.ns)
-        if drops is not None:
-            report.drops[node.name] = drops
+        text = fetch_metrics(node.ns)
+        if text is not None:
+            report.drops[node.name] = {reason: int(n) for reason, n in _DROP_RE.findall(text)}
+            tx = {name: int(n) for name, n in _TX_RE.findall(text)}
+            if tx:
+                report.tx[node.name] = tx
 
 
 def _summary(report: DemoReport, out: Callable[[str], None]) -> None:
@@ -329,3 +335,10 @@ def _summary(report: DemoReport, out: Callable[[str], None]) -> None:
             out(f"  drops on {node}: {text}")
     elif report.tunnels and all(report.tunnels.values()):
         out("  drops: the agents serve no /metrics (--healthz-port) in this build")
+    tx = report.tx.get(report.iperf_sender, {})
+    if "tx_superpackets" in tx:  # vxlan / udp agents count them
+        # The pods' TCP reaches the TUN as superpackets (up to 64 KiB) unless something cuts them first.
+        out(
+            f"  sent by {report.iperf_sender}: {tx.get('tx_packets', 0)} datagrams from "
+            f"{tx['tx_superpackets']} TCP superpackets read from the TUN"
+        )
