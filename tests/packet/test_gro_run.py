@@ -18,7 +18,7 @@ from udpflannel.packet import headers as h
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
-from udpflannel.packet.gro_run import coalesce_run
+from udpflannel.packet.gro_run import coalesce_run, join_runs
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PREFIX = bytes(range(100, 122))  # 22 bytes, as a VXLAN + inner Ethernet header
@@ -144,3 +144,51 @@ def test_a_full_last_row_is_checked_with_the_others(where: str) -> None:
     else:
         struct.pack_into("!H", segs[-1], h.IPV4_ID, 0x1234)
     assert coalesce_run(laid_out([bytes(s) for s in segs], PREFIX, end_to_end=True), len(PREFIX)) is None
+
+
+@given(t=trains(), cut=st.integers(0, 10**6))
+@SETTINGS
+def test_two_runs_of_one_superpacket_join_into_it(t: tuple[list[bytes], bytes, bool], cut: int) -> None:
+    """A superpacket sent as two UDP_SEGMENT messages arrives as two trains: their runs join into exactly
+    the superpacket; the other way round, or with a segment missing at the cut, they do not."""
+    segs, superpacket, _ = t
+    if len(segs) < 4:
+        return
+    k = 2 + cut % (len(segs) - 3)  # both parts at least two rows (coalesce_run's minimum)
+    a = coalesce_run(laid_out(segs[:k], b"", True))
+    b = coalesce_run(laid_out(segs[k:], b"", True))
+    assert a is not None and b is not None
+    joined = join_runs(a, b)
+    assert joined is not None and bytes(joined) == superpacket
+    assert join_runs(b, a) is None
+    if len(segs) - k >= 3:
+        gap = coalesce_run(laid_out(segs[k + 1 :], b"", True))
+        assert gap is not None and join_runs(a, gap) is None
+
+
+@pytest.mark.parametrize("case", ["psh-first", "other-port", "other-mss", "past-64k", "short-first"])
+def test_runs_that_are_not_one_superpacket_do_not_join(case: str) -> None:
+    mss = 1000
+    sp = build_tcp(v6=False, payload=payload_bytes(5, 20 * mss), mss=mss, seq=100)
+    segs = [bytearray(s) for s in reference.split(sp.raw, sp.vh)]
+    first, rest = segs[:10], segs[10:]
+    if case == "psh-first":
+        first[-1][h.IPV4_MIN_HLEN + h.TCP_FLAGS] |= h.TCP_PSH
+        fix_checksums(first[-1], v6=False)
+    elif case == "other-port":
+        for s in rest:
+            s[h.IPV4_MIN_HLEN + 1] ^= 1  # source port
+            fix_checksums(s, v6=False)
+    elif case == "other-mss":
+        other = build_tcp(v6=False, payload=payload_bytes(6, 4 * 900), mss=900, seq=100 + 10 * mss)
+        rest = [bytearray(s) for s in reference.split(other.raw, other.vh)]
+    elif case == "past-64k":
+        big = build_tcp(v6=False, payload=payload_bytes(7, 60 * mss), mss=mss, seq=100 + 10 * mss)
+        rest = [bytearray(s) for s in reference.split(big.raw, big.vh)]
+    else:
+        first[-1] = first[-1][:-1]  # the first run's last segment short: its superpacket ended there
+        fix_checksums(first[-1], v6=False)
+    a = coalesce_run(laid_out([bytes(s) for s in first], b"", True))
+    b = coalesce_run(laid_out([bytes(s) for s in rest], b"", True))
+    assert a is not None and b is not None
+    assert join_runs(a, b) is None

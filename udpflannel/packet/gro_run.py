@@ -27,6 +27,7 @@ from udpflannel.packet.vnet import (
 
 _ACK, _ACK_PSH = h.TCP_ACK_FLAG, h.TCP_ACK_FLAG | h.TCP_PSH
 _H = struct.Struct("!H")
+_SEQ = struct.Struct("!I")
 _IP4 = struct.Struct("!10H")
 _ADDR4 = struct.Struct("!4H")
 _ADDR6 = struct.Struct("!16H")
@@ -102,6 +103,39 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     if not verified and not _checksums_ok(buf, n, inner, first, final, f0, v6):
         return None
     return _build(buf, n, inner, hl, l3, gso, last, last_flags, v6)
+
+
+def join_runs(a: memoryview, b: memoryview) -> memoryview | None:
+    """Superpacket `b` appended to superpacket `a` (both writes from coalesce_run) when b carries on a's
+    flow where a's last, full-size segment ended: the same headers but length, id, sequence number, window,
+    flags and checksums, a's flags ACK, b's sequence number right after a's payload, one segment size, at
+    most 64 KiB together. A TCP superpacket the sender had to send as two UDP_SEGMENT messages (65507-byte
+    limit) arrives as two trains; joined, it is one TUN write again. None when they do not join."""
+    v = VNET_HDR_LEN
+    head_a, head_b = VNET_HDR_STRUCT.unpack_from(a, 0), VNET_HDR_STRUCT.unpack_from(b, 0)
+    _, kind, hl, gso, l3, _ = head_a
+    if head_a != head_b or gso == 0:
+        return None
+    paid_a, paid_b = len(a) - v - hl, len(b) - v - hl
+    total = hl + paid_a + paid_b
+    if paid_a % gso or paid_b <= 0 or total > h.IP_MAXPACKET:
+        return None
+    fa, fb = bytes(a[v : v + hl]), bytes(b[v : v + hl])
+    v6 = kind == VIRTIO_NET_HDR_GSO_TCPV6
+    flags = last_row_flags(fa, fb, 0, hl, v6, hl + paid_b)
+    seq = h.TCP_SEQ + l3
+    if (
+        flags is None
+        or fa[l3 + h.TCP_FLAGS] != _ACK
+        or (_SEQ.unpack_from(fa, seq)[0] + paid_a) & 0xFFFFFFFF != _SEQ.unpack_from(fb, seq)[0]
+    ):
+        return None
+    dst = np.empty(v + total, np.uint8)
+    dst[: len(a)] = a
+    dst[len(a) :] = b[v + hl :]
+    mv = memoryview(dst)
+    finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=flags)
+    return mv
 
 
 def tcp_head(f: bytes) -> tuple[bool, int] | None:
