@@ -23,6 +23,7 @@ TRAFFIC_NAMES: tuple[str, ...] = (
     "tx_send_calls",  # sendmsg/sendmmsg calls (the per-batch cost the offloads save)
     "icmp_sent",  # frag-needed / packet-too-big / unreachable / time-exceeded written back to the TUN
     "peer_updates",
+    "rx_joined_runs",  # superpackets that came as two trains (the UDP GSO limit) and went as one write
 )
 DROP_NAMES: dict[DropReason, str] = {r: f"drop_{r.label}" for r in DropReason if r is not DropReason.NONE}
 COUNTER_NAMES: tuple[str, ...] = TRAFFIC_NAMES + tuple(DROP_NAMES.values())

@@ -20,6 +20,7 @@ from udpflannel.dataplane import icmp
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
 from udpflannel.dataplane.rowpath import RowPaths
+from udpflannel.dataplane.rx_hold import HeldRun
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.io.udp_recv import TrainSet
@@ -63,7 +64,7 @@ for _reason, _name in DROP_NAMES.items():
     _DROP_SLOT[_reason] = INDEX[_name]
 
 
-class Engine(RowPaths):
+class Engine(RowPaths, HeldRun):
     """Owns the peer table and the per-batch pipelines. tun: io.tun.Tun; rx: the UdpSocket on our port;
     pool: UdpSockets to send from (one per outer source port; udp backend: [rx])."""
 
@@ -383,29 +384,6 @@ class Engine(RowPaths):
 
     # --- RX -----------------------------------------------------------------------------------------------
 
-    def rx_once(self, sock=None) -> int:
-        """Receive one batch of datagrams (from `sock`, default the IPv4 socket) and deliver it; returns
-        datagrams received."""
-        total = 0
-        # GRO trains arrive as zero-copy views of the receive buffer: each is delivered before the next
-        # receive reuses that buffer.
-        for rec in (sock or self.rx).recv_trains(sets=self.tun.vnet):
-            if isinstance(rec, TrainSet):
-                n = int(rec.counts.sum())
-                total += n
-                try:
-                    self.process_train_set(rec)
-                except Exception:
-                    self._internal_error(n)
-                continue
-            n = rec.batch.n
-            total += n
-            try:
-                self.process_rx(rec.batch, rec.src_addr)
-            except Exception:  # a bug must not stop the datapath: drop the batch, count it
-                self._internal_error(n)
-        return total
-
     def process_train_set(self, ts: TrainSet) -> None:
         """Several trains from one receive, checked together (packet/gro_trains.py); each that is not a
         clean run of one flow's segments from a peer goes through process_rx alone, in arrival order."""
@@ -413,13 +391,12 @@ class Engine(RowPaths):
         writes = merged.writes if merged is not None else [None] * len(ts.counts)
         for j, write in enumerate(writes):
             if write is None:
-                rec = ts.train(j)
-                self.process_rx(rec.batch, rec.src_addr)
+                self.receive_train(ts.train(j))
                 continue
             self._count("rx_batches")
             k = int(ts.counts[j])
             inner_bytes = int(ts.lasts[j]) - self.head + (k - 1) * (ts.rows.shape[2] - self.head)
-            self._deliver([(write,)], k, inner_bytes)
+            self.deliver_run(write, k, inner_bytes)  # the next train may be the rest of its superpacket
 
     def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
         """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then

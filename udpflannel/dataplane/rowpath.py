@@ -6,7 +6,8 @@ when a row needs the batch pipeline's judgement, so drops are always counted the
 vxlan writes its header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, template, head, counters, _rx_prefix, _count, _deliver. No sockets of its own, no clock."""
+_dsts, _flows, template, head, counters, _rx_prefix, _count, _deliver, deliver_run (rx_hold). No sockets of
+its own, no clock."""
 
 from __future__ import annotations
 
@@ -161,22 +162,28 @@ class RowPaths:
 
     def receive_run(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
         """A train of one flow's segments that makes one superpacket (the commonest receive under load):
-        row 0's outer header checked here, every other row held to it by coalesce_run, the sources by the
-        peer table; one TUN write. False, having done nothing, otherwise."""
+        one TUN write (or held a moment for the rest of its superpacket: dataplane/rx_hold.py). False,
+        having done nothing, otherwise."""
+        run = self._run_of(batch, src_addr)
+        if run is None:
+            return False
+        n = batch.n
+        self.deliver_run(run, n, int(batch.lengths[:n].sum()) - n * self.head)
+        return True
+
+    def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> memoryview | None:
+        """receive_run's write: row 0's outer header checked here, every other row held to it by
+        coalesce_run, the sources by the peer table; None when the train is not such a run."""
         n, off, head = batch.n, batch.offset, self.head
         if head:
             row0 = batch.buf[0, off : off + head + 1].tobytes()
             if len(row0) <= head or row0[:14] != self._rx_prefix:
-                return False
+                return None
             if row0[20:head] != _ETHERTYPE.get(row0[-1] >> 4):
-                return False
+                return None
         if self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any():
-            return False
-        run = coalesce_run(batch, head)
-        if run is None:
-            return False
-        self._deliver([(run,)], n, int(batch.lengths[:n].sum()) - n * head)
-        return True
+            return None
+        return coalesce_run(batch, head)
 
 
 def _decrement_ttl(row: memoryview, off: int) -> None:

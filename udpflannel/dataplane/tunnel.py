@@ -94,7 +94,8 @@ class TunnelBackend:
             # superpacket fits one UDP_SEGMENT send, but the kernel then cuts every larger superpacket it
             # forwards into MTU-sized packets before the TUN (gso_features_check): pods' TCP sizes its
             # superpackets for their own veth, 64 KiB, and pod-to-pod traffic in the lab halved (0.73 vs
-            # 1.46 Gbit/s). A 64 KiB superpacket is two UDP_SEGMENT messages in one sendmmsg instead.
+            # 1.46 Gbit/s). A 64 KiB superpacket is two UDP_SEGMENT messages in one sendmmsg instead,
+            # whose two trains the receiving agent joins into one TUN write again (dataplane/rx_hold.py).
             self.host.set_link(self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN)
             self.configure_tun(self.host, lease)
             self.host.close()  # the netlink child exits; undo() starts another if there is work left

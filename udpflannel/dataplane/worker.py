@@ -81,6 +81,7 @@ def run(spec: dict) -> int:
     ctrl = socket.socket(fileno=spec["ctrl_fd"])
     ctrl.setblocking(False)
     engine = Engine(cfg, tun, rx, pool, counters.row(spec["index"]), rx6=rx6, pool6=pool6)
+    engine.hold_runs = True  # a superpacket's two trains as one TUN write (dataplane/rx_hold.py)
 
     stopping = False
 
@@ -118,6 +119,7 @@ def run(spec: dict) -> int:
                 moved += engine.rx_once(rx6)
             if moved == 0:
                 break
+        engine.flush_held()  # a superpacket's first part waits for its rest no longer than one wake
     return 0
 
 

@@ -1,0 +1,65 @@
+"""dataplane/rx_hold.py: a superpacket that comes as two trains (the sender's UDP GSO limit) is one TUN write,
+whether both trains come in one receive or in two; what is not its rest is written after it, in order; and
+without hold_runs (tests, tools) every run is written at once."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import Harness
+from test_engine_batches import MSS, RecordingTun, received, superpacket, vxlan_train
+
+from udpflannel.dataplane.counters import INDEX
+from udpflannel.packet.vnet import VnetHdr
+
+SEGMENTS = 46  # a 64 KiB superpacket: 44 datagrams in one UDP_SEGMENT message, 2 in the next
+WRITE = VnetHdr(1, 1, 40, MSS, 20, 16).encode()  # NEEDS_CSUM, TCPV4
+
+
+def harness(hold: bool) -> Harness:
+    h = Harness("vxlan")
+    h.engine.tun = h.tun = RecordingTun()
+    h.engine.hold_runs = hold
+    return h
+
+
+@pytest.mark.parametrize("receives", [1, 2])
+def test_a_superpacket_in_two_trains_is_one_write(receives: int) -> None:
+    train = vxlan_train(5000, SEGMENTS * MSS)
+    h = harness(hold=True)
+    if receives == 1:
+        h.engine.rx, _ = received([train[:44], train[44:]])
+        assert h.engine.rx_once() == SEGMENTS
+    else:
+        for part in (train[:44], train[44:]):
+            h.engine.rx, _ = received([part])
+            assert h.engine.rx_once() == len(part)
+    h.engine.flush_held()  # the worker does this before it sleeps
+    assert h.tun.written == [WRITE + superpacket(5000, SEGMENTS * MSS)]
+    assert h.counters[INDEX["rx_joined_runs"]] == 1
+    assert h.counters[INDEX["rx_packets"]] == SEGMENTS
+    assert h.counters[INDEX["rx_coalesced_writes"]] == 1
+
+
+def test_a_held_run_is_written_first_when_the_rest_is_not_its_own() -> None:
+    first, other = vxlan_train(5000, SEGMENTS * MSS)[:44], vxlan_train(900_000, 10 * MSS)
+    h = harness(hold=True)
+    h.engine.rx, _ = received([first])
+    h.engine.rx_once()
+    assert h.tun.written == []  # held: its rest may come with the next receive
+    h.engine.rx, _ = received([other])
+    h.engine.rx_once()  # `other` ends on a full segment: held in turn, until the flush
+    h.engine.flush_held()
+    assert h.tun.written == [WRITE + superpacket(5000, 44 * MSS), WRITE + superpacket(900_000, 10 * MSS)]
+    assert h.counters[INDEX["rx_joined_runs"]] == 0
+
+
+def test_without_hold_runs_every_run_is_written_at_once() -> None:
+    train = vxlan_train(5000, SEGMENTS * MSS)
+    h = harness(hold=False)
+    h.engine.rx, _ = received([train[:44]])
+    h.engine.rx_once()
+    assert h.tun.written == [WRITE + superpacket(5000, 44 * MSS)]
+    h.engine.rx, _ = received([train[44:]])
+    h.engine.rx_once()  # two datagrams: the few-packets path writes each
+    assert len(h.tun.written) == 3
+    assert h.counters[INDEX["rx_joined_runs"]] == 0

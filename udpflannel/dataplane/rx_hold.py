@@ -1,0 +1,116 @@
+"""The receive loop over one recvmmsg's records, and the join of a superpacket that arrives in two trains.
+
+A 64 KiB TCP superpacket is 46-47 datagrams, more than one UDP_SEGMENT send may carry (65507 bytes), so
+the sender sends 44 and the rest as two messages of one sendmmsg, and they arrive as two trains, often
+in two receives. Written as they come, that is two TUN writes, and twice the TCP receive work and ACKs,
+for one superpacket. So a run whose last segment is full-size (its superpacket goes on) is held while one
+receive looks for the rest (packet.gro_run.join_runs), after the worker's TX turn, so ACKs are not held
+up; anything else and it is written as it was. The worker writes what is held before it sleeps, and order
+is kept: a held run is written before any later record is handled.
+
+HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: tun, head, process_rx,
+process_train_set, _deliver, _internal_error, _run_of (rowpath)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from udpflannel.io.udp import Received, TrainSet
+from udpflannel.packet import headers as h
+from udpflannel.packet.gro_run import join_runs
+from udpflannel.packet.vnet import VNET_HDR_LEN, VNET_HDR_STRUCT
+
+
+class HeldRun:
+    hold_runs = False  # the worker's loop turns it on (and flushes before it sleeps); tests see every write
+    _held: tuple[memoryview, int, int] | None = None  # (write, inner packets, inner bytes)
+    _may_hold = False  # only inside rx_once: process_rx called on its own writes at once
+
+    def rx_once(self, sock: Any = None) -> int:
+        """Receive one batch of datagrams (from `sock`, default the IPv4 socket) and deliver it; returns
+        datagrams received. With hold_runs, the last run may stay held for the next rx_once: the caller
+        calls flush_held() before it waits for more."""
+        rx = sock or self.rx  # type: ignore[attr-defined]
+        sets = self.tun.vnet  # type: ignore[attr-defined]
+        self._may_hold = self.hold_runs and sets
+        try:
+            return self._receive_records(rx.recv_trains(sets=sets))
+        finally:
+            self._may_hold = False
+            if not self.hold_runs:
+                self.flush_held()
+
+    def _receive_records(self, records: list[Received | TrainSet]) -> int:
+        # GRO trains arrive as zero-copy views of the receive buffer: each is delivered before the next
+        # receive reuses that buffer (a held run is a copy already). A held run meets the next record
+        # first: a train set's first write joins it or flushes it (deliver_run), a lone train here.
+        total = 0
+        for rec in records:
+            if isinstance(rec, TrainSet):
+                n = int(rec.counts.sum())
+                total += n
+                try:
+                    self.process_train_set(rec)  # type: ignore[attr-defined]
+                except Exception:
+                    self._internal_error(n)  # type: ignore[attr-defined]
+                continue
+            total += rec.batch.n
+            try:
+                self.receive_train(rec)
+            except Exception:  # a bug must not stop the datapath: drop the batch, count it
+                self._internal_error(rec.batch.n)  # type: ignore[attr-defined]
+        return total
+
+    def receive_train(self, rec: Received) -> None:
+        """One train (or batch) to the TUN: joined to the held run when it is its rest, else after it."""
+        if self._held is not None:
+            if self._join_held(rec):
+                return
+            self.flush_held()
+        self.process_rx(rec.batch, rec.src_addr)  # type: ignore[attr-defined]
+
+    def deliver_run(self, run: memoryview, packets: int, nbytes: int) -> None:
+        """Write a coalesced run: joined to the held one when it is its rest, held itself when it may go
+        on (its last segment is full-size and 64 KiB leave room for more), else at once."""
+        if self._held is not None:
+            held, held_packets, held_bytes = self._held
+            joined = join_runs(held, run)  # before letting go of the held run: it is written either way
+            self._held = None
+            if joined is None:
+                self._deliver([(held,)], held_packets, held_bytes)  # type: ignore[attr-defined]
+            else:
+                self._count("rx_joined_runs")  # type: ignore[attr-defined]
+                run, packets, nbytes = joined, packets + held_packets, nbytes + held_bytes
+        if self._may_hold:
+            _, _, hl, gso, _, _ = VNET_HDR_STRUCT.unpack_from(run, 0)
+            paid = len(run) - VNET_HDR_LEN - hl
+            if gso and paid % gso == 0 and len(run) - VNET_HDR_LEN < h.IP_MAXPACKET:
+                self._held = (run, packets, nbytes)
+                return
+        self._deliver([(run,)], packets, nbytes)  # type: ignore[attr-defined]
+
+    def flush_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._deliver([(held[0],)], held[1], held[2])  # type: ignore[attr-defined]
+
+    def _join_held(self, rec: Received) -> bool:
+        """The held run and the train `rec` as one write, when rec is the rest of its superpacket."""
+        assert self._held is not None
+        batch = rec.batch
+        if batch.n < 2:
+            return False
+        try:
+            run = self._run_of(batch, rec.src_addr)  # type: ignore[attr-defined]
+            joined = join_runs(self._held[0], run) if run is not None else None
+        except Exception:  # judged again, and counted, by the normal path
+            return False
+        if joined is None:
+            return False
+        self._count("rx_batches")  # type: ignore[attr-defined]
+        self._count("rx_joined_runs")  # type: ignore[attr-defined]
+        n = batch.n
+        _, packets, nbytes = self._held
+        nbytes += int(batch.lengths[:n].sum()) - n * self.head  # type: ignore[attr-defined]
+        self._held = (joined, packets + n, nbytes)
+        return True
