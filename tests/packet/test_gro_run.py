@@ -161,7 +161,7 @@ def test_two_runs_of_one_superpacket_join_into_it(t: tuple[list[bytes], bytes, b
         assert got is not None
         return got
 
-    # Appended in place behind the first run (its buffer has room), or copied when it is not _build's.
+    # Fresh runs for every join: a run is a buffer of its own, whatever backs it.
     for first in (run(segs[:k]), memoryview(bytearray(run(segs[:k])))):
         joined = join_runs(first, run(segs[k:]))
         assert joined is not None and bytes(joined) == superpacket

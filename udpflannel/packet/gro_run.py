@@ -130,18 +130,12 @@ def join_runs(a: memoryview, b: memoryview) -> memoryview | None:
         or (_SEQ.unpack_from(fa, seq)[0] + paid_a) & 0xFFFFFFFF != _SEQ.unpack_from(fb, seq)[0]
     ):
         return None
-    dst = a.obj
-    if not (isinstance(dst, np.ndarray) and dst.size >= v + total and _starts(a, dst)):
-        dst = np.empty(v + total, np.uint8)  # not a run from _build: copy it
-        dst[: len(a)] = a
-    dst[len(a) : v + total] = b[v + hl :]  # a's bytes stay where _build put them
-    mv = memoryview(dst)[: v + total]
+    dst = np.empty(v + total, np.uint8)
+    dst[: len(a)] = a
+    dst[len(a) :] = b[v + hl :]
+    mv = memoryview(dst)
     finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=flags)
     return mv
-
-
-def _starts(view: memoryview, array: np.ndarray) -> bool:
-    return np.frombuffer(view, np.uint8).ctypes.data == array.ctypes.data
 
 
 def tcp_head(f: bytes) -> tuple[bool, int] | None:
@@ -244,14 +238,14 @@ def _build(
     """Row 0's headers and every payload, in one new buffer behind a virtio header."""
     v = VNET_HDR_LEN
     total = hl + (n - 1) * gso + last
-    dst = np.empty(v + h.IP_MAXPACKET, np.uint8)  # room for join_runs to append a second run in place
+    dst = np.empty(v + total, np.uint8)
     dst[v : v + hl] = buf[0, inner : inner + hl]
     full = n if last == gso else n - 1  # a full-size last row goes with the others
     end = v + hl + full * gso
     dst[v + hl : end].reshape(full, gso)[:] = buf[:full, inner + hl : inner + hl + gso]
     if full < n:
-        dst[end : v + total] = buf[n - 1, inner + hl : inner + hl + last]
-    mv = memoryview(dst)[: v + total]
+        dst[end:] = buf[n - 1, inner + hl : inner + hl + last]
+    mv = memoryview(dst)
     finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=total, flags=last_flags)
     return mv
 
