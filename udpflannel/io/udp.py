@@ -143,17 +143,11 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         judges and counts each refusal."""
         total = data.size
         m = -(-total // per_call)
-        hdrs, iov, control = self._gso_arrays(m, m)
-        named = self._name(dest)  # (encoded, array, address): held until the call returns
+        _, iov, _ = self._gso_arrays(m, m)
         iov[:m, 0] = np.uint64(data.ctypes.data) + np.arange(0, total, per_call, dtype=np.uint64)
         iov[:m, 1] = per_call
         iov[m - 1, 1] = total - (m - 1) * per_call
-        step = np.uint64(iov.strides[0])
-        hdrs["iov"][:m] = np.uint64(iov.ctypes.data) + np.arange(m, dtype=np.uint64) * step
-        hdrs["iovlen"][:m] = 1
-        hdrs["name"][:m] = named[2]
-        _GSO_CMSG.pack_into(control, 0, _GSO_CMSG_LEN, linux.SOL_UDP, linux.UDP_SEGMENT, seg_size)
-        got = self._sendmmsg_raw(hdrs, m)
+        got = self._sendmmsg_gso(m, 1, seg_size, dest)
         done = total if got == m else max(got, 0) * per_call
         self.stats.sent += -(-done // seg_size)
         return done
@@ -226,16 +220,9 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
             return self.send_rows(buf, rows, col, lengths, dest)
         per_call = max(1, min(self.max_segments, self.max_payload // seg))
         m = -(-n // per_call)
-        hdrs, iov, control = self._gso_arrays(n, m)
-        named = self._name(dest)  # (encoded, array, address): held until the call returns
+        _, iov, _ = self._gso_arrays(n, m)
         _point_at_rows(iov, buf, rows, col, lengths)
-        starts = np.arange(0, n, per_call, dtype=np.uint64)
-        hdrs["iov"][:m] = np.uint64(iov.ctypes.data) + starts * np.uint64(iov.strides[0])
-        hdrs["iovlen"][:m] = per_call
-        hdrs["iovlen"][m - 1] = n - (m - 1) * per_call
-        hdrs["name"][:m] = named[2]
-        _GSO_CMSG.pack_into(control, 0, _GSO_CMSG_LEN, linux.SOL_UDP, linux.UDP_SEGMENT, seg)
-        got = self._sendmmsg_raw(hdrs, m)
+        got = self._sendmmsg_gso(n, per_call, seg, dest)
         if got == m:
             self.stats.sent += n
             return n
@@ -247,6 +234,21 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
             self.stats.gso_fallbacks += 1
         self.stats.sent += done
         return done + self.send_rows(buf, rows[done:], col, lengths[done:], dest)
+
+    def _sendmmsg_gso(self, n: int, per_msg: int, seg: int, dest: tuple[str, int]) -> int:
+        """One sendmmsg of UDP_SEGMENT messages (datagrams of seg bytes) over the first n iovecs of the
+        _gso_arrays iovec array, which the caller filled: message i gathers per_msg of them from iovec
+        i * per_msg (the last what is left). Messages sent, or -errno when the first was refused."""
+        m = -(-n // per_msg)
+        hdrs, iov, control = self._gso_arrays(n, m)
+        named = self._name(dest)  # (encoded, array, address): held until the call returns
+        step = np.uint64(iov.strides[0] * per_msg)
+        hdrs["iov"][:m] = np.uint64(iov.ctypes.data) + np.arange(m, dtype=np.uint64) * step
+        hdrs["iovlen"][:m] = per_msg
+        hdrs["iovlen"][m - 1] = n - (m - 1) * per_msg
+        hdrs["name"][:m] = named[2]
+        _GSO_CMSG.pack_into(control, 0, _GSO_CMSG_LEN, linux.SOL_UDP, linux.UDP_SEGMENT, seg)
+        return self._sendmmsg_raw(hdrs, m)
 
     def _sendmmsg_raw(self, hdrs: np.ndarray, m: int) -> int:
         """One sendmmsg over m prepared headers: messages sent, or -errno when the first was refused."""
