@@ -8,8 +8,8 @@ receive looks for the rest (packet.gro_run.join_runs), after the worker's TX tur
 up; anything else and it is written as it was. The worker writes what is held before it sleeps, and order
 is kept: a held run is written before any later record is handled.
 
-HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: tun, head, process_rx,
-process_train_set, _deliver, _internal_error, _run_of (rowpath)."""
+HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
+process_train_set, _count, _deliver, _internal_error, _run_of (rowpath)."""
 
 from __future__ import annotations
 
