@@ -11,7 +11,7 @@ import contextlib
 import errno
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from udpflannel.host.netlink import Netlink, NetlinkError
 
@@ -110,7 +110,7 @@ class HostConfig:
 
     def add_route(self, route: Route) -> None:
         try:
-            self._call("route", cmd="replace", **self._route_args(route))
+            self._call("route", cmd="replace", **asdict(route))
         except NetlinkError as exc:
             raise HostError(f"adding route {route}: {exc}") from exc
         if route not in self._routes:
@@ -118,22 +118,12 @@ class HostConfig:
 
     def del_route(self, route: Route) -> None:
         try:
-            self._call("route", cmd="del", **self._route_args(route))
+            self._call("route", cmd="del", **asdict(route))
         except NetlinkError as exc:
             if exc.code not in (errno.ESRCH, errno.ENODEV, errno.ENOENT):
                 raise HostError(f"removing route {route}: {exc}") from exc
         if route in self._routes:
             self._routes.remove(route)
-
-    @staticmethod
-    def _route_args(route: Route) -> dict[str, object]:
-        return {
-            "dst": route.dst,
-            "dev": route.dev,
-            "gateway": route.gateway,
-            "onlink": route.onlink,
-            "src": route.src,
-        }
 
     def undo(self) -> None:
         """Remove every route and address we added, newest first. A link that is gone took its routes and
