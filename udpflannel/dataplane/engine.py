@@ -414,14 +414,18 @@ class Engine(RowPaths, HeldRun):
         self._train_out = out_arena(m, self._train_out)
         return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out)
 
+    def few(self, batch: PacketBatch) -> bool:
+        """A batch the per-row path (receive_few) tries first: a handful of rows, or some more small ones."""
+        n = batch.n
+        return n <= FEW_PACKETS or (
+            n <= FEW_SMALL_PACKETS and int(batch.lengths[:n].max()) <= SMALL_PACKET + self.head
+        )
+
     def process_rx(self, batch: PacketBatch, src_addr: np.ndarray) -> None:
         """Deliver datagrams (rows of `batch`) from src_addr (uint8 [n, 4]) to the TUN."""
         n = batch.n
         self._count("rx_batches")
-        few = n <= FEW_PACKETS or (
-            n <= FEW_SMALL_PACKETS and int(batch.lengths[:n].max()) <= SMALL_PACKET + self.head
-        )
-        if few and self.receive_few(batch, src_addr):
+        if self.few(batch) and self.receive_few(batch, src_addr):
             return
         if self.tun.vnet and n >= 2 and self.receive_run(batch, src_addr):
             return

@@ -9,7 +9,7 @@ up; anything else and it is written as it was. The worker writes what is held be
 is kept: a held run is written before any later record is handled.
 
 HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
-process_train_set, _count, _deliver, _internal_error, _run_of (rowpath)."""
+process_train_set, few, _count, _deliver, _internal_error, _run_of (rowpath)."""
 
 from __future__ import annotations
 
@@ -62,25 +62,49 @@ class HeldRun:
         return total
 
     def receive_train(self, rec: Received) -> None:
-        """One train (or batch) to the TUN: joined to the held run when it is its rest, else after it."""
+        """One train (or batch) to the TUN: joined to the held run when it is its rest, else after it.
+        A run judged here for the join is not judged again by process_rx: unless the per-row path would
+        have had the train first (a few rows), it is written (or held) as receive_run would."""
+        batch = rec.batch
         if self._held is not None:
-            if self._join_held(rec):
-                return
+            run = self._run_of(batch, rec.src_addr) if batch.n >= 2 else None  # type: ignore[attr-defined]
+            if run is not None:
+                n = batch.n
+                nbytes = int(batch.lengths[:n].sum()) - n * self.head  # type: ignore[attr-defined]
+                joined = self._join_held(run, n, nbytes)
+                if joined is not None or not self.few(batch):  # type: ignore[attr-defined]
+                    self._count("rx_batches")  # type: ignore[attr-defined]
+                    self.flush_held()
+                    self._hold_or_write(*(joined or (run, n, nbytes)))
+                    return
             self.flush_held()
-        self.process_rx(rec.batch, rec.src_addr)  # type: ignore[attr-defined]
+        self.process_rx(batch, rec.src_addr)  # type: ignore[attr-defined]
 
     def deliver_run(self, run: memoryview, packets: int, nbytes: int) -> None:
-        """Write a coalesced run: joined to the held one when it is its rest, held itself when it may go
-        on (its last segment is full-size and 64 KiB leave room for more), else at once."""
-        if self._held is not None:
-            held, held_packets, held_bytes = self._held
-            joined = join_runs(held, run)  # before letting go of the held run: it is written either way
-            self._held = None
-            if joined is None:
-                self._deliver([(held,)], held_packets, held_bytes)  # type: ignore[attr-defined]
-            else:
-                self._count("rx_joined_runs")  # type: ignore[attr-defined]
-                run, packets, nbytes = joined, packets + held_packets, nbytes + held_bytes
+        """Write a coalesced run: joined to the held one when it is its rest (else after it), held itself
+        when it may go on (its last segment is full-size and 64 KiB leave room for more), else at once."""
+        joined = self._join_held(run, packets, nbytes) if self._held is not None else None
+        self.flush_held()
+        self._hold_or_write(*(joined or (run, packets, nbytes)))
+
+    def flush_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._deliver([(held[0],)], held[1], held[2])  # type: ignore[attr-defined]
+
+    def _join_held(self, run: memoryview, packets: int, nbytes: int) -> tuple[memoryview, int, int] | None:
+        """The held run with `run` appended, counts summed, when `run` is its rest (the held run is then
+        let go of); else None and the held run stays."""
+        assert self._held is not None
+        held, held_packets, held_bytes = self._held
+        joined = join_runs(held, run)
+        if joined is None:
+            return None
+        self._held = None
+        self._count("rx_joined_runs")  # type: ignore[attr-defined]
+        return joined, held_packets + packets, held_bytes + nbytes
+
+    def _hold_or_write(self, run: memoryview, packets: int, nbytes: int) -> None:
         if self._may_hold:
             _, _, hl, gso, _, _ = VNET_HDR_STRUCT.unpack_from(run, 0)
             paid = len(run) - VNET_HDR_LEN - hl
@@ -88,29 +112,3 @@ class HeldRun:
                 self._held = (run, packets, nbytes)
                 return
         self._deliver([(run,)], packets, nbytes)  # type: ignore[attr-defined]
-
-    def flush_held(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            self._deliver([(held[0],)], held[1], held[2])  # type: ignore[attr-defined]
-
-    def _join_held(self, rec: Received) -> bool:
-        """The held run and the train `rec` as one write, when rec is the rest of its superpacket."""
-        assert self._held is not None
-        batch = rec.batch
-        if batch.n < 2:
-            return False
-        try:
-            run = self._run_of(batch, rec.src_addr)  # type: ignore[attr-defined]
-            joined = join_runs(self._held[0], run) if run is not None else None
-        except Exception:  # judged again, and counted, by the normal path
-            return False
-        if joined is None:
-            return False
-        self._count("rx_batches")  # type: ignore[attr-defined]
-        self._count("rx_joined_runs")  # type: ignore[attr-defined]
-        n = batch.n
-        _, packets, nbytes = self._held
-        nbytes += int(batch.lengths[:n].sum()) - n * self.head  # type: ignore[attr-defined]
-        self._held = (joined, packets + n, nbytes)
-        return True
