@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from lease_helpers import net_conf, node_attrs
@@ -144,3 +147,24 @@ def test_concurrent_schema_creation(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_opening_a_file_another_agent_holds_locked_waits_for_it(tmp_path):
+    """Turning a new file to WAL while another connection holds its write lock fails at once in SQLite,
+    without the busy timeout (what made one of two agents starting together exit): the store tries again
+    until the lock is gone."""
+    db = tmp_path / "leases.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE setting_up (x)")
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    try:
+        store = SqliteStore(db)
+        assert time.monotonic() - started >= 0.25  # it did wait for the lock
+        assert store.list().revision == 0
+        store.close()
+    finally:
+        release.join()
+        other.close()

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHANGES_KEEP = 10_000
 # Seconds SQLite waits for another process's write lock before giving up with "database is locked".
 BUSY_TIMEOUT = 10.0
+OPEN_RETRY = 0.05  # seconds between tries to open a file another agent is setting up
 # How often watch() looks at the change log while it waits: short enough for prompt peer updates, long
 # enough that an idle agent costs nothing measurable.
 WATCH_POLL_INTERVAL = 0.05
@@ -109,25 +110,32 @@ class SqliteStore:
             os.close(fd)
         except OSError as exc:
             raise self._fail(exc.strerror or exc) from None
-        conn: sqlite3.Connection | None = None
-        try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken up front
-            # and two writers never deadlock upgrading read locks.
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is not available")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            # Under the write lock, so agents starting together create the schema once.
-            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
-        except sqlite3.Error as exc:
-            if conn is not None:
-                conn.close()
-            raise self._fail(exc) from None
-        return conn
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            conn: sqlite3.Connection | None = None
+            try:
+                # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken up
+                # front and two writers never deadlock upgrading read locks.
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                )
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is not available")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                # Under the write lock, so agents starting together create the schema once.
+                conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+                return conn
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                # Turning a new file to WAL while another agent holds its write lock fails at once,
+                # without the busy timeout (agents starting together on one file): try again, bounded.
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(OPEN_RETRY)
+                    continue
+                raise self._fail(exc) from None
 
     def close(self) -> None:
         with self._lock:
