@@ -113,15 +113,17 @@ def stop_node(node: Node) -> None:
         node.proc.wait(timeout=5)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes so far."""
+    user = system = 0
     for pid in pids:
         try:
             fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / CLK_TCK
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def memory(pids: list[int]) -> list[dict[str, float]]:
@@ -209,16 +211,20 @@ def run_pair(
             result: dict = {"label": label, "a": kind_a, "b": kind_b}
             directions = [(a, b, "A->B")] + ([(b, a, "B->A")] if reverse else [])
             for client, server, name in directions:
-                gbps, cpu = [], []
+                gbps, cpu, kernel_share = [], [], []
                 for _ in range(args.reps):
-                    c0 = cpu_seconds(agents)
+                    u0, s0 = cpu_seconds(agents)
                     g, moved = iperf_tcp(client, server, args.seconds, bidir=bidir_only)
                     gbps.append(g)
-                    if agents and moved:
-                        cpu.append((cpu_seconds(agents) - c0) / (moved / GIB))
+                    u1, s1 = cpu_seconds(agents)
+                    if agents and moved and u1 + s1 > u0 + s0:
+                        cpu.append((u1 + s1 - u0 - s0) / (moved / GIB))
+                        kernel_share.append((s1 - s0) / (u1 + s1 - u0 - s0))
                 result[f"tcp_gbps_{name}"] = gbps
                 if cpu:
                     result[f"cpu_s_per_gib_{name}"] = statistics.median(cpu)
+                    # system time: the syscalls and the kernel's own packet work they carry
+                    result[f"kernel_share_{name}"] = statistics.median(kernel_share)
             if not bidir_only:
                 pps, offered = iperf_pps(a, b, args.pps_seconds)
                 result["udp64_pps"] = pps
@@ -329,7 +335,8 @@ def report(results: list[dict]) -> None:
     k_tcp = statistics.median(kernel["tcp_gbps_A->B"]) if kernel else None
     k_pps = kernel.get("udp64_pps") if kernel else None
     print(
-        "\nscenario                      TCP Gbit/s (median)  x kernel  64B kpps  x kernel  CPU-s/GiB  PSS MB"
+        "\nscenario                      TCP Gbit/s (median)  x kernel  64B kpps  x kernel  CPU-s/GiB"
+        "  (kernel)  PSS MB"
     )
     for r in results:
         for key in [k for k in r if k.startswith("tcp_gbps_")]:
@@ -338,11 +345,12 @@ def report(results: list[dict]) -> None:
             pps = r.get("udp64_pps")
             pratio = f"{pps / k_pps:.2f}" if (pps and k_pps) else "-"
             cpu = r.get(key.replace("tcp_gbps_", "cpu_s_per_gib_"))
+            share = r.get(key.replace("tcp_gbps_", "kernel_share_"))
             pss = sum(m["pss_mb"] for m in r.get("memory", []))
             print(
                 f"{r['label'] + ' ' + key[9:]:30s} {g:8.2f} {r[key]!s:>14s} {ratio:>6s}"
                 f"  {(pps or 0) / 1e3:8.1f} {pratio:>8s}  {cpu if cpu is None else round(cpu, 2)!s:>9s}"
-                f"  {pss:6.1f}"
+                f"  {'-' if share is None else f'{share:.0%}':>8s}  {pss:6.1f}"
             )
     for r in results:
         if "profile" in r:
