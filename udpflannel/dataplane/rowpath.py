@@ -167,13 +167,13 @@ class RowPaths:
         run = self._run_of(batch, src_addr)
         if run is None:
             return False
-        n = batch.n
-        self.deliver_run(run, n, int(batch.lengths[:n].sum()) - n * self.head)
+        self.deliver_run(*run)
         return True
 
-    def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> memoryview | None:
-        """receive_run's write: row 0's outer header checked here, every other row held to it by
-        coalesce_run, the sources by the peer table; None when the train is not such a run."""
+    def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> tuple[memoryview, int, int] | None:
+        """receive_run's write with the inner packets and bytes it holds: row 0's outer header checked
+        here, every other row held to it by coalesce_run, the sources by the peer table; None when the
+        train is not such a run."""
         n, off, head = batch.n, batch.offset, self.head
         if head:
             row0 = batch.buf[0, off : off + head + 1].tobytes()
@@ -183,7 +183,8 @@ class RowPaths:
                 return None
         if self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any():
             return None
-        return coalesce_run(batch, head)
+        run = coalesce_run(batch, head)
+        return None if run is None else (run, n, int(batch.lengths[:n].sum()) - n * head)
 
 
 def _decrement_ttl(row: memoryview, off: int) -> None:

@@ -69,13 +69,11 @@ class HeldRun:
         if self._held is not None:
             run = self._run_of(batch, rec.src_addr) if batch.n >= 2 else None  # type: ignore[attr-defined]
             if run is not None:
-                n = batch.n
-                nbytes = int(batch.lengths[:n].sum()) - n * self.head  # type: ignore[attr-defined]
-                joined = self._join_held(run, n, nbytes)
+                joined = self._join_held(*run)
                 if joined is not None or not self.few(batch):  # type: ignore[attr-defined]
                     self._count("rx_batches")  # type: ignore[attr-defined]
                     self.flush_held()
-                    self._hold_or_write(*(joined or (run, n, nbytes)))
+                    self._hold_or_write(*(joined or run))
                     return
             self.flush_held()
         self.process_rx(batch, rec.src_addr)  # type: ignore[attr-defined]
