@@ -1,7 +1,9 @@
 """Per-batch Python cost of the vxlan datapath engine, without the kernel: one 61000-byte TCP superpacket
 through TX (split, headers, hand-off to a UDP socket stand-in), one 44-datagram UDP_GRO train through RX
-(split the train, decapsulate, validate, coalesce, hand-off to a TUN stand-in), and a batch of 4 bare ACKs
-each way. The stand-ins only count, so the numbers are what the worker spends in Python and numpy per batch.
+(split the train, decapsulate, validate, coalesce, hand-off to a TUN stand-in), one receive of three
+superpackets each in two trains (44 + 2 datagrams: what a receiver that is behind gets), and a batch of 4
+bare ACKs each way. The stand-ins only count, so the numbers are what the worker spends in Python and
+numpy per batch.
 
 Run: .venv/bin/python perf/engine_micro.py [--repeat 5]   (best of many rounds: the machine is shared)"""
 
@@ -32,6 +34,8 @@ MSS = 1386  # MTU 1450 - IPv4 20 - TCP 20 - timestamps 12
 SUPERPACKET = 61000  # one UDP_SEGMENT message's worth (the size earlier figures were measured at)
 TRAIN = 44
 SMALL_TRAIN = 64
+SET_SUPERPACKETS = 3  # a receive of several superpackets: 44 + 2 trains each, as the live receiver sees
+SET_SEGMENTS = 46
 
 
 def _micro():
@@ -157,6 +161,47 @@ def _received(sock: UdpSocket, arena, m: int) -> list:
         sock._recv = orig  # type: ignore[method-assign]
 
 
+def train_set_us(micro, eng: Engine, sock: UdpSocket, repeat: int) -> float:
+    """What the receiver of a 64 KiB-superpacket stream sees when it is behind: one recvmmsg holding
+    SET_SUPERPACKETS superpackets, each sent as two UDP_SEGMENT messages (TRAIN datagrams and the rest),
+    so two GRO trains; handled as the worker does (train set, held run joined to its rest, one write)."""
+    from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
+
+    arena = MmsgArena(2 * SET_SUPERPACKETS, 65536 + 4096)
+    name = np.frombuffer(encode_sockaddr(socket.AF_INET, "198.18.0.2", 40000)[:16], np.uint8)
+    m = 0
+    for i in range(SET_SUPERPACKETS):
+        pkt, hdr = micro.tcp_superpacket((SET_SEGMENTS - 1) * MSS + 700, mss=MSS, seed=i)
+        segments = reference.split(pkt, hdr)
+        for part in (segments[:TRAIN], segments[TRAIN:]):
+            flat, total, seg = gro_train(part, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+            arena.data[m, :total] = flat
+            arena.hdrs["len"][m] = total
+            arena.hdrs["controllen"][m] = 24
+            arena.control[m, :20] = np.frombuffer(
+                np.array([20], "<u8").tobytes() + np.array([17, 104, seg], "<i4").tobytes(), np.uint8
+            )
+            arena.names[m, :16] = name
+            m += 1
+    writes, joined = eng.counters[INDEX["rx_coalesced_writes"]], eng.counters[INDEX["rx_joined_runs"]]
+    eng.hold_runs = True
+    orig = sock._recv
+    sock._recv = lambda _max: (arena, m)  # type: ignore[method-assign]
+    try:
+
+        def receive() -> None:
+            eng.rx_once()
+            eng.flush_held()
+
+        us = best_us(receive, 20, 10 * repeat)
+    finally:
+        sock._recv = orig  # type: ignore[method-assign]
+        eng.hold_runs = False
+    rounds = eng.counters[INDEX["rx_coalesced_writes"]] - writes
+    assert rounds > 0 and eng.counters[INDEX["rx_joined_runs"]] - joined == rounds, "not one write each"
+    return us
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -258,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     drops_before = int(eng.counters[[v for k, v in INDEX.items() if k.startswith("drop_")]].sum())
     small_rx_us = best_us(rx_small, 20, 10 * args.repeat)
+    set_us = train_set_us(micro, eng, rx_sock, args.repeat)
     assert eng.counters[INDEX["rx_packets"]] > before, "small datagrams were dropped"
     assert int(eng.counters[[v for k, v in INDEX.items() if k.startswith("drop_")]].sum()) == drops_before
     k = int(sent) // max(1, int(eng.counters[INDEX["tx_superpackets"]]))
@@ -268,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"TX 4 ACKs                      {ack_tx_us:7.1f} us")
     print(f"RX 4 ACKs                      {ack_rx_us:7.1f} us")
+    print(
+        f"RX {SET_SUPERPACKETS} superpackets, {TRAIN} + {SET_SEGMENTS - TRAIN} datagrams each (one receive)"
+        f"  {set_us:7.1f} us  {set_us / SET_SUPERPACKETS:5.1f} us/superpacket"
+    )
     print(
         f"TX {SMALL_TRAIN} x 64-byte UDP (a batch) {small_tx_us:7.1f} us  "
         f"{small_tx_us / SMALL_TRAIN:5.2f} us/datagram"
