@@ -63,3 +63,33 @@ def test_without_hold_runs_every_run_is_written_at_once() -> None:
     h.engine.rx_once()  # two datagrams: the few-packets path writes each
     assert len(h.tun.written) == 3
     assert h.counters[INDEX["rx_joined_runs"]] == 0
+
+
+def test_a_held_run_outlives_the_next_receive_of_several_trains() -> None:
+    """A receive of several trains ends on a superpacket's first part (held); the next receive brings its
+    rest and another superpacket, checked together in the same output buffers: the held part must not be
+    overwritten by them. Then a superpacket sent whole, 46 full segments, is written at once (no room for
+    more) and the one after it follows in order."""
+    x, b, y = (
+        vxlan_train(100, 10 * MSS - 300),
+        vxlan_train(5000, SEGMENTS * MSS),
+        vxlan_train(200_000, 9 * MSS),
+    )
+    h = harness(hold=True)
+    h.engine.rx, _ = received([x, b[:44]])
+    h.engine.rx_once()
+    assert h.tun.written == [WRITE + superpacket(100, 10 * MSS - 300)]  # b's first part is held
+    h.engine.rx, _ = received([b[44:], y])
+    h.engine.rx_once()
+    h.engine.flush_held()
+    assert h.tun.written[1:] == [
+        WRITE + superpacket(5000, SEGMENTS * MSS),
+        WRITE + superpacket(200_000, 9 * MSS),
+    ]
+    c, d = vxlan_train(300_000, SEGMENTS * MSS), vxlan_train(300_000 + SEGMENTS * MSS, 9 * MSS)
+    h.engine.rx, _ = received([c[:44], c[44:], d])
+    h.engine.rx_once()
+    assert h.tun.written[3:] == [WRITE + superpacket(300_000, SEGMENTS * MSS)]  # d (full segments): held
+    h.engine.flush_held()
+    assert h.tun.written[4:] == [WRITE + superpacket(300_000 + SEGMENTS * MSS, 9 * MSS)]
+    assert h.counters[INDEX["rx_joined_runs"]] == 2

@@ -406,7 +406,9 @@ class Engine(RowPaths, HeldRun):
             parts = range(j, j + merged.parts(j))
             k = sum(counts[i] for i in parts)
             inner_bytes = sum(lasts[i] - self.head + (counts[i] - 1) * full for i in parts)
-            self.deliver_run(write, k, inner_bytes)  # the next train may be the rest of its superpacket
+            # The next train may be the rest of its superpacket; `write` lies in the output arena, which
+            # the next train set reuses.
+            self.deliver_run(write, k, inner_bytes, owned=False)
 
     def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
         """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from udpflannel.io.udp import Received, TrainSet
 from udpflannel.packet import headers as h
 from udpflannel.packet.gro_run import join_runs
@@ -79,12 +81,16 @@ class HeldRun:
             self.flush_held()
         self.process_rx(batch, rec.src_addr)  # type: ignore[attr-defined]
 
-    def deliver_run(self, run: memoryview, packets: int, nbytes: int) -> None:
+    def deliver_run(self, run: memoryview, packets: int, nbytes: int, *, owned: bool = True) -> None:
         """Write a coalesced run: joined to the held one when it is its rest (else after it), held itself
-        when it may go on (its last segment is full-size and 64 KiB leave room for more), else at once."""
+        when it may go on (its last segment is full-size and 64 KiB leave room for another), else at once.
+        owned=False: `run` lies in a buffer the next receive reuses, so it is copied if it is held."""
         joined = self._join_held(run, packets, nbytes) if self._held is not None else None
         self.flush_held()
-        self._hold_or_write(*(joined or (run, packets, nbytes)))
+        if joined is not None:
+            self._hold_or_write(*joined)
+        else:
+            self._hold_or_write(run, packets, nbytes, owned=owned)
 
     def flush_held(self) -> None:
         held, self._held = self._held, None
@@ -103,11 +109,13 @@ class HeldRun:
         self._count("rx_joined_runs")  # type: ignore[attr-defined]
         return joined, held_packets + packets, held_bytes + nbytes
 
-    def _hold_or_write(self, run: memoryview, packets: int, nbytes: int) -> None:
+    def _hold_or_write(self, run: memoryview, packets: int, nbytes: int, *, owned: bool = True) -> None:
         if self._may_hold:
             _, _, hl, gso, _, _ = VNET_HDR_STRUCT.unpack_from(run, 0)
             paid = len(run) - VNET_HDR_LEN - hl
-            if gso and paid % gso == 0 and len(run) - VNET_HDR_LEN < h.IP_MAXPACKET:
+            if gso and paid % gso == 0 and len(run) - VNET_HDR_LEN + gso <= h.IP_MAXPACKET:
+                if not owned:
+                    run = memoryview(np.frombuffer(run, np.uint8).copy())
                 self._held = (run, packets, nbytes)
                 return
         self._deliver([(run,)], packets, nbytes)  # type: ignore[attr-defined]
