@@ -1,8 +1,6 @@
 """gro_trains against gro.coalesce_train: for several trains checked at once, every train that qualifies
 gives the bytes coalesce_train gives for it alone, and every train that does not is one coalesce_train
-would not write as one superpacket (or would refuse); a train that carries on the superpacket of the one
-before it (a superpacket sent as two UDP_SEGMENT messages) goes into that one's write, as
-gro_run.join_runs would join the two."""
+would not write as one superpacket (or would refuse)."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from packet_builders import TCP_OPTIONS, build_tcp, fix_checksums, gro_superpack
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce_train
-from udpflannel.packet.gro_run import join_runs
 from udpflannel.packet.gro_trains import coalesce_trains, out_arena
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,12 +53,7 @@ def train_sets(draw: st.DrawFn) -> list[list[bytes]]:
     trains = []
     for _ in range(draw(st.integers(1, 5))):
         sp = draw(gro_superpackets(v6=v6, mss=mss, options=options, max_segments=40))
-        segs = reference.split(sp.raw, sp.vh)
-        if len(segs) >= 4 and draw(st.booleans()):  # sent as two messages: two trains, the first ends full
-            cut = draw(st.integers(2, len(segs) - 2))
-            trains += [segs[:cut], segs[cut:]]
-        else:
-            trains.append(segs)
+        trains.append(reference.split(sp.raw, sp.vh))
     # Now and then a flaw: a flipped byte, a wrong flag, or a gap in the sequence numbers.
     flaw = draw(st.sampled_from(["none", "none", "byte", "psh", "seq"]))
     if flaw != "none":
@@ -91,65 +83,11 @@ def test_each_train_as_coalesce_train_gives_it(trains: list[list[bytes]]) -> Non
         return
     for j, want in enumerate(wants):
         got = merged.writes[j]
-        if merged.joined[j]:  # the rest of train j - 1's superpacket: in that write, as join_runs joins
-            assert got is None and merged.ok[j] and merged.ok[j - 1] and not merged.joined[j - 1]
-            lead, rest = wants[j - 1], want
-            assert lead is not None and rest is not None
-            joined = join_runs(memoryview(lead[0]), memoryview(rest[0]))
-            assert joined is not None and bytes(merged.writes[j - 1]) == bytes(joined)
-        elif got is not None:
+        if got is not None:
             assert bool(merged.ok[j])
-            if not merged.joined[j + 1 :][:1].any():
-                assert want == [bytes(got)]
+            assert want == [bytes(got)]
         else:
             assert want is None or len(want) != 1
-    # Every pair join_runs would join is joined (a train joins at most one before it).
-    for j in range(1, len(trains)):
-        lead, rest = wants[j - 1], wants[j]
-        ready = merged.ok[j - 1] and merged.ok[j] and not merged.joined[j - 1] and lead and rest
-        if ready and join_runs(memoryview(lead[0]), memoryview(rest[0])) is not None:
-            assert merged.joined[j]
-
-
-def test_a_superpacket_sent_as_two_messages_is_one_write() -> None:
-    """Three 46-segment superpackets, each as a 44-datagram train and its 2-datagram rest (a 64 KiB
-    superpacket's two UDP_SEGMENT messages): three writes, each the superpacket coalesced whole."""
-    trains, whole = [], []
-    for seed in range(3):
-        sp = build_tcp(v6=False, payload=payload_bytes(seed, 45 * 1000 + 300), mss=1000, seq=seed * 99)
-        segs = reference.split(sp.raw, sp.vh)
-        trains += [segs[:44], segs[44:]]
-        whole.append(reference.coalesce_run(segs))
-    _, rows, counts, lasts = lay_out(trains)
-    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(6))
-    assert merged is not None and merged.ok.all()
-    assert merged.joined.tolist() == [False, True] * 3
-    assert [merged.parts(j) for j in range(6)] == [2, 1] * 3
-    assert [bytes(w) for w in merged.writes if w is not None] == whole
-
-
-@pytest.mark.parametrize("flaw", ["gap", "psh", "other flow"])
-def test_a_rest_that_does_not_carry_on_stays_apart(flaw: str) -> None:
-    """The second train is not the first one's rest: a sequence gap, a PSH where the first ends, another
-    flow. Both are written alone, as coalesce_train writes them."""
-    sp = build_tcp(v6=False, payload=payload_bytes(3, 10 * 1000), mss=1000, seq=5)
-    segs = [bytearray(x) for x in reference.split(sp.raw, sp.vh)]
-    if flaw == "gap":
-        for seg in segs[6:]:
-            struct.pack_into("!I", seg, 24, struct.unpack_from("!I", seg, 24)[0] + 1000)
-    elif flaw == "psh":
-        segs[5][20 + 13] |= 0x08
-    else:
-        for seg in segs[6:]:
-            struct.pack_into("!H", seg, 20, 40001)  # another source port
-    for seg in segs:
-        fix_checksums(seg, v6=False)
-    trains = [[bytes(x) for x in segs[:6]], [bytes(x) for x in segs[6:]]]
-    slots, rows, counts, lasts = lay_out(trains)
-    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(2))
-    assert merged is not None and merged.ok.all() and not merged.joined.any()
-    for j in range(2):
-        assert [bytes(merged.writes[j])] == alone(slots, j, int(counts[j]), rows.shape[2], int(lasts[j]))
 
 
 def test_a_clean_set_merges_every_train() -> None:

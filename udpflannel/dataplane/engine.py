@@ -388,24 +388,14 @@ class Engine(RowPaths, HeldRun):
         """Several trains from one receive, checked together (packet/gro_trains.py); each that is not a
         clean run of one flow's segments from a peer goes through process_rx alone, in arrival order."""
         merged = self._merge_trains(ts)
-        if merged is None:
-            for j in range(len(ts.counts)):
-                self.receive_train(ts.train(j))
-            return
-        if merged.joined.any():
-            self._count("rx_joined_runs", int(np.count_nonzero(merged.joined)))
-        full = ts.rows.shape[2] - self.head  # inner bytes of a full-size datagram
-        counts, lasts = ts.counts.tolist(), ts.lasts.tolist()
-        for j, write in enumerate(merged.writes):
-            if merged.joined[j]:
-                continue  # its datagrams went into the write before
+        writes = merged.writes if merged is not None else [None] * len(ts.counts)
+        for j, write in enumerate(writes):
             if write is None:
                 self.receive_train(ts.train(j))
                 continue
             self._count("rx_batches")
-            parts = range(j, j + merged.parts(j))
-            k = sum(counts[i] for i in parts)
-            inner_bytes = sum(lasts[i] - self.head + (counts[i] - 1) * full for i in parts)
+            k = int(ts.counts[j])
+            inner_bytes = int(ts.lasts[j]) - self.head + (k - 1) * (ts.rows.shape[2] - self.head)
             # The next train may be the rest of its superpacket; `write` lies in the output arena, which
             # the next train set reuses.
             self.deliver_run(write, k, inner_bytes, owned=False)

@@ -95,20 +95,16 @@ class WgReceiver:
         merged = self._merge_trains(trains) if len(trains) >= 2 and self.tun.vnet else None
         for i, (j, k, s, opened) in enumerate(trains):
             write = merged.writes[i] if merged is not None else None
-            if merged is not None and merged.joined[i]:
-                continue  # its datagrams went into the write before (counted there)
             if write is None:
                 self._deliver_rows(self.rx_arena.data[j, : k * s].reshape(k, s), opened)
                 continue
-            parts = trains[i : i + merged.parts(i)] if merged is not None else []
-            for _, _, _, part in parts:
-                if part.events:
-                    self.send_events(part.events)
-                self.counters.rx_bytes += int(part.lengths.sum())
+            if opened.events:
+                self.send_events(opened.events)
+            self.counters.rx_bytes += int(opened.lengths.sum())
             ok = self.tun.write_batch([(write,)])
             self.counters.tun_writes += ok
             if ok:
-                self.counters.rx_packets += sum(part_k for _, part_k, _, _ in parts)
+                self.counters.rx_packets += k
             else:
                 self.counters.drops["tun_write_error"] += 1
 

@@ -8,9 +8,7 @@ copy of row 0's flow (one masked xor over all trains), the last of the same flow
 (plain Python, one row a train), adjacent sequence numbers and every checksum right. Qualifying trains
 become one superpacket each, built in a caller-owned output arena; the others are left to
 gro.coalesce_train / the general path, which judge and count every row. The bytes written are those
-gro.coalesce_train would write for the same train; except that a qualifying train that is the rest of the
-one before it (a 64 KiB superpacket sent as two UDP_SEGMENT messages: 44 datagrams and 2-3) is appended
-to that one's superpacket, giving the bytes gro_run.join_runs would give for the two."""
+gro.coalesce_train would write for the same train."""
 
 from __future__ import annotations
 
@@ -36,16 +34,10 @@ _HEAD = h.IPV6_HLEN + h.TCP_MAX_HLEN  # enough of row 0 for any IP + TCP header 
 
 @dataclass
 class MergedTrains:
-    """ok[j]: train j became writes[j] (virtio header + superpacket), or went into writes[j - 1] when
-    joined[j] (it carries on that train's superpacket; writes[j] is then None); else writes[j] is None."""
+    """ok[j]: train j became writes[j] (virtio header + superpacket); else writes[j] is None."""
 
     ok: np.ndarray
     writes: list[memoryview | None]
-    joined: np.ndarray  # bool [m]
-
-    def parts(self, j: int) -> int:
-        """How many trains write j holds: 2 when the next train was joined to it, else 1."""
-        return 2 if j + 1 < len(self.joined) and self.joined[j + 1] else 1
 
 
 def out_arena(slots: int, reuse: np.ndarray | None = None) -> np.ndarray:
@@ -128,47 +120,14 @@ def coalesce_trains(
     total = hl + (counts - 1) * gso + (lasts - inner - hl)
     ok = ~bad.any(axis=1) & np.array(python_ok) & (total <= h.IP_MAXPACKET)
     if not ok.any():
-        return MergedTrains(ok, [None] * m, np.zeros(m, bool))
-    joined = _rests(words, seq, ok, counts, lasts - inner == full_len, last_flags, total, gso, hl, v6)
-    writes = _build(rows, out, ok, joined, counts, inner, hl, l3, gso, total, last_flags, v6)
-    return MergedTrains(ok, writes, joined)
-
-
-def _rests(
-    words: np.ndarray,
-    seq: np.ndarray,
-    ok: np.ndarray,
-    counts: np.ndarray,
-    full_last: np.ndarray,
-    last_flags: list[int],
-    total: np.ndarray,
-    gso: int,
-    hl: int,
-    v6: bool,
-) -> np.ndarray:
-    """joined[j]: qualifying train j carries on the superpacket of qualifying train j - 1, as join_runs
-    would join them: the same flow (row 0's words where the mask looks), train j - 1 ending on a full-size
-    segment with flags exactly ACK, train j's first sequence number right after it, 64 KiB at most
-    together. A train joins only one that did not itself join one."""
-    joined = np.zeros(len(ok), bool)
-    if len(ok) < 2:
-        return joined
-    same = ~((words[1:, 0] ^ words[:-1, 0]) & row_mask(0, v6, hl)).any(axis=1)
-    after = (seq[1:, 0].astype(np.int64) - seq[:-1, 0] - counts[:-1] * gso) % (1 << 32) == 0
-    fits = total[1:] + total[:-1] - hl <= h.IP_MAXPACKET
-    flags_ack = np.array(last_flags[:-1]) == _ACK
-    maybe = ok[1:] & ok[:-1] & same & after & fits & full_last[:-1] & flags_ack
-    for j in np.flatnonzero(maybe).tolist():
-        joined[j + 1] = not joined[j]
-    return joined
+        return MergedTrains(ok, [None] * m)
+    return MergedTrains(ok, _build(rows, out, ok, inner, hl, l3, gso, total, last_flags, v6))
 
 
 def _build(
     rows: np.ndarray,
     out: np.ndarray,
     ok: np.ndarray,
-    joined: np.ndarray,
-    counts: np.ndarray,
     inner: int,
     hl: int,
     l3: int,
@@ -178,9 +137,8 @@ def _build(
     v6: bool,
 ) -> list[memoryview | None]:
     """Every train's superpacket in `out`: row 0's headers and every payload (gso bytes a row; the last
-    row's tail past its end is never written out) as two copies over all trains, a joined train's payloads
-    then copied again behind those of the train before it, and each write's header fields patched in plain
-    Python (a few fields per train cost less than array calls)."""
+    row's tail past its end is never written out) as two copies over all trains, then each qualifying
+    train's header fields patched in plain Python (a few fields per train cost less than array calls)."""
     m, K, _ = rows.shape
     v = VNET_HDR_LEN
     dst = out[:m]
@@ -188,19 +146,9 @@ def _build(
     dst[:, v + hl : v + hl + K * gso].reshape(m, K, gso)[:] = rows[:, :, inner + hl : inner + hl + gso]
     flat = memoryview(out.reshape(-1))
     stride = out.shape[1]
-    sizes = total.tolist()
-    flags = list(last_flags)
-    p0 = inner + hl
-    for j in np.flatnonzero(joined).tolist():  # after the copy above, which wrote stale rows there
-        k, at = int(counts[j]), v + sizes[j - 1]
-        paid = sizes[j] - hl
-        full = (k - 1) * gso
-        dst[j - 1, at : at + full].reshape(k - 1, gso)[:] = rows[j, : k - 1, p0 : p0 + gso]
-        dst[j - 1, at + full : at + paid] = rows[j, k - 1, p0 : p0 + paid - full]
-        sizes[j - 1], flags[j - 1] = sizes[j - 1] + paid, flags[j]
     writes: list[memoryview | None] = []
-    for j, (good, t, fl, tail) in enumerate(zip(ok.tolist(), sizes, flags, joined.tolist(), strict=True)):
-        if not good or tail:
+    for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags, strict=True)):
+        if not good:
             writes.append(None)
             continue
         mv = flat[j * stride : j * stride + v + t]
