@@ -362,23 +362,8 @@ class Engine(RowPaths, HeldRun):
 
     def _answer_drops(self, batch: PacketBatch, codes: np.ndarray) -> None:
         """ICMP back into the TUN for what a router would answer (never for malformed packets)."""
-        src4, src6 = self.cfg.icmp_src_v4, self.cfg.icmp_src_v6
-        answerable = (
-            (codes == DropReason.OVER_MTU)
-            | (codes == DropReason.UNKNOWN_PEER)
-            | (codes == DropReason.TTL_EXCEEDED)
-        )
-        for i in np.flatnonzero(answerable).tolist():
-            pkt = bytes(batch.packet(i))
-            code = codes[i]
-            if code == DropReason.OVER_MTU:
-                reply = (
-                    icmp.packet_too_big(pkt, self.cfg.mtu, src4, src6) if icmp.is_dont_fragment(pkt) else None
-                )
-            elif code == DropReason.UNKNOWN_PEER:
-                reply = icmp.net_unreachable(pkt, src4, src6)
-            else:
-                reply = icmp.time_exceeded(pkt, src4, src6)
+        for i in np.flatnonzero(icmp.answerable(codes)).tolist():
+            reply = icmp.answer(bytes(batch.packet(i)), int(codes[i]), self.cfg)
             if reply is not None and self.tun.write_plain(reply):
                 self._count("icmp_sent")
 

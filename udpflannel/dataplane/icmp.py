@@ -1,6 +1,6 @@
 """ICMP errors the datapath sends back into the TUN: fragmentation needed / packet too big (a DF packet larger
 than the tunnel MTU), net unreachable (udp backend, no route) and time exceeded.
-Sans-I/O: bytes in, bytes out.
+Sans-I/O: bytes in, bytes out (which drops get an answer, and the answer).
 Rare path, so plain Python per packet.
 """
 
@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+
+import numpy as np
+
+from udpflannel.dataplane.spec import EngineConfig
+from udpflannel.packet.drops import DropReason
 
 ICMP_PROTO = 1
 ICMPV6_NEXT_HEADER = 58
@@ -86,6 +91,22 @@ def packet_too_big(packet: bytes, mtu: int, src_v4: str | None, src_v6: str | No
     return _error(
         packet, src_v4, src_v6, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), (ICMPV6_PACKET_TOO_BIG, 0), mtu
     )
+
+
+def answerable(codes: np.ndarray) -> np.ndarray:
+    """Rows whose DropReason a router answers: too big for the tunnel, no route, TTL run out."""
+    return np.isin(codes, (DropReason.OVER_MTU, DropReason.UNKNOWN_PEER, DropReason.TTL_EXCEEDED))
+
+
+def answer(packet: bytes, code: int, cfg: EngineConfig) -> bytes | None:
+    """The ICMP error for `packet`, dropped for `code` (an answerable one); None when none is due (a packet
+    too big without DF, a multicast or ICMP error packet, no source address for its family)."""
+    src4, src6 = cfg.icmp_src_v4, cfg.icmp_src_v6
+    if code == DropReason.OVER_MTU:
+        return packet_too_big(packet, cfg.mtu, src4, src6) if is_dont_fragment(packet) else None
+    if code == DropReason.UNKNOWN_PEER:
+        return net_unreachable(packet, src4, src6)
+    return time_exceeded(packet, src4, src6)
 
 
 def net_unreachable(packet: bytes, src_v4: str | None, src_v6: str | None) -> bytes | None:
