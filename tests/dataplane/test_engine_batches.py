@@ -4,6 +4,7 @@ trains in one receive (gro_trains) give the datagrams and TUN writes that one at
 from __future__ import annotations
 
 import socket
+import struct
 
 import numpy as np
 import pytest
@@ -135,3 +136,26 @@ def test_a_lone_train_is_one_write_or_judged_row_by_row(case: str):
         assert h.counters[INDEX["rx_packets"]] == len(train) - 1
     else:
         assert h.tun.written == [] and drops[DropReason.NOT_A_PEER_SOURCE] == len(train)
+
+
+@pytest.mark.parametrize("plain_rows", [1, 6], ids=["one-plain", "six-plain"])
+def test_a_read_goes_out_in_the_order_it_came(plain_rows: int) -> None:
+    """A TUN read of plain segments and superpackets of one flow, interleaved: the datagrams leave in the
+    same order (a lone segment must not overtake, nor fall behind, the superpacket read next to it), whichever
+    path each row takes (per row for a few plain packets, the batch path for more, the split for the
+    superpackets, several of them together or one by one)."""
+    rows, headers, seq = [], [], 1000
+    for _ in range(3):
+        for _ in range(plain_rows):
+            rows.append(superpacket(seq, MSS))  # one segment: the kernel sends it without GSO
+            headers.append((1, 0, 0, 0, 20, 16))  # NEEDS_CSUM, GSO_NONE
+            seq += MSS
+        rows.append(superpacket(seq, 5 * MSS))
+        headers.append((1, 1, 40, MSS, 20, 16))  # NEEDS_CSUM, TCPV4
+        seq += 5 * MSS
+    h = Harness("vxlan")
+    batch = PacketBatch.from_packets(rows, headroom=HEADROOM)
+    vh = np.array(headers, VNET_HDR_DTYPE)
+    h.engine.process_tx(batch, vh, lambda i: VnetHdr(*vh[i].tolist()))
+    seqs = [struct.unpack_from("!I", d, 22 + 20 + 4)[0] for d, _, _ in h.sent]  # VXLAN + Ethernet, IPv4, TCP
+    assert len(seqs) == 3 * (plain_rows + 5) and seqs == sorted(seqs)

@@ -175,6 +175,30 @@ class Engine(RowPaths, HeldRun):
         ttl_done = (
             udp_codec.decrement_ttl_rows(batch.buf, batch.offset, gso_list) if not self.is_vxlan else {}
         )
+        if plain is None or not gso_list:  # the usual batch: all superpackets, or all plain packets
+            if gso_list:
+                self._send_superpackets(batch, headers, hd, gso_list, ttl_done)
+            elif plain is not None and plain.any():
+                self._send_plain(batch, plain)
+            return
+        # Both kinds: sent run by run in the order read, so a flow's lone segment neither overtakes the
+        # superpacket read before it nor falls behind the one after (the receiver would see a gap).
+        start = 0
+        for end in range(1, len(hd) + 1):
+            if end < len(hd) and bool(hd[end][1]) == bool(hd[start][1]):
+                continue
+            if hd[start][1]:
+                self._send_superpackets(batch, headers, hd, list(range(start, end)), ttl_done)
+            else:
+                run = np.zeros(len(hd), dtype=bool)
+                run[start:end] = plain[start:end]
+                self._send_plain(batch, run)
+            start = end
+
+    def _send_superpackets(
+        self, batch: PacketBatch, headers: np.ndarray, hd: list, gso_list: list[int], ttl_done: dict
+    ) -> None:
+        """Split and send the superpackets in rows `gso_list` (hd: their virtio headers as tuples)."""
         if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.
             many = split_many(batch, headers, np.array(gso_list), self.head)
@@ -182,7 +206,7 @@ class Engine(RowPaths, HeldRun):
                 self._count("tx_superpackets", len(many))
                 for i, segs in zip(gso_list, many, strict=True):
                     self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-                gso_list = []
+                return
         for i in gso_list:
             ln = int(batch.lengths[i])
             vh = VnetHdr(*hd[i])
@@ -200,13 +224,17 @@ class Engine(RowPaths, HeldRun):
                 continue
             self._count("tx_superpackets")
             self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-        if plain is not None and plain.any():
-            rows = np.flatnonzero(plain)
-            few = len(rows) <= FEW_PACKETS or (
-                len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
-            )
-            if not (few and self.send_few(batch, rows.tolist())):
-                self.send_batch(batch, plain, one_flow=False)
+
+    def _send_plain(self, batch: PacketBatch, plain: np.ndarray) -> None:
+        """Send the plain (not GSO) rows marked in `plain`: a few one by one, more as a batch."""
+        rows = np.flatnonzero(plain)
+        if len(rows) == 0:
+            return
+        few = len(rows) <= FEW_PACKETS or (
+            len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
+        )
+        if not (few and self.send_few(batch, rows.tolist())):
+            self.send_batch(batch, plain, one_flow=False)
 
     def plan_tx(
         self, batch: PacketBatch, active: np.ndarray, one_peer: int | None = None
