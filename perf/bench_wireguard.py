@@ -55,8 +55,8 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def iperf(client: WgNode, server: WgNode, seconds: int) -> float:
-    """Bits per second received by the server over one TCP stream."""
+def iperf(client: WgNode, server: WgNode, seconds: int) -> tuple[float, int]:
+    """Bits per second received by the server over one TCP stream, and the sender's TCP retransmits."""
     srv = server.ns.popen("iperf3", "-s", "-1", "-B", server.overlay_ip)
     try:
         time.sleep(0.3)
@@ -65,7 +65,8 @@ def iperf(client: WgNode, server: WgNode, seconds: int) -> float:
         )
     finally:
         srv.wait(timeout=10)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+    end = json.loads(out)["end"]
+    return float(end["sum_received"]["bits_per_second"]), int(end["sum_sent"].get("retransmits", 0))
 
 
 def ping_ms(src: WgNode, dst: WgNode, count: int = 1, interval: float = 0.2) -> list[float]:
@@ -104,10 +105,11 @@ def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
         handshakes = handshake_ms(lab, a, b)
         rtt = ping_ms(a, b, count=20, interval=0.05)
         pids = [n.proc.pid for n in (a, b) if n.proc is not None]
-        rates, cpu_per_gib = [], []
+        rates, cpu_per_gib, retransmits = [], [], 0
         for _ in range(reps):
             cpu0 = sum(cpu_seconds(p) for p in pids)
-            bps = iperf(a, b, seconds)
+            bps, lost = iperf(a, b, seconds)
+            retransmits += lost
             cpu = sum(cpu_seconds(p) for p in pids) - cpu0
             gib = bps * seconds / 8 / (1 << 30)
             rates.append(bps / 1e9)
@@ -117,6 +119,7 @@ def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
             "pairing": f"{kind_a}->{kind_b}",
             "gbit_s": rates,
             "gbit_s_median": statistics.median(rates),
+            "retransmits": retransmits,
             "cpu_s_per_gib_median": statistics.median(cpu_per_gib),
             "handshake_ms": handshakes,
             "handshake_ms_median": statistics.median(handshakes) if handshakes else float("nan"),
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_pairing(a, b, reps, seconds) for a, b in PAIRINGS]
     base = results[0]["gbit_s_median"] or float("nan")
     print(
-        f"{'pairing':<14} {'Gbit/s (median)':>16} {'x wggo':>7} {'CPU-s/GiB':>10} "
+        f"{'pairing':<14} {'Gbit/s (median)':>16} {'x wggo':>7} {'CPU-s/GiB':>10} {'retrans':>8} "
         f"{'handshake ms':>13} {'RTT ms':>7}  reps"
     )
     for r in results:
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio_vs_wggo"] = r["gbit_s_median"] / base
         print(
             f"{r['pairing']:<14} {r['gbit_s_median']:>16.3f} {r['ratio_vs_wggo']:>7.2f} "
-            f"{r['cpu_s_per_gib_median']:>10.1f} {r['handshake_ms_median']:>13.2f} "
+            f"{r['cpu_s_per_gib_median']:>10.1f} {r['retransmits']:>8d} {r['handshake_ms_median']:>13.2f} "
             f"{r['rtt_ms_median']:>7.2f}  {reps_text}"
         )
         for name, (rss, pss) in r["rss_pss_kib"].items():
