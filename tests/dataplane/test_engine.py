@@ -53,6 +53,7 @@ class FakeRx:
 
     def __init__(self, datagrams) -> None:
         self.inbox = list(datagrams)
+        self.stats = UdpStats()
 
     def recv_trains(self, max_messages=None, *, sets: bool = False) -> list[Received]:
         rec = self.recv_batch(max_messages)

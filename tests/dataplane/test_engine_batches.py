@@ -78,9 +78,9 @@ def received(trains: list[list[bytes]], src: str = "198.18.0.2") -> tuple[UdpSoc
     return sock, arena
 
 
-def vxlan_train(seq: int, size: int, flaw: bool = False) -> list[bytes]:
+def vxlan_train(seq: int, size: int, flaw: bool = False, mss: int = MSS) -> list[bytes]:
     raw = superpacket(seq, size)
-    segs = reference.split(raw, VnetHdr(1, 1, 40, MSS, 20, 16))
+    segs = reference.split(raw, VnetHdr(1, 1, 40, mss, 20, 16))
     if flaw:
         bad = bytearray(segs[1])
         bad[-1] ^= 1

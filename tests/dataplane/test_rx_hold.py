@@ -4,6 +4,7 @@ without hold_runs (tests, tools) every run is written at once."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_engine import Harness
 from test_engine_batches import MSS, RecordingTun, received, superpacket, vxlan_train
@@ -38,6 +39,28 @@ def test_a_superpacket_in_two_trains_is_one_write(receives: int) -> None:
     assert h.counters[INDEX["rx_joined_runs"]] == 1
     assert h.counters[INDEX["rx_packets"]] == SEGMENTS
     assert h.counters[INDEX["rx_coalesced_writes"]] == 1
+
+
+def test_superpackets_in_two_trains_each_in_one_receive_are_one_write_each() -> None:
+    """Three superpackets of full-size (1450-byte MTU) segments, each 44 datagrams (all a UDP_SEGMENT send
+    can carry) and its 2-datagram rest, in one receive (a receiver that is behind): each rest is moved
+    behind its first part in the receive buffer, and the set is checked as three trains in every other
+    slot, not in the slots next to each other (which hold what an earlier receive left there)."""
+    mss = 1410  # 1450 - IPv4 20 - TCP 20: 1472-byte VXLAN datagrams, 44 to a message
+    seqs = [5000 + i * SEGMENTS * mss for i in range(3)]
+    trains = [vxlan_train(seq, SEGMENTS * mss, mss=mss) for seq in seqs]
+    h = harness(hold=True)
+    h.engine.rx, arena = received([part for t in trains for part in (t[:44], t[44:])])
+    s = len(trains[0][0])
+    for j in (1, 3, 5):  # behind each rest, what an earlier receive left: sound datagrams, stale
+        arena.data[j, 2 * s : 46 * s] = np.frombuffer(b"".join(trains[j // 2][2:]), np.uint8)
+    assert h.engine.rx_once() == 3 * SEGMENTS
+    h.engine.flush_held()
+    write = VnetHdr(1, 1, 40, mss, 20, 16).encode()
+    assert h.tun.written == [write + superpacket(seq, SEGMENTS * mss) for seq in seqs]
+    assert h.engine.rx.stats.rests_appended == 3
+    assert h.counters[INDEX["rx_joined_runs"]] == 3
+    assert h.counters[INDEX["rx_coalesced_writes"]] == 3
 
 
 def test_a_held_run_is_written_first_when_the_rest_is_not_its_own() -> None:

@@ -136,6 +136,27 @@ def test_recv_trains_gives_views_of_trains_in_order(pair: tuple[Lab, str, str], 
 
 
 @pytest.mark.root
+def test_a_buffer_sent_as_two_messages_is_received_as_one_train(pair: tuple[Lab, str, str]) -> None:
+    """47 datagrams of 1472 bytes (a 64 KiB TCP superpacket's VXLAN datagrams) go as two UDP_SEGMENT
+    messages, 44 + 3 (65507 bytes a message), and the kernel's GRO keeps them apart; the receiver makes
+    them one train again (udp_recv.append_rests)."""
+    _, a, b = pair
+    tx = _open(a, "198.18.0.1", 0, gso=True)
+    rx = _open(b, "198.18.0.2", PORT, gro=True)
+    try:
+        sent = _payloads(46, 1472, 1000)
+        assert tx.send_packed(b"".join(sent), 1472, ("198.18.0.2", PORT)) == len(sent)
+        time.sleep(0.1)  # both messages queued before the one receive
+        recs = rx.recv_trains(sets=True)
+        assert [r.batch.n for r in recs] == [47]
+        assert recs[0].batch.packets() == sent and recs[0].batch.offset == 0  # a view of the receive slot
+        assert rx.stats.rests_appended == 1
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.root
 def test_a_few_datagrams_are_passed_on_where_they_lie(pair: tuple[Lab, str, str]) -> None:
     """Up to SINGLES_MAX one-datagram messages: one batch over the receive slots, nothing copied."""
     _, a, b = pair

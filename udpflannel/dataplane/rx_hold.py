@@ -36,7 +36,11 @@ class HeldRun:
         sets = self.tun.vnet  # type: ignore[attr-defined]
         self._may_hold = self.hold_runs and sets
         try:
-            return self._receive_records(rx.recv_trains(sets=sets))
+            appended = rx.stats.rests_appended
+            records = rx.recv_trains(sets=sets)
+            if rx.stats.rests_appended != appended:  # superpackets made whole in the receive buffer
+                self._count("rx_joined_runs", rx.stats.rests_appended - appended)  # type: ignore[attr-defined]
+            return self._receive_records(records)
         finally:
             self._may_hold = False
             if not self.hold_runs:

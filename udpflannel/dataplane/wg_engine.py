@@ -67,6 +67,7 @@ class EngineCounters:
     rx_bytes: int = 0
     tx_send_calls: int = 0
     tun_writes: int = 0
+    joined_runs: int = 0  # superpackets that came as two UDP_SEGMENT messages, received as one train
     handshakes: int = 0
     drops: Counter = field(default_factory=Counter)  # datapath drops that are not the codec's
 
@@ -364,6 +365,7 @@ class WgEngine(WgReceiver):
             "rx_bytes": c.rx_bytes,
             "tx_send_calls": c.tx_send_calls,
             "tun_writes": c.tun_writes,
+            "rx_joined_runs": c.joined_runs,
             "handshakes": c.handshakes,
             **drops,
             "peers": peers,

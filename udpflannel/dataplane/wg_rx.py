@@ -23,6 +23,7 @@ from udpflannel.dataplane.wg_io import (
     packets_in_writes,
 )
 from udpflannel.io.mmsg import decode_sockaddr
+from udpflannel.io.udp_recv import append_rests
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
@@ -53,6 +54,9 @@ class WgReceiver:
         total, seg, counts = (
             message_sizes(arena, udp, m) if m > FEW else message_sizes_few(arena, udp, self._rx_ctl, m)
         )
+        if m > 1 and udp.gro:
+            # A superpacket's two messages as one train.
+            self.counters.joined_runs += append_rests(arena, total, seg, counts)
         n = sum(counts)
         udp.stats.received += n
         try:
@@ -111,15 +115,16 @@ class WgReceiver:
     def _merge_trains(self, trains: list[tuple[int, int, int, OpenedRows]]) -> MergedTrains | None:
         j0, _, s, first = trains[0]
         full = int(first.lengths[0])
+        step = trains[1][0] - j0  # every slot, or every other when rests were appended (append_rests)
         for i, (j, k, s_j, opened) in enumerate(trains):
-            if j != j0 + i or s_j != s or opened.keep is not None:
+            if j != j0 + i * step or s_j != s or opened.keep is not None:
                 return None
             if not bool((opened.lengths[: k - 1] == full).all()):
                 return None
         counts = np.array([k for _, k, _, _ in trains], np.int64)
         content = wgm.MESSAGE_TRANSPORT_OFFSET_CONTENT
         lasts = np.array([content + int(o.lengths[k - 1]) for _, k, _, o in trains], np.int64)
-        rows = self.rx_arena.slot_rows(j0, len(trains), int(counts.max()), s)
+        rows = self.rx_arena.slot_rows(j0, len(trains), int(counts.max()), s, step)
         self._train_out = out_arena(len(trains), self._train_out)
         return coalesce_trains(rows, counts, lasts, content, self._train_out, full_len=full)
 

@@ -102,11 +102,11 @@ class MmsgArena:
             raise OSError(err, os.strerror(err))
         return got
 
-    def slot_rows(self, j0: int, m: int, k: int, s: int) -> np.ndarray:
-        """Read-only [m, k, s] view of slots j0 .. j0 + m - 1, each cut into k rows of s bytes (the
-        datagrams of UDP_GRO trains of segment size s); k * s must fit a slot."""
+    def slot_rows(self, j0: int, m: int, k: int, s: int, step: int = 1) -> np.ndarray:
+        """Read-only [m, k, s] view of slots j0, j0 + step, ... (m of them), each cut into k rows of s bytes
+        (the datagrams of UDP_GRO trains of segment size s); k * s must fit a slot."""
         return np.lib.stride_tricks.as_strided(
-            self.data[j0], shape=(m, k, s), strides=(self.data.strides[0], s, 1), writeable=False
+            self.data[j0], shape=(m, k, s), strides=(step * self.data.strides[0], s, 1), writeable=False
         )
 
     def first_message(self) -> tuple[int, int, int]:

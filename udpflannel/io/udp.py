@@ -54,6 +54,7 @@ class UdpStats:
     received: int = 0
     recv_calls: int = 0
     truncated: int = 0  # datagrams bigger than a receive slot (MSG_TRUNC), dropped
+    rests_appended: int = 0  # messages moved behind the train they carry on (udp_recv.append_rests)
     recv_errors: int = 0
     last_recv_errno: int = 0
 

@@ -63,6 +63,39 @@ class TrainSet:
         return view
 
 
+def append_rests(arena: MmsgArena, total: list[int], seg: list[int], counts: list[int]) -> int:
+    """Undo the sender's cut of one superpacket into two UDP_SEGMENT messages (65507 bytes a send: a 64 KiB
+    TCP superpacket goes as 44 datagrams and 2-3 more, and the kernel's GRO stops at 64 KiB as well), so
+    the receiver checks, coalesces and writes it as the one train it was. A message is moved behind the
+    one before it in its receive slot (a copy of its 2-3 datagrams), which then counts it, when that one
+    is a GRO train cut at the send limit (another datagram would not have fitted) whose datagrams are all
+    full-size, from the same source, with datagrams no larger, and the slot has room. A message that
+    is not the rest of the one before it only makes a train the general path splits again. total, seg,
+    counts (per message: bytes, segment size, datagrams) are updated in place, the moved message's to 0.
+    Returns how many messages were appended."""
+    names, data, slot = arena.names, arena.data, arena.slot_size
+    moved = 0
+    lead = -1  # the train the next message may carry on
+    for i in range(len(total)):
+        k, t = counts[i], total[i]
+        if k == 0:
+            lead = -1  # a truncated or empty message between: nothing carries on across it
+            continue
+        j, lead = lead, i if k >= 2 and t + seg[i] > linux.UDP_MAX_PAYLOAD_V4 else -1
+        if j < 0:
+            continue
+        s, tj = seg[j], total[j]
+        if tj % s or (seg[i] != s if k >= 2 else t > s) or tj + t > slot:
+            continue
+        if names[j].tobytes() != names[i].tobytes():
+            continue
+        data[j, tj : tj + t] = data[i, :t]
+        total[j], counts[j], total[i], counts[i] = tj + t, counts[j] + k, 0, 0
+        lead = -1  # a superpacket is two messages at most
+        moved += 1
+    return moved
+
+
 class UdpReceiver:
     def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
         if self._arena is None:
@@ -115,7 +148,10 @@ class UdpReceiver:
             else:
                 return [self._singles(arena, lengths)]
         shapes = self._shapes(arena, m)
-        total, seg, counts = shapes
+        total, seg, counts = (x.tolist() for x in shapes)
+        if self.gro and (appended := append_rests(arena, total, seg, counts)):
+            self.stats.rests_appended += appended
+            shapes = (np.array(total, np.int64), np.array(seg, np.int64), np.array(counts, np.int64))
         out: list[Received | TrainSet] = []
         pending: list[int] = []
         run: list[tuple[int, int, int, int]] = []  # consecutive trains of one segment size
@@ -127,12 +163,15 @@ class UdpReceiver:
                 out.extend(self._train_view(arena, j, k, s, t) for j, k, s, t in run)
             run.clear()
 
-        for j, (k, s, t) in enumerate(zip(counts.tolist(), seg.tolist(), total.tolist(), strict=True)):
+        for j, (k, s, t) in enumerate(zip(counts, seg, total, strict=True)):
             if k >= TRAIN_MIN and k * s <= arena.slot_size:
                 if pending:
                     out.append(self._split_trains(arena, m, np.array(pending), shapes))
                     pending = []
-                if run and run[-1][2] != s:
+                # A set's trains lie in evenly spaced slots (every slot, or every other when each
+                # superpacket's rest was appended to its first part and left its own slot empty).
+                uneven = len(run) >= 2 and j - run[-1][0] != run[1][0] - run[0][0]
+                if run and (run[-1][2] != s or uneven):
                     flush_run()
                 run.append((j, k, s, t))
             elif k:
@@ -144,12 +183,13 @@ class UdpReceiver:
         return out
 
     def _train_set(self, arena: MmsgArena, run: list[tuple[int, int, int, int]]) -> TrainSet:
-        """Consecutive trains of one segment size as one [m, K, s] view over their receive slots."""
+        """Trains of one segment size in evenly spaced slots as one [m, K, s] view over those slots."""
         j0, s = run[0][0], run[0][2]
         counts = np.array([k for _, k, _, _ in run], np.int64)
-        rows = arena.slot_rows(j0, len(run), int(counts.max()), s)
+        step = run[1][0] - j0 if len(run) > 1 else 1
+        rows = arena.slot_rows(j0, len(run), int(counts.max()), s, step)
         aoff, alen = self._addr_cols()
-        src = arena.names[j0 : j0 + len(run), aoff : aoff + alen]
+        src = arena.names[j0 : j0 + step * (len(run) - 1) + 1 : step, aoff : aoff + alen]
         self.stats.received += int(counts.sum())
         lasts = np.array([t - (k - 1) * s for _, k, s, t in run], np.int64)
         views = [(arena, j, k, s, t) for j, k, s, t in run]
