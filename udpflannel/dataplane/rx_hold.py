@@ -1,11 +1,12 @@
 """The receive loop over one recvmmsg's records, and the join of a superpacket that arrives in two trains.
 
 A 64 KiB TCP superpacket is 46-47 datagrams, more than one UDP_SEGMENT send may carry (65507 bytes), so
-the sender sends 44 and the rest as two messages of one sendmmsg, and they arrive as two trains, often
-in two receives. Written as they come, that is two TUN writes, and twice the TCP receive work and ACKs,
-for one superpacket. So a run whose last segment is full-size (its superpacket goes on) is held while one
-receive looks for the rest (packet.gro_run.join_runs), after the worker's TX turn, so ACKs are not held
-up; anything else and it is written as it was. The worker writes what is held before it sleeps, and order
+the sender sends 44 and the rest as two messages of one sendmmsg, and they arrive as two trains. Written
+as they come, that is two TUN writes, and twice the TCP receive work and ACKs, for one superpacket. When
+both come in one receive, io.udp_recv.append_rests makes them one train already. When they come in two,
+a run whose last segment is full-size (its superpacket goes on) is held while one receive looks for the
+rest (packet.gro_run.join_runs), after the worker's TX turn, so ACKs are not held up; anything else and
+it is written as it was. The worker writes what is held before it sleeps, and order
 is kept: a held run is written before any later record is handled.
 
 HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
