@@ -333,6 +333,10 @@ def _summary(report: DemoReport, out: Callable[[str], None]) -> None:
         for node, drops in report.drops.items():
             text = ", ".join(f"{k} {v}" for k, v in sorted(drops.items()) if v) or "none"
             out(f"  drops on {node}: {text}")
+        if any(d.get("not_unicast") for d in report.drops.values()):
+            # A reader's first question: these are the node's own, not the pods' traffic.
+            out("  (not_unicast: multicast the node's kernel sends into the tunnel device, e.g. its IPv6")
+            out("   MLD reports; an overlay of node subnets never carries it)")
     elif report.tunnels and all(report.tunnels.values()):
         out("  drops: the agents serve no /metrics (--healthz-port) in this build")
     tx = report.tx.get(report.iperf_sender, {})
