@@ -14,6 +14,8 @@ import time
 import pytest
 from tunnel_lab import TunnelLab, ping, transfer
 
+from udpflannel.lab.transfer import reordering_seen
+
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 if os.geteuid() != 0:
@@ -49,6 +51,7 @@ def test_two_udpflannel_nodes_ping_transfer_and_ipv6(kind):
         assert sa["tx_bytes"] >= BIG and sb["rx_bytes"] >= BIG
         _no_drops(sa)
         _no_drops(sb)
+        assert reordering_seen(a.ns) == {} and reordering_seen(b.ns) == {}
 
 
 def _capture(node, seconds_max: float = 30):
@@ -89,6 +92,7 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
         assert stats["rx_packets"] > 1000 and stats["tx_packets"] > 1000
         assert (stats["tx_superpackets"] > 0) is not no_offload
         _no_drops(stats)
+        assert reordering_seen(a.ns) == {} and reordering_seen(k.ns) == {}
         # The kernel peer must not have dropped our frames either.
         kstats = k.ns.exec("ip", "-s", "-j", "link", "show", "flannel.1")
         assert '"rx_errors":0' in kstats.replace(" ", "") or '"errors":0' in kstats.replace(" ", "")

@@ -14,6 +14,8 @@ import time
 import pytest
 from wg_lab import WgLab, WgNode, have_wireguard_go, ping, transfer
 
+from udpflannel.lab.transfer import reordering_seen
+
 pytestmark = [
     pytest.mark.root,
     pytest.mark.slow,
@@ -174,6 +176,7 @@ def test_udpflannel_to_udpflannel() -> None:
         for node in (a, b):
             st = node.stats()
             assert st["handshakes"] == 1 and st.get("drop_decrypt_failed", 0) == 0
+            assert reordering_seen(node.ns) == {}
 
 
 def test_persistent_keepalive_handshakes_and_keeps_sending() -> None:

@@ -1,5 +1,6 @@
-"""A sha256-checked TCP transfer between two namespaces, and JSON-line reading from helper processes: what
-the interop tests, the benchmarks and the lab use to prove bytes crossed the overlay intact."""
+"""A sha256-checked TCP transfer between two namespaces, the TCP senders' reordering counters, and JSON-line
+reading from helper processes: what the interop tests, the benchmarks and the lab use to prove bytes
+crossed the overlay intact and in order."""
 
 from __future__ import annotations
 
@@ -86,6 +87,20 @@ def checked_transfer(
         )
     sink.wait(timeout=10)
     return float(seconds)
+
+
+REORDER_COUNTERS = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPRenoReorder")
+
+
+def reordering_seen(ns: Netns) -> dict[str, int]:
+    """The TCP senders' reordering counters in `ns` that are not 0 (nstat, absolute: a namespace counts
+    from its creation). A sender counts reordering only when a segment it took for lost arrives after all,
+    never for a plain loss, so anything here means something on the path reordered a flow."""
+    out = ns.exec("nstat", "-az", *REORDER_COUNTERS)
+    seen = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.startswith("Tcp")}
+    if set(seen) != set(REORDER_COUNTERS):
+        raise LabError(f"nstat in {ns.name} did not report {', '.join(REORDER_COUNTERS)}: {out.strip()!r}")
+    return {k: v for k, v in seen.items() if v}
 
 
 def read_json_line(proc: subprocess.Popen, key: str, timeout: float, who: str = "helper") -> dict:
