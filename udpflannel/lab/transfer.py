@@ -94,9 +94,10 @@ REORDER_COUNTERS = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPReno
 
 def reordering_seen(ns: Netns) -> dict[str, int]:
     """The TCP senders' reordering counters in `ns` that are not 0 (nstat, absolute: a namespace counts
-    from its creation). A sender counts reordering only when a segment it took for lost arrives after all,
-    never for a plain loss, so anything here means something on the path reordered a flow."""
-    out = ns.exec("nstat", "-az", *REORDER_COUNTERS)
+    from its creation; -s: no history file left in /tmp). A sender counts reordering only when a segment it
+    took for lost arrives after all, never for a plain loss, so anything here means something on the path
+    reordered a flow."""
+    out = ns.exec("nstat", "-asz", *REORDER_COUNTERS)
     seen = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.startswith("Tcp")}
     if set(seen) != set(REORDER_COUNTERS):
         raise LabError(f"nstat in {ns.name} did not report {', '.join(REORDER_COUNTERS)}: {out.strip()!r}")
