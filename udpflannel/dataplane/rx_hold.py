@@ -6,8 +6,8 @@ as they come, that is two TUN writes, and twice the TCP receive work and ACKs, f
 both come in one receive, io.udp_recv.append_rests makes them one train already. When they come in two,
 a run whose last segment is full-size (its superpacket goes on) is held while one receive looks for the
 rest (packet.gro_run.join_runs), after the worker's TX turn, so ACKs are not held up; anything else and
-it is written as it was. The worker writes what is held before it sleeps, and order
-is kept: a held run is written before any later record is handled.
+it is written as it was. The worker writes what is held before it sleeps, and order is kept: a held run
+is written before any later record is handled.
 
 HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
 process_train_set, few, _count, _deliver, _internal_error, _run_of (rowpath)."""
