@@ -151,6 +151,21 @@ def gro_train(segments: list[bytes], src_mac: bytes, dst_mac: bytes) -> tuple[np
     return np.frombuffer(raw, np.uint8), len(raw), len(dgrams[0])
 
 
+def put_train(arena, j: int, segments: list[bytes]) -> None:
+    """Receive slot j holding `segments` as the peer's VXLAN datagrams, as one UDP_GRO receive leaves them
+    (data, length, the UDP_GRO cmsg with the segment size, the peer's sockaddr)."""
+    from udpflannel.io.mmsg import encode_sockaddr
+
+    flat, total, seg = gro_train(segments, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+    arena.data[j, :total] = flat
+    arena.hdrs["len"][j] = total
+    arena.hdrs["controllen"][j] = 24
+    arena.control[j, :20] = np.frombuffer(
+        np.array([20], "<u8").tobytes() + np.array([17, 104, seg], "<i4").tobytes(), np.uint8
+    )
+    arena.names[j, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, "198.18.0.2", 40000)[:16], np.uint8)
+
+
 def _received(sock: UdpSocket, arena, m: int) -> list:
     """What UdpSocket.recv_trains returns for messages already in the arena (no syscall)."""
     orig = sock._recv
@@ -165,23 +180,15 @@ def train_set_us(micro, eng: Engine, sock: UdpSocket, repeat: int) -> float:
     """What the receiver of a 64 KiB-superpacket stream sees when it is behind: one recvmmsg holding
     SET_SUPERPACKETS superpackets, each sent as two UDP_SEGMENT messages (TRAIN datagrams and the rest),
     so two GRO trains; handled as the worker does (train set, held run joined to its rest, one write)."""
-    from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
+    from udpflannel.io.mmsg import MmsgArena
 
     arena = MmsgArena(2 * SET_SUPERPACKETS, 65536 + 4096)
-    name = np.frombuffer(encode_sockaddr(socket.AF_INET, "198.18.0.2", 40000)[:16], np.uint8)
     m = 0
     for i in range(SET_SUPERPACKETS):
         pkt, hdr = micro.tcp_superpacket((SET_SEGMENTS - 1) * MSS + 700, mss=MSS, seed=i)
         segments = reference.split(pkt, hdr)
         for part in (segments[:TRAIN], segments[TRAIN:]):
-            flat, total, seg = gro_train(part, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
-            arena.data[m, :total] = flat
-            arena.hdrs["len"][m] = total
-            arena.hdrs["controllen"][m] = 24
-            arena.control[m, :20] = np.frombuffer(
-                np.array([20], "<u8").tobytes() + np.array([17, 104, seg], "<i4").tobytes(), np.uint8
-            )
-            arena.names[m, :16] = name
+            put_train(arena, m, part)
             m += 1
     writes, joined = eng.counters[INDEX["rx_coalesced_writes"]], eng.counters[INDEX["rx_joined_runs"]]
     eng.hold_runs = True
@@ -221,18 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     # The receiver's view: one GRO train of TRAIN datagrams from the peer.
     seg_pkt, seg_hdr = micro.tcp_superpacket(TRAIN * MSS, mss=MSS)
     segments = reference.split(seg_pkt, seg_hdr)
-    flat, total, seg = gro_train(segments, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
     rx_sock = eng.rx
-    from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
+    from udpflannel.io.mmsg import MmsgArena
 
     arena = MmsgArena(4, 65536 + 4096)
-    arena.data[0, :total] = flat
-    arena.hdrs["len"][0] = total
-    arena.hdrs["controllen"][0] = 24
-    arena.control[0, :20] = np.frombuffer(
-        np.array([20], "<u8").tobytes() + np.array([17, 104, seg], "<i4").tobytes(), np.uint8
-    )
-    arena.names[0, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, "198.18.0.2", 40000)[:16], np.uint8)
+    put_train(arena, 0, segments)
 
     def rx() -> None:
         for rec in _received(rx_sock, arena, 1):
@@ -286,12 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     sent_before = int(eng.counters[INDEX["tx_packets"]])
     small_tx_us = best_us(tx_small, 20, 10 * args.repeat)
     assert eng.counters[INDEX["tx_packets"]] > sent_before, "small packets were not sent"
-    small = [udp_packet(64)] * SMALL_TRAIN
-    flat, total, seg = gro_train(small, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
-    arena.data[0, :total] = flat
-    arena.hdrs["len"][0] = total
-    arena.hdrs["controllen"][0] = 24
-    arena.control[0, 16:20] = np.frombuffer(np.array([seg], "<i4").tobytes(), np.uint8)
+    put_train(arena, 0, [udp_packet(64)] * SMALL_TRAIN)
+    total = int(arena.hdrs["len"][0])
     before = eng.counters[INDEX["rx_packets"]]
 
     small_in_arena = arena.data[0, :total].copy()
