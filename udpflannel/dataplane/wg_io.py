@@ -99,22 +99,15 @@ def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int
 
 def message_sizes(arena: MmsgArena, udp: UdpSocket, m: int) -> tuple[list[int], list[int], list[int]]:
     """Per received message: its length, UDP_GRO segment size (its length if not a train) and
-    datagram count; truncated messages count as empty."""
-    total = arena.hdrs["len"][:m].astype(np.int64)
-    trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
-    if trunc.any():
-        udp.stats.truncated += int(trunc.sum())
-        total[trunc] = 0
-    seg = arena.gro_sizes(m) if udp.gro else np.zeros(m, np.int64)
-    seg = np.where((seg <= 0) | (seg >= total), total, seg)
-    counts = np.where(total > 0, -(-total // np.maximum(seg, 1)), 0)
+    datagram count; truncated messages count as empty (udp.message_shapes, as lists)."""
+    total, seg, counts = udp.message_shapes(arena, m)
     return total.tolist(), seg.tolist(), counts.tolist()
 
 
 def message_sizes_few(
     arena: MmsgArena, udp: UdpSocket, ctl: memoryview, m: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """_message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
+    """message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
     total, seg, counts = [], [], []
     for j, hdr in enumerate(arena.hdrs[:m].tolist()):
         controllen, flags, t = hdr[5], hdr[6], hdr[7]

@@ -147,7 +147,7 @@ class UdpReceiver:
                 lengths.append(t)
             else:
                 return [self._singles(arena, lengths)]
-        shapes = self._shapes(arena, m)
+        shapes = self.message_shapes(arena, m)
         total, seg, counts = (x.tolist() for x in shapes)
         if self.gro and (appended := append_rests(arena, total, seg, counts)):
             self.stats.rests_appended += appended
@@ -225,8 +225,9 @@ class UdpReceiver:
         self.stats.received += k
         return Received(batch, src_addr, port, self.family)
 
-    def _shapes(self, arena: MmsgArena, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per message: total bytes (0 if truncated), segment size, datagram count."""
+    def message_shapes(self, arena: MmsgArena, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per message of a receive into `arena`: total bytes (0 if truncated, counted in stats), UDP_GRO
+        segment size (its length if not a train), datagram count."""
         total = arena.hdrs["len"][:m].astype(np.int64)
         trunc = (arena.hdrs["flags"][:m] & linux.MSG_TRUNC) != 0
         if trunc.any():
@@ -245,12 +246,12 @@ class UdpReceiver:
         shapes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> Received:
         """Messages [0, m) (or those in `which`) copied into the rows of a new batch at `headroom`;
-        `shapes` is _shapes(arena, m) when the caller has it already."""
+        `shapes` is message_shapes(arena, m) when the caller has it already."""
         aoff, alen = self._addr_cols()
         if m == 0:
             empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
             return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
-        total, seg, counts = shapes or self._shapes(arena, m)
+        total, seg, counts = shapes or self.message_shapes(arena, m)
         msgs = np.arange(m) if which is None else which
         total, seg, counts = total[msgs], seg[msgs], counts[msgs]
         n = int(counts.sum())
