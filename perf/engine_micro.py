@@ -1,7 +1,8 @@
 """Per-batch Python cost of the vxlan datapath engine, without the kernel: one 61000-byte TCP superpacket
 through TX (split, headers, hand-off to a UDP socket stand-in), one 44-datagram UDP_GRO train through RX
-(split the train, decapsulate, validate, coalesce, hand-off to a TUN stand-in), one receive of three
-superpackets each in two trains (44 + 2 datagrams: what a receiver that is behind gets), and a batch of 4
+(split the train, decapsulate, validate, coalesce, hand-off to a TUN stand-in), a receive of one and of
+three superpackets each in two trains (44 + 2 datagrams: what a receiver that keeps up, and one that is
+behind, gets), and a batch of 4
 bare ACKs each way. The stand-ins only count, so the numbers are what the worker spends in Python and
 numpy per batch.
 
@@ -176,15 +177,16 @@ def _received(sock: UdpSocket, arena, m: int) -> list:
         sock._recv = orig  # type: ignore[method-assign]
 
 
-def train_set_us(micro, eng: Engine, sock: UdpSocket, repeat: int) -> float:
-    """What the receiver of a 64 KiB-superpacket stream sees when it is behind: one recvmmsg holding
-    SET_SUPERPACKETS superpackets, each sent as two UDP_SEGMENT messages (TRAIN datagrams and the rest),
-    so two GRO trains; handled as the worker does (train set, held run joined to its rest, one write)."""
+def train_set_us(micro, eng: Engine, sock: UdpSocket, repeat: int, superpackets: int) -> float:
+    """What the receiver of a 64 KiB-superpacket stream sees (one superpacket when it keeps up, more when
+    it is behind): one recvmmsg holding `superpackets` superpackets, each sent as two UDP_SEGMENT messages
+    (TRAIN datagrams and the rest), so two GRO trains; handled as the worker does (train set, held run
+    joined to its rest, one write)."""
     from udpflannel.io.mmsg import MmsgArena
 
-    arena = MmsgArena(2 * SET_SUPERPACKETS, 65536 + 4096)
+    arena = MmsgArena(2 * superpackets, 65536 + 4096)
     m = 0
-    for i in range(SET_SUPERPACKETS):
+    for i in range(superpackets):
         pkt, hdr = micro.tcp_superpacket((SET_SEGMENTS - 1) * MSS + 700, mss=MSS, seed=i)
         segments = reference.split(pkt, hdr)
         for part in (segments[:TRAIN], segments[TRAIN:]):
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     drops_before = int(eng.counters[[v for k, v in INDEX.items() if k.startswith("drop_")]].sum())
     small_rx_us = best_us(rx_small, 20, 10 * args.repeat)
-    set_us = train_set_us(micro, eng, rx_sock, args.repeat)
+    one_us = train_set_us(micro, eng, rx_sock, args.repeat, 1)
+    set_us = train_set_us(micro, eng, rx_sock, args.repeat, SET_SUPERPACKETS)
     assert eng.counters[INDEX["rx_packets"]] > before, "small datagrams were dropped"
     assert int(eng.counters[[v for k, v in INDEX.items() if k.startswith("drop_")]].sum()) == drops_before
     k = int(sent) // max(1, int(eng.counters[INDEX["tx_superpackets"]]))
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"TX 4 ACKs                      {ack_tx_us:7.1f} us")
     print(f"RX 4 ACKs                      {ack_rx_us:7.1f} us")
+    print(f"RX 1 superpacket, {TRAIN} + {SET_SEGMENTS - TRAIN} datagrams (one receive)  {one_us:7.1f} us")
     print(
         f"RX {SET_SUPERPACKETS} superpackets, {TRAIN} + {SET_SEGMENTS - TRAIN} datagrams each (one receive)"
         f"  {set_us:7.1f} us  {set_us / SET_SUPERPACKETS:5.1f} us/superpacket"

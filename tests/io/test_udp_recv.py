@@ -1,6 +1,7 @@
-"""io/udp_recv.append_rests: a superpacket the sender had to cut into two UDP_SEGMENT messages is one train
-again in the receive buffer, and nothing else is joined. Arenas are filled as recvmmsg with UDP_GRO
-leaves them (no sockets here; tests/io/test_udp_io.py has the real ones)."""
+"""io/udp_recv: message sizes read with struct (a few messages) agree with the array path, and
+append_rests makes a superpacket the sender had to cut into two UDP_SEGMENT messages one train again in
+the receive buffer, and joins nothing else. Arenas are filled as recvmmsg with UDP_GRO leaves them (no
+traffic here; tests/io/test_udp_io.py has the real thing)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import socket
 import numpy as np
 import pytest
 
+from udpflannel.io import linux
 from udpflannel.io.mmsg import MmsgArena, encode_sockaddr
-from udpflannel.io.udp_recv import ARENA_SLACK, append_rests
+from udpflannel.io.udp import UdpSocket
+from udpflannel.io.udp_recv import ARENA_SLACK, FEW_MESSAGES, append_rests
 
 SEG = 1472  # a VXLAN datagram of a 1450-byte inner packet
 PEER, OTHER = ("198.18.0.2", 8472), ("198.18.0.3", 8472)
@@ -33,6 +36,44 @@ def shapes(messages: list[tuple[int, int, tuple[str, int]]]) -> tuple[list[int],
     total = [(k - 1) * SEG + last for k, last, _ in messages]
     seg = [SEG if k > 1 else t for (k, _, _), t in zip(messages, total, strict=True)]
     return total, seg, [k for k, _, _ in messages]
+
+
+def set_message(arena: MmsgArena, j: int, length: int, gro_size: int | None, *, truncated: bool) -> None:
+    """Message j's length, MSG_TRUNC flag and UDP_GRO cmsg (none when gro_size is None), as recvmmsg
+    sets them."""
+    arena.hdrs["len"][j] = length
+    arena.hdrs["flags"][j] = linux.MSG_TRUNC if truncated else 0
+    arena.hdrs["controllen"][j] = 0 if gro_size is None else 24
+    if gro_size is not None:
+        gro = np.array([linux.SOL_UDP, linux.UDP_GRO, gro_size], "<i4")
+        cmsg = np.array([20], "<u8").tobytes() + gro.tobytes()
+        arena.control[j, :20] = np.frombuffer(cmsg, np.uint8)
+
+
+@pytest.mark.parametrize("gro", [True, False])
+def test_message_sizes_with_struct_and_with_arrays_agree(gro: bool) -> None:
+    kinds = [
+        (44 * SEG, SEG, False),  # a train
+        (2 * SEG + 700, SEG, False),  # a train with a short last datagram
+        (900, None, False),  # one datagram, no cmsg
+        (SEG, SEG, False),  # a cmsg whose size is the whole message: one datagram
+        (65536, SEG, True),  # truncated: empty
+        (0, None, False),  # an empty datagram
+    ]
+    arena = MmsgArena(FEW_MESSAGES, 65536 + ARENA_SLACK)
+    for j in range(FEW_MESSAGES):
+        length, gro_size, truncated = kinds[j % len(kinds)]
+        set_message(arena, j, length, gro_size, truncated=truncated)
+    with UdpSocket.open(socket.AF_INET, "127.0.0.1", 0) as rx:
+        rx.gro = gro
+        few = rx.message_shape_lists(arena, FEW_MESSAGES)
+        truncated = rx.stats.truncated
+        arrays = rx.message_shapes(arena, FEW_MESSAGES)
+        assert few == tuple(a.tolist() for a in arrays)
+        assert truncated == rx.stats.truncated - truncated == FEW_MESSAGES // len(kinds)
+    total, seg, counts = few
+    assert (total[0], seg[0], counts[0]) == ((44 * SEG, SEG, 44) if gro else (44 * SEG, 44 * SEG, 1))
+    assert (total[4], counts[4], total[5], counts[5]) == (0, 0, 0, 0)
 
 
 def test_a_superpacket_in_two_messages_is_one_train() -> None:

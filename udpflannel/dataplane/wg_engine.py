@@ -91,7 +91,6 @@ class WgEngine(WgReceiver):
         self.rx_views = ViewCache(
             self.rx_arena.data, RX_SLOT // CACHED_MIN_SEGMENT + 1, max_layouts=2 * CACHED_SLOTS
         )
-        self._rx_ctl = memoryview(self.rx_arena.control.reshape(-1))
         self._sources: dict[bytes, tuple] = {}
         self._routes: dict[bytes, int] = {}
         # One peer batch: BATCH messages of at most the TUN MTU plus WireGuard's 32 bytes and padding.

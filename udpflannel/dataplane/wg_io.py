@@ -1,7 +1,6 @@
 """Socket and TUN helpers of the WireGuard datapath (dataplane/wg_engine.py): a whole peer batch in one
-UDP_SEGMENT sendmsg from one buffer, lone datagrams with sendto, receive-arena message sizes, partial
-checksums of TUN reads, and how many packets a list of TUN writes carries. Refusals are counted in the
-socket's stats, never raised."""
+UDP_SEGMENT sendmsg from one buffer, lone datagrams with sendto, partial checksums of TUN reads, and how
+many packets a list of TUN writes carries. Refusals are counted in the socket's stats, never raised."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import struct
 import numpy as np
 
 from udpflannel.io import linux
-from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
@@ -27,10 +25,6 @@ MAX_CACHED = 4096  # entries of the source and route caches before they are clea
 _GSO_GIVE_UP = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 _U16 = struct.Struct("=H")
 _HDR_LEN_GSO_SIZE = struct.Struct("<HH")  # virtio_net_hdr hdr_len and gso_size, at offset 2
-# A received cmsg: cmsg_len (u64) first, then level, type and (for UDP_GRO) the int segment size.
-_CMSG_HDR = 8
-_CMSG_INT = struct.Struct("<iIi")
-_CMSG_INT_END = _CMSG_HDR + _CMSG_INT.size
 
 
 def send_contiguous(udp: UdpSocket, data: np.ndarray, seg: int, dest: tuple[str, int]) -> int:
@@ -95,34 +89,6 @@ def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int
         return 0
     udp.stats.sent += 1
     return 1
-
-
-def message_sizes(arena: MmsgArena, udp: UdpSocket, m: int) -> tuple[list[int], list[int], list[int]]:
-    """Per received message: its length, UDP_GRO segment size (its length if not a train) and
-    datagram count; truncated messages count as empty (udp.message_shapes, as lists)."""
-    total, seg, counts = udp.message_shapes(arena, m)
-    return total.tolist(), seg.tolist(), counts.tolist()
-
-
-def message_sizes_few(
-    arena: MmsgArena, udp: UdpSocket, ctl: memoryview, m: int
-) -> tuple[list[int], list[int], list[int]]:
-    """message_sizes for a few messages, in plain Python (the cmsg read with struct)."""
-    total, seg, counts = [], [], []
-    for j, hdr in enumerate(arena.hdrs[:m].tolist()):
-        controllen, flags, t = hdr[5], hdr[6], hdr[7]
-        if flags & linux.MSG_TRUNC:
-            udp.stats.truncated += 1
-            t = 0
-        s = t
-        if udp.gro and controllen >= _CMSG_INT_END:
-            level, kind, size = _CMSG_INT.unpack_from(ctl, j * CMSG_SPACE + _CMSG_HDR)
-            if level == linux.SOL_UDP and kind == linux.UDP_GRO and 0 < size < t:
-                s = size
-        total.append(t)
-        seg.append(s)
-        counts.append(-(-t // s) if t else 0)
-    return total, seg, counts
 
 
 def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@ train opened in place (codec/wireguard/rows.open_rows), trains of one receive wr
 together (packet/gro_trains) or one by one (packet/gro.coalesce), other datagrams opened one by one.
 
 WgReceiver is a mixin of WgEngine and uses its attributes: device, tun, udp, counters, rx_arena, _rx_flat,
-_rx_ctl, rx_views, _sources, _train_out, send_events, _internal_error."""
+rx_views, _sources, _train_out, send_events, _internal_error."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from udpflannel.dataplane.wg_io import (
     FEW,
     HEADROOM,
     MAX_CACHED,
-    message_sizes,
-    message_sizes_few,
     packets_in_writes,
 )
 from udpflannel.io.mmsg import decode_sockaddr
@@ -51,9 +49,7 @@ class WgReceiver:
         udp.stats.recv_calls += 1
         if m == 0:
             return 0
-        total, seg, counts = (
-            message_sizes(arena, udp, m) if m > FEW else message_sizes_few(arena, udp, self._rx_ctl, m)
-        )
+        total, seg, counts = udp.message_shape_lists(arena, m)
         if m > 1 and udp.gro:
             # A superpacket's two messages as one train.
             self.counters.joined_runs += append_rests(arena, total, seg, counts)
