@@ -15,6 +15,7 @@ from udpflannel.dataplane.peers import Peer
 from udpflannel.dataplane.txprep import flow_hash
 from udpflannel.io.tun import TunRead
 from udpflannel.io.udp import Received, UdpStats
+from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
 
@@ -97,6 +98,9 @@ class FakeSock:
         lengths = np.full(len(rows), seg)
         lengths[-1] = last
         return self.send_rows(buf, rows, col, lengths, dest)
+
+    def send_one(self, datagram, dest) -> int:
+        return self.sendmmsg([(datagram, dest)])
 
     def sendmmsg(self, items) -> int:
         for r, dest in items:
@@ -265,6 +269,31 @@ def test_tcp_superpacket_is_split_encapsulated_and_sent_in_one_call():
         assert bytes(scapy.IP(bytes(clean))) == f.inner  # every checksum is right
         data += bytes(pkt[scapy.TCP].payload)
     assert data == payload and len(segs) == -(-len(payload) // mss)
+
+
+@pytest.mark.parametrize("count", [1, 3, 16, 17], ids=lambda n: f"{n}acks")
+def test_partial_checksums_of_a_few_packets_are_finished_and_bad_offsets_dropped(count: int) -> None:
+    """ACKs as the TUN hands them over (NEEDS_CSUM: the checksum field holds the pseudo-header sum) leave
+    with every checksum right, per row for a few, as a batch for more; a row whose checksum offsets point
+    past its end is dropped and counted, and the others still go."""
+    acks, headers = [], []
+    for i in range(count):
+        tcp = scapy.TCP(sport=4, dport=5, flags="A", seq=1000, ack=7 + i) / bytes(i % 3)  # odd lengths too
+        raw = bytearray(bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.9") / tcp))
+        raw[36:38] = reference.pseudo_header(bytes(raw), 6, len(raw) - 20).to_bytes(2, "big")
+        acks.append(bytes(raw))
+        headers.append((1, 0, 0, 0, 20, 16) if i != 1 else (1, 0, 0, 0, 20, len(raw)))  # NEEDS_CSUM, GSO_NONE
+    h = Harness("vxlan")
+    batch = PacketBatch.from_packets(acks, headroom=HEADROOM)
+    vh = np.array(headers, VNET_HDR_DTYPE)
+    h.engine.process_tx(batch, vh, lambda i: VnetHdr(*vh[i].tolist()))
+    bad = 1 if count > 1 else 0
+    assert h.counters[INDEX["drop_bad_header"]] == bad and len(h.sent) == count - bad
+    for data, dest, _ in h.sent:
+        inner = vxlan.decode_vxlan(data, 1, vxlan.parse_mac(PEER_MAC)).inner
+        clean = scapy.IP(inner)
+        del clean[scapy.TCP].chksum
+        assert bytes(scapy.IP(bytes(clean))) == inner and dest == ("198.18.0.2", 8472)
 
 
 def test_flow_cache_follows_peer_changes():

@@ -247,45 +247,6 @@ def test_peer_reconfiguration_keeps_session(pair) -> None:
     assert a.device.peers == {} and a.device.index_table == {}
 
 
-def test_finish_partial_checksums_matches_single_packet_path() -> None:
-    # Twin of packet.gso's one-packet NEEDS_CSUM path, over a mixed batch of TCP/UDP, v4/v6 rows.
-    import struct
-
-    import numpy as np
-    from scapy.layers.inet6 import IPv6
-
-    from udpflannel.dataplane.wg_engine import finish_partial_checksums
-    from udpflannel.packet.gso import split_superpacket
-    from udpflannel.packet.reference import pseudo_header
-    from udpflannel.packet.vnet import VNET_HDR_DTYPE
-
-    pkts, hdrs = [], []
-    for i, (v6, tcp) in enumerate(
-        [(False, True), (True, True), (False, False), (True, False), (False, True)]
-    ):
-        l4 = TCP(sport=1, dport=2, seq=i, flags="A") if tcp else UDP(sport=1, dport=2)
-        ip = IPv6(src="fd00:198::1", dst="fd00:198::2") if v6 else IP(src="198.19.1.1", dst="198.19.2.1")
-        raw = bytearray(bytes(ip / l4 / Raw(os.urandom(i * 7 + 1))))
-        l3 = 40 if v6 else 20
-        off = 16 if tcp else 6
-        proto = 6 if tcp else 17
-        struct.pack_into("!H", raw, l3 + off, pseudo_header(raw, proto, len(raw) - l3))
-        pkts.append(bytes(raw))
-        hdrs.append(VnetHdr(flags=1, csum_start=l3, csum_offset=off))
-    batch = PacketBatch.from_packets(pkts, headroom=16)
-    headers = np.zeros(len(pkts), VNET_HDR_DTYPE)
-    for i, vh in enumerate(hdrs):
-        headers[i] = (vh.flags, vh.gso_type, vh.hdr_len, vh.gso_size, vh.csum_start, vh.csum_offset)
-    bad = finish_partial_checksums(batch, headers, np.arange(len(pkts)))
-    assert not bad.any()
-    for i, (pkt, vh) in enumerate(zip(pkts, hdrs, strict=True)):
-        assert bytes(batch.packet(i)) == split_superpacket(pkt, vh, 0).packets()[0]
-    # A checksum field past the end is refused.
-    headers[0]["csum_offset"] = 16
-    headers[0]["csum_start"] = len(pkts[0])
-    assert finish_partial_checksums(batch, headers, np.arange(1)).tolist() == [True]
-
-
 def test_many_packets_take_the_array_path_in_order(pair) -> None:
     # More than FEW packets in one TUN batch: routed and sealed as arrays (unknown destinations dropped
     # from the middle of the batch), opened on the other side, delivered in order.

@@ -160,6 +160,10 @@ class Engine(RowPaths, HeldRun):
         # (a few superpackets, or a few dozen small packets), cheaper to sort in plain Python than as arrays.
         hd = headers.tolist()
         gso_list = [i for i, x in enumerate(hd) if x[1]]
+        if not gso_list and len(hd) <= FEW_SMALL_PACKETS:
+            # A few plain packets (ACKs, pings): checksums finished and rows judged without array operations.
+            self._send_plain(batch, self.finish_few(batch, hd))
+            return
         plain = None
         if len(gso_list) < len(hd):
             plain = ~is_gso(headers)
@@ -178,8 +182,8 @@ class Engine(RowPaths, HeldRun):
         if plain is None or not gso_list:  # the usual batch: all superpackets, or all plain packets
             if gso_list:
                 self._send_superpackets(batch, headers, hd, gso_list, ttl_done)
-            elif plain is not None and plain.any():
-                self._send_plain(batch, plain)
+            elif plain is not None:
+                self._send_plain(batch, np.flatnonzero(plain).tolist())
             return
         # Both kinds: sent run by run in the order read, so a flow's lone segment neither overtakes the
         # superpacket read before it nor falls behind the one after (the receiver would see a gap).
@@ -190,9 +194,7 @@ class Engine(RowPaths, HeldRun):
             if hd[start][1]:
                 self._send_superpackets(batch, headers, hd, list(range(start, end)), ttl_done)
             else:
-                run = np.zeros(len(hd), dtype=bool)
-                run[start:end] = plain[start:end]
-                self._send_plain(batch, run)
+                self._send_plain(batch, [i for i in range(start, end) if plain[i]])
             start = end
 
     def _send_superpackets(
@@ -225,15 +227,16 @@ class Engine(RowPaths, HeldRun):
             self._count("tx_superpackets")
             self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
 
-    def _send_plain(self, batch: PacketBatch, plain: np.ndarray) -> None:
-        """Send the plain (not GSO) rows marked in `plain`: a few one by one, more as a batch."""
-        rows = np.flatnonzero(plain)
-        if len(rows) == 0:
+    def _send_plain(self, batch: PacketBatch, rows: list[int]) -> None:
+        """Send the plain (not GSO) rows in `rows`: a few one by one, more as a batch."""
+        if not rows:
             return
         few = len(rows) <= FEW_PACKETS or (
             len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
         )
-        if not (few and self.send_few(batch, rows.tolist())):
+        if not (few and self.send_few(batch, rows)):
+            plain = np.zeros(batch.n, dtype=bool)
+            plain[rows] = True
             self.send_batch(batch, plain, one_flow=False)
 
     def plan_tx(

@@ -18,17 +18,18 @@ import numpy as np
 from udpflannel.codec import vxlan as vxlan_codec
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
-from udpflannel.dataplane.txprep import flow_hash
+from udpflannel.dataplane.txprep import finish_partial, flow_hash
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro_run import coalesce_run
 from udpflannel.packet.parse import validate_one
-from udpflannel.packet.vnet import VNET_HDR_LEN, ZERO_VNET_HDR
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_VNET_HDR
 
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}  # the inner Ethernet type a VXLAN frame must carry
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
+_BAD_HEADER = INDEX[DROP_NAMES[DropReason.BAD_HEADER]]
 _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
 
 
@@ -63,6 +64,21 @@ class RowPaths:
         if np.count_nonzero(buf[rows, off] != lead) or np.count_nonzero(keys != keys[0]):
             return None
         return self._flow(buf, off, first)
+
+    def finish_few(self, batch: PacketBatch, hd: list[tuple[int, ...]]) -> list[int]:
+        """The rows of a few plain TUN reads (hd: their virtio headers as tuples), partial checksums
+        finished one by one; a row whose checksum offsets point outside its packet is counted as a
+        bad_header drop and left out."""
+        off, buf, lengths = batch.offset, batch.buf, batch.lengths
+        rows = []
+        for i, x in enumerate(hd):
+            if x[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(
+                buf[i, off : off + int(lengths[i])].data, x[4], x[5]
+            ):
+                self.counters[_BAD_HEADER] += 1
+                continue
+            rows.append(i)
+        return rows
 
     def send_few(self, batch: PacketBatch, rows: list[int]) -> bool:
         """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
@@ -102,7 +118,9 @@ class RowPaths:
         for sock, peer, rows_of, sizes in groups.values():
             calls, before = sock.stats.send_calls, sock.stats.sent
             dest = self._dsts[peer]
-            if contiguous:  # iovecs as arrays from the buffer's address: no per-datagram objects
+            if len(rows_of) == 1:  # one sendto: cheaper than setting up a sendmmsg
+                sock.send_one(buf[rows_of[0], off - head : off - head + sizes[0]].data, dest)
+            elif contiguous:  # iovecs as arrays from the buffer's address: no per-datagram objects
                 sock.send_rows(buf, np.array(rows_of), off - head, np.array(sizes), dest)
             else:
                 col = off - head

@@ -53,6 +53,25 @@ def flow_hash(buf: np.ndarray, offset: int, n: int) -> np.ndarray:
 PER_ROW_MAX = 16
 
 
+def finish_partial(packet: memoryview, start: int, field: int) -> bool:
+    """One packet's partial L4 checksum (NEEDS_CSUM with csum_start, csum_offset) finished in place, as
+    finish_partial_checksums does for many; False, the packet untouched, when they point outside it. The
+    bytes from csum_start read as one big-endian integer are congruent (mod 0xFFFF) to their one's-
+    complement sum, since 2**16 is 1 mod 0xFFFF."""
+    ln = len(packet)
+    if start < 20 or start + field + 2 > ln:
+        return False
+    x = int.from_bytes(packet[start:], "big")
+    if (ln - start) & 1:
+        x <<= 8  # an odd tail byte is the high byte of a zero-padded word
+    c = M if x == 0 else M - 1 - (x - 1) % M
+    if c == 0 and field == h.UDP_CSUM:
+        c = M  # RFC 768: a computed 0 is sent as all ones
+    packet[start + field] = c >> 8
+    packet[start + field + 1] = c & 0xFF
+    return True
+
+
 def finish_partial_checksums(
     batch: PacketBatch, headers: np.ndarray, rows: np.ndarray, *, per_row_max: int = PER_ROW_MAX
 ) -> np.ndarray:
@@ -66,15 +85,18 @@ def finish_partial_checksums(
     if len(rows) == 0:
         return codes
     off = batch.offset
+    if len(rows) <= per_row_max:
+        lengths = batch.lengths
+        for j, (i, hdr) in enumerate(zip(rows.tolist(), headers[rows].tolist(), strict=True)):
+            if not finish_partial(batch.buf[i].data[off : off + int(lengths[i])], hdr[4], hdr[5]):
+                codes[j] = DropReason.BAD_HEADER
+        return codes
     start = headers["csum_start"][rows].astype(np.int64)
     field = headers["csum_offset"][rows].astype(np.int64)
     lens = batch.lengths[rows].astype(np.int64)
     # Any L4 checksum field qualifies (TCP 16, UDP 6, ICMPv6 2): the arithmetic is the same.
     ok = (start >= 20) & (start + field + 2 <= lens)
     codes[~ok] = DropReason.BAD_HEADER
-    if len(rows) <= per_row_max:
-        _finish_per_row(batch, rows, start, field, lens, ok)
-        return codes
     for s in sorted(set(start[ok].tolist())):  # a set: np.unique costs more for the few values there are
         pick = ok & (start == s)
         sel = rows[pick]
@@ -87,34 +109,6 @@ def finish_partial_checksums(
         batch.buf[sel, at] = (c >> 8).astype(np.uint8)
         batch.buf[sel, at + 1] = (c & 0xFF).astype(np.uint8)
     return codes
-
-
-def _finish_per_row(
-    batch: PacketBatch,
-    rows: np.ndarray,
-    start: np.ndarray,
-    field: np.ndarray,
-    lens: np.ndarray,
-    ok: np.ndarray,
-) -> None:
-    """finish_partial_checksums one row at a time: the bytes from csum_start read as one big-endian integer
-    are congruent (mod 0xFFFF) to their one's-complement sum, since 2**16 is 1 mod 0xFFFF."""
-    off = batch.offset
-    for i, s, f, ln, good in zip(
-        rows.tolist(), start.tolist(), field.tolist(), lens.tolist(), ok.tolist(), strict=True
-    ):
-        if not good:
-            continue
-        row = batch.buf[i].data
-        x = int.from_bytes(row[off + s : off + ln], "big")
-        if (ln - s) & 1:
-            x <<= 8  # an odd tail byte is the high byte of a zero-padded word
-        c = M if x == 0 else M - 1 - (x - 1) % M
-        if c == 0 and f == h.UDP_CSUM:
-            c = M  # RFC 768: a computed 0 is sent as all ones
-        at = off + s + f
-        row[at] = c >> 8
-        row[at + 1] = c & 0xFF
 
 
 def is_gso(headers: np.ndarray) -> np.ndarray:

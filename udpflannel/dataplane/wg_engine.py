@@ -30,15 +30,14 @@ from udpflannel.codec.wireguard.session import Device
 from udpflannel.codec.wireguard.timers import TimerKind
 from udpflannel.dataplane.peers import NO_PEER, PeerTable
 from udpflannel.dataplane.peers import Peer as TableRow
+from udpflannel.dataplane.txprep import finish_partial, finish_partial_checksums
 from udpflannel.dataplane.wg_config import WgPeerConfig, format_endpoint
 from udpflannel.dataplane.wg_io import (
     BATCH,
     FEW,
     HEADROOM,
     MAX_CACHED,
-    finish_partial_checksums,
     send_contiguous,
-    send_one,
 )
 from udpflannel.dataplane.wg_rx import CACHED_MIN_SEGMENT, CACHED_SLOTS, WgReceiver
 from udpflannel.io.mmsg import MmsgArena
@@ -49,7 +48,6 @@ from udpflannel.packet.gso import split_superpacket
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
-    VnetHdr,
 )
 
 log = logging.getLogger(__name__)
@@ -159,7 +157,7 @@ class WgEngine(WgReceiver):
         keep = np.ones(n, bool)
         if partial.any():
             rows = np.flatnonzero(partial)
-            refused = finish_partial_checksums(batch, headers, rows)
+            refused = finish_partial_checksums(batch, headers, rows) != 0
             keep[rows[refused]] = False
             if refused.any():
                 self.counters.drops["bad_header"] += int(refused.sum())
@@ -190,19 +188,16 @@ class WgEngine(WgReceiver):
         plain: list[memoryview] = []
         for i, hdr in enumerate(read.headers.tolist()):
             flags, gso_type = hdr[0], hdr[1]
-            if gso_type == VIRTIO_NET_HDR_GSO_NONE and not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-                plain.append(batch.packet(i))
+            if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+                pkt = batch.packet(i)
+                if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(pkt, hdr[4], hdr[5]):
+                    self.counters.drops["bad_header"] += 1
+                    continue
+                plain.append(pkt)
                 continue
             self._send_few(plain, now)
             plain = []
-            if gso_type != VIRTIO_NET_HDR_GSO_NONE:
-                self._send_superpacket(read, i, now)
-                continue
-            one = split_superpacket(batch.packet(i), VnetHdr(*hdr), 0)  # finishes the partial checksum
-            if one.n == 0:
-                self.counters.drops["bad_header"] += 1
-                continue
-            self._send_few([one.packet(0)], now)
+            self._send_superpacket(read, i, now)
         self._send_few(plain, now)
 
     def _send_few(self, packets: list[memoryview], now: float) -> None:
@@ -223,7 +218,7 @@ class WgEngine(WgReceiver):
             mv = memoryview(self.out)
             pos = 0
             for seg, size in zip(segs, res.sizes, strict=True):
-                sent = send_one(self.udp, mv[pos : pos + size], res.endpoint)
+                sent = self.udp.send_one(mv[pos : pos + size], res.endpoint)
                 pos += size
                 self.counters.tx_send_calls += 1
                 self.counters.tx_packets += sent
@@ -323,7 +318,7 @@ class WgEngine(WgReceiver):
             self.udp.sendmmsg(items)
             return
         for data, endpoint in items:  # handshake messages: one sendto each beats building a sendmmsg
-            send_one(self.udp, memoryview(data), endpoint)
+            self.udp.send_one(memoryview(data), endpoint)
 
     def run_timers(self, now: float) -> None:
         deadline = self.device.next_timer()

@@ -1,6 +1,6 @@
 """Socket and TUN helpers of the WireGuard datapath (dataplane/wg_engine.py): a whole peer batch in one
-UDP_SEGMENT sendmsg from one buffer, lone datagrams with sendto, partial checksums of TUN reads, and how
-many packets a list of TUN writes carries. Refusals are counted in the socket's stats, never raised."""
+UDP_SEGMENT sendmsg from one buffer, and how many packets a list of TUN writes carries. Refusals are
+counted in the socket's stats, never raised."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import numpy as np
 
 from udpflannel.io import linux
 from udpflannel.io.udp import UdpSocket
-from udpflannel.packet.batch import PacketBatch
-from udpflannel.packet.checksum import finish, finish_udp, sum_rows_raw
-from udpflannel.packet.headers import TCP_CSUM, UDP_CSUM
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN
 
 BATCH = 64  # TUN reads / datagrams per turn
@@ -75,40 +72,3 @@ def packets_in_writes(writes: list) -> int:
         payload = sum(len(b) for b in iov) - VNET_HDR_LEN - hdr_len
         count += -(-payload // gso_size) if gso_size else 1
     return count
-
-
-def send_one(udp: UdpSocket, datagram: memoryview, dest: tuple[str, int]) -> int:
-    """One datagram with one sendto (cheaper than any batch call for a lone packet); 1 if the kernel took
-    it, 0 (counted in udp.stats) if not."""
-    udp.stats.send_calls += 1
-    try:
-        udp.sock.sendto(datagram, dest)
-    except OSError as exc:
-        udp.stats.send_errors += 1
-        udp.stats.last_send_errno = exc.errno or 0
-        return 0
-    udp.stats.sent += 1
-    return 1
-
-
-def finish_partial_checksums(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Finish the L4 checksum of non-GSO NEEDS_CSUM rows in place, one array pass per csum_start value
-    (the batch twin of packet.gso's single-packet path). Returns, per row, True where the header was
-    unusable (the row must be dropped)."""
-    start = headers["csum_start"][rows].astype(np.int64)
-    field_off = headers["csum_offset"][rows].astype(np.int64)
-    lengths = batch.lengths[rows].astype(np.int64)
-    ok = ((field_off == TCP_CSUM) | (field_off == UDP_CSUM)) & (start + field_off + 2 <= lengths)
-    off = batch.offset
-    for s in np.unique(start[ok]).tolist():
-        sel = ok & (start == s)
-        idx = rows[sel]
-        span = lengths[sel] - s
-        # The field holds the pseudo-header sum, so the sum over [csum_start, end) is the whole sum.
-        sums = sum_rows_raw(batch.buf[idx, off + s : off + s + int(span.max())], span)
-        is_udp = field_off[sel] == UDP_CSUM
-        c = np.where(is_udp, finish_udp(sums), finish(sums))
-        col = off + s + field_off[sel]
-        batch.buf[idx, col] = (c >> 8).astype(np.uint8)
-        batch.buf[idx, col + 1] = (c & 0xFF).astype(np.uint8)
-    return ~ok

@@ -172,6 +172,19 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         self.stats.sent += datagrams
         return datagrams
 
+    def send_one(self, datagram: Buffer, dest: tuple[str, int]) -> int:
+        """One datagram with one sendto (cheaper than any batch call for a lone packet); 1 if the kernel
+        took it, 0 (counted in stats) if not."""
+        self.stats.send_calls += 1
+        try:
+            self.sock.sendto(datagram, dest)
+        except OSError as exc:
+            self.stats.send_errors += 1
+            self.stats.last_send_errno = exc.errno or 0
+            return 0
+        self.stats.sent += 1
+        return 1
+
     def sendmmsg(self, items: Sequence[tuple[Buffer, tuple[str, int]]]) -> int:
         """Send each (payload, dest) as one datagram with as few sendmmsg calls as possible."""
         if not items:
