@@ -6,8 +6,9 @@ as they come, that is two TUN writes, and twice the TCP receive work and ACKs, f
 both come in one receive, io.udp_recv.append_rests makes them one train already. When they come in two,
 a run whose last segment is full-size (its superpacket goes on) is held while one receive looks for the
 rest (packet.gro_run.join_runs), after the worker's TX turn, so ACKs are not held up; anything else and
-it is written as it was. The worker writes what is held before it sleeps, and order is kept: a held run
-is written before any later record is handled.
+it is written as it was. The worker waits a moment for the rest before it sleeps (dataplane/worker.py)
+and writes what is still held then; order is kept: a held run is written before any later record is
+handled.
 
 HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
 process_train_set, few, _count, _deliver, _internal_error, _run_of (rowpath)."""
@@ -28,6 +29,11 @@ class HeldRun:
     hold_runs = False  # the worker's loop turns it on (and flushes before it sleeps); tests see every write
     _held: tuple[memoryview, int, int] | None = None  # (write, inner packets, inner bytes)
     _may_hold = False  # only inside rx_once: process_rx called on its own writes at once
+
+    @property
+    def holding(self) -> bool:
+        """A run is held for its rest: flush_held() writes it."""
+        return self._held is not None
 
     def rx_once(self, sock: Any = None) -> int:
         """Receive one batch of datagrams (from `sock`, default the IPv4 socket) and deliver it; returns

@@ -24,6 +24,9 @@ from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket
 
 POLL_MS = 500
+# A superpacket's first part, held for its rest (dataplane/rx_hold.py), waits this long for it before the
+# worker sleeps: the sender sent both in one sendmmsg, so the rest is microseconds behind, if it comes.
+HOLD_WAIT_S = 0.0002
 # Bound the work done for one readiness event so TX, RX and control all get a turn.
 MAX_BATCHES_PER_WAKE = 16
 
@@ -101,6 +104,7 @@ def run(spec: dict) -> int:
     ctrl.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
     tun_fd, rx_fd, ctrl_fd = tun.fileno(), rx.fileno(), ctrl.fileno()
     rx6_poll_fd = rx6.fileno() if rx6 is not None else -1
+    rx_fds = [fd for fd in (rx_fd, rx6_poll_fd) if fd >= 0] if role in ("both", "rx") else []
     while not stopping:
         try:
             events = poller.poll(POLL_MS)
@@ -119,7 +123,9 @@ def run(spec: dict) -> int:
                 moved += engine.rx_once(rx6)
             if moved == 0:
                 break
-        engine.flush_held()  # a superpacket's first part waits for its rest no longer than one wake
+        if engine.holding and select.select(rx_fds, [], [], HOLD_WAIT_S)[0]:
+            continue  # its rest (or anything else) is here: receive it now, joined or after it
+        engine.flush_held()  # nothing came: the held part is written as it is
     return 0
 
 
