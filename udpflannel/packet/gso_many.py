@@ -77,7 +77,6 @@ def _segment_many(
     full = k - 1
     last = payload - full * mss  # 1..mss
     p0 = off + hlen
-    wide = mss - mss % 4
     stride = off + hlen + mss
     buf = np.empty((total_rows, stride), np.uint8)
     src_off = batch.offset
@@ -119,7 +118,7 @@ def _segment_many(
     else:
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
         pseudo = hw[:, h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2].sum(axis=1) + h.IPPROTO_TCP
-    pay = payload_sums(buf, p0, mss, wide)
+    pay = payload_sums(buf, p0, mss)
     t = rows_view(buf, off + l3, h.TCP_HDR)
     seq0 = (hw[:, t0 + h.TCP_SEQ // 2] << 16) | hw[:, t0 + h.TCP_SEQ // 2 + 1]
     seq = (seq0[g_of] + mss * i_in) & 0xFFFFFFFF
