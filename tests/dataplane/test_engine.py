@@ -83,6 +83,11 @@ class FakeSock:
         self.stats.send_calls += 1
         return len(rows)
 
+    def send_spans(self, data, spans, seg_size, dest) -> int:
+        sent = sum(self.send_packed(data[a : a + n], seg_size, dest) for a, n in spans)
+        self.stats.send_calls -= len(spans) - 1  # one sendmmsg for them all
+        return sent
+
     def send_packed(self, data, seg_size, dest) -> int:
         mv = memoryview(data)
         rows = [mv[a : a + seg_size] for a in range(0, len(mv), seg_size)]

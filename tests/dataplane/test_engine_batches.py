@@ -40,7 +40,7 @@ def send(h: Harness, packets: list[bytes]) -> None:
     h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
 
 
-def test_superpackets_of_one_read_go_out_as_one_at_a_time():
+def test_superpackets_of_one_read_go_out_as_one_at_a_time_in_one_call():
     sps = [superpacket(1000 + i * 50000, 20000 + 3000 * i, "PA" if i == 2 else "A") for i in range(3)]
     together, alone = Harness("vxlan"), Harness("vxlan")
     send(together, sps)
@@ -48,7 +48,26 @@ def test_superpackets_of_one_read_go_out_as_one_at_a_time():
         send(alone, [sp])
     assert [d for d, _, _ in together.sent] == [d for d, _, _ in alone.sent]
     assert together.counters[INDEX["tx_superpackets"]] == 3
-    assert together.counters[INDEX["tx_send_calls"]] == 3  # one UDP_SEGMENT send per superpacket
+    assert together.counters[INDEX["tx_send_calls"]] == 1  # one sendmmsg for the read (one flow)
+    assert alone.counters[INDEX["tx_send_calls"]] == 3
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+@pytest.mark.parametrize("flows", [1, 2], ids=["one-flow", "two-flows"])
+def test_a_read_of_superpackets_sends_what_one_at_a_time_sends(encap: str, flows: int) -> None:
+    """Four superpackets of one read split together: one sendmmsg when they are one flow's, else one send
+    each; the same datagrams either way, and (udp) every TTL down by exactly one."""
+    sps = [superpacket(1000 + i * 50000, 20000 + 3000 * i) for i in range(4)]
+    if flows == 2:
+        sps[2] = sps[2][:22] + b"\x00\x06" + sps[2][24:]  # another destination port: another flow
+    together, alone = Harness(encap), Harness(encap)
+    send(together, sps)
+    for sp in sps:
+        send(alone, [sp])
+    assert [d for d, _, _ in together.sent] == [d for d, _, _ in alone.sent]
+    assert together.counters[INDEX["tx_send_calls"]] == (1 if flows == 1 else 4)
+    if encap == "udp":
+        assert {scapy.IP(d).ttl for d, _, _ in together.sent} == {63}
 
 
 class RecordingTun:

@@ -219,6 +219,24 @@ def test_send_rows_gso_sends_equal_rows_as_segments(pair: Pair, open_udp: OpenUd
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("offload", [True, False], ids=["gso", "fallback"])
+def test_send_spans_sends_runs_of_a_buffer_in_one_call(pair: Pair, open_udp: OpenUdp, offload: bool) -> None:
+    """Three packed runs of 1472-byte datagrams in one buffer (superpackets of 47, 10 and 1 datagrams, each
+    ending shorter), with gaps between them: every datagram, in order; with GSO, one sendmmsg."""
+    _, a, b = pair
+    tx = open_udp(a, "198.18.0.1", 0, gso=offload)
+    rx = open_udp(b, "198.18.0.2", PORT, gro=False)
+    seg = 1472
+    data = np.random.default_rng(7).integers(0, 256, 70 * seg, np.uint8)
+    spans = [(0, 46 * seg + 700), (47 * seg, 9 * seg + 1), (60 * seg, 300)]
+    want = [data[a + c : a + min(c + seg, n)].tobytes() for a, n in spans for c in range(0, n, seg)]
+    assert tx.send_spans(data, spans, seg, ("198.18.0.2", PORT)) == len(want) == 58
+    assert _receive_all(rx, len(want))[0] == want
+    if offload:
+        assert tx.stats.send_calls == 1
+
+
+@pytest.mark.root
 def test_gso_and_fallback_put_the_same_datagrams_on_the_wire(pair: Pair, open_udp: OpenUdp) -> None:
     _, a, b = pair
     tx_gso = open_udp(a, "198.18.0.1", 0, gso=True)

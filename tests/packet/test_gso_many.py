@@ -57,11 +57,13 @@ def test_each_superpacket_splits_as_alone(sps: list[Super]) -> None:
     batch, headers = tun_batch(sps)
     many = split_many(batch, headers, np.arange(len(sps)), HEAD)
     assert many is not None and len(many) == len(sps)
-    for segs, sp in zip(many, sps, strict=True):
+    flat = many.whole.buf.reshape(-1)
+    for segs, sp, (at, size) in zip(many.parts(), sps, many.spans(), strict=True):
         assert segs.packets() == alone(sp)
         # packed: datagram i + 1 starts right after datagram i's row of headroom + segment
         assert len(packed_payload(segs)) == (segs.n - 1) * segs.stride + HEAD + int(segs.lengths[-1])
         assert segs.offset == HEAD and segs.stride == HEAD + sp.vh.hdr_len + sp.vh.gso_size
+        assert bytes(flat[at : at + size]) == bytes(packed_payload(segs))  # its span of the whole buffer
 
 
 def test_ip_id_wraps_inside_a_superpacket() -> None:
@@ -69,7 +71,7 @@ def test_ip_id_wraps_inside_a_superpacket() -> None:
     batch, headers = tun_batch(sps)
     many = split_many(batch, headers, np.arange(2), HEAD)
     assert many is not None
-    assert [s.packets() for s in many] == [alone(sp) for sp in sps]
+    assert [s.packets() for s in many.parts()] == [alone(sp) for sp in sps]
 
 
 def test_different_shapes_are_left_to_the_caller() -> None:

@@ -22,16 +22,14 @@ from udpflannel.dataplane.peers import NO_PEER, Peer, PeerTable
 from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.rx_hold import HeldRun
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig
+from udpflannel.dataplane.tx_super import SuperpacketTx
 from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash, is_gso, needs_csum
 from udpflannel.io.udp_recv import TrainSet
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
 from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
-from udpflannel.packet.gso import packed_payload, split_superpacket
-from udpflannel.packet.gso_many import split_many
 from udpflannel.packet.parse import ip_fields, validate_ip
-from udpflannel.packet.vnet import VnetHdr
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +40,6 @@ FEW_PACKETS = 4  # up to this many plain packets per batch take the per-row path
 FEW_SMALL_PACKETS = 16
 SMALL_PACKET = 256
 FLOW_HASH_BYTES = 44  # txprep.flow_hash reads this many bytes of each packet
-PACKED_MIN_SEGMENT = 256  # superpackets with at least this gso_size are split end to end (one send buffer)
-# gso_many splits this many superpackets of a TUN read together; with fewer, one by one costs less (its
-# fixed ~40 array operations: 61 us a superpacket at 2, 45 at 3, 38 at 4, against 45 one by one)
-SPLIT_MANY_MIN = 3
 
 # codec result code -> DropReason, as lookup arrays indexed by the code
 _VXLAN_DROPS = np.array(
@@ -64,7 +58,7 @@ for _reason, _name in DROP_NAMES.items():
     _DROP_SLOT[_reason] = INDEX[_name]
 
 
-class Engine(RowPaths, HeldRun):
+class Engine(RowPaths, HeldRun, SuperpacketTx):
     """Owns the peer table and the per-batch pipelines. tun: io.tun.Tun; rx: the UdpSocket on our port;
     pool: UdpSockets to send from (one per outer source port; udp backend: [rx])."""
 
@@ -197,36 +191,6 @@ class Engine(RowPaths, HeldRun):
                 self._send_plain(batch, [i for i in range(start, end) if plain[i]])
             start = end
 
-    def _send_superpackets(
-        self, batch: PacketBatch, headers: np.ndarray, hd: list, gso_list: list[int], ttl_done: dict
-    ) -> None:
-        """Split and send the superpackets in rows `gso_list` (hd: their virtio headers as tuples)."""
-        if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
-            # Several superpackets (the sender is behind): split together when they share a shape.
-            many = split_many(batch, headers, np.array(gso_list), self.head)
-            if many is not None:
-                self._count("tx_superpackets", len(many))
-                for i, segs in zip(gso_list, many, strict=True):
-                    self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-                return
-        for i in gso_list:
-            ln = int(batch.lengths[i])
-            vh = VnetHdr(*hd[i])
-            # Packed rows (end to end) go out as one buffer; tiny segments keep the padded layout, whose
-            # rows are wide enough for every header column the general path reads.
-            packed = vh.gso_size >= PACKED_MIN_SEGMENT
-            segs = split_superpacket(
-                batch.buf[i, batch.offset : batch.offset + ln],
-                vh,
-                self.head if packed else HEADROOM,
-                packed=packed,
-            )
-            if segs.drop:
-                self._count_drops(np.array([segs.drop], dtype=np.uint8))
-                continue
-            self._count("tx_superpackets")
-            self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
-
     def _send_plain(self, batch: PacketBatch, rows: list[int]) -> None:
         """Send the plain (not GSO) rows in `rows`: a few one by one, more as a batch."""
         if not rows:
@@ -264,46 +228,6 @@ class Engine(RowPaths, HeldRun):
         codes[bad] = DropReason.BAD_HEADER
         codes[~active] = DropReason.NONE
         return peer, codes
-
-    def send_superpacket(self, segs: PacketBatch, *, ttl_done: bool = False) -> None:
-        """Segments of one split superpacket: one flow, so one peer lookup, one header template, one outer
-        5-tuple, and as few UDP_SEGMENT sends as the limits allow. Anything unusual takes the general path.
-        ttl_done: udp, the TTL went down in the superpacket before the split."""
-        n = segs.n
-        lens = segs.lengths[:n]
-        off = segs.offset
-        peer, sock_index = self._flow(segs.buf, off, 0)
-        ttl_at = off + (7 if segs.buf[0, off] >> 4 == 6 else 8)  # IPv6 hop limit / IPv4 TTL
-        longest, final = int(lens[0]), int(lens[n - 1])  # a split: every segment but the last is longest
-        if (
-            peer == NO_PEER
-            or longest > self.cfg.mtu
-            or (not self.is_vxlan and not ttl_done and int(segs.buf[:n, ttl_at].min()) <= 1)
-        ):
-            self.send_batch(segs, np.ones(n, dtype=bool), one_flow=True, ttl_done=ttl_done)
-            return
-        if self.is_vxlan:
-            # One flow, one family, one peer: the peer's whole 22-byte header row broadcast over the segments.
-            segs.buf[:n, off - self.head : off] = self._headers[peer]
-            if segs.buf[0, off] >> 4 == 6:
-                segs.buf[:n, off - 2] = vxlan_codec.ETHERTYPE_IPV6 >> 8
-                segs.buf[:n, off - 1] = vxlan_codec.ETHERTYPE_IPV6 & 0xFF
-        elif not ttl_done:
-            # flannel's udp proxy: TTL down by one on the way out (no row can expire: checked above).
-            udp_codec.decrement_ttl_batch(segs.buf, lens, off, np.ones(n, dtype=bool))
-        pool = self._pools[int(self.table.outer_v6[peer])]
-        sock = pool[sock_index % len(pool)]
-        calls, before = sock.stats.send_calls, sock.stats.sent
-        if off == self.head:  # packed: the datagrams lie end to end, one buffer for UDP_SEGMENT
-            sock.send_packed(packed_payload(segs), segs.stride, self._dsts[peer])
-        else:
-            sock.send_segments(segs.views(head=self.head), None, self._dsts[peer])
-        sent = sock.stats.sent - before  # datagrams the kernel took
-        self._count("tx_send_calls", sock.stats.send_calls - calls)
-        self._count("tx_packets", sent)
-        self._count("tx_bytes", longest * (n - 1) + final)
-        if sent < n:
-            self.counters[_DROP_SLOT[DropReason.SEND_ERROR]] += n - sent
 
     def send_batch(
         self, batch: PacketBatch, active: np.ndarray, *, one_flow: bool, ttl_done: bool = False

@@ -138,6 +138,33 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
             sent += n
         return sent
 
+    def send_spans(
+        self, data: np.ndarray, spans: list[tuple[int, int]], seg_size: int, dest: tuple[str, int]
+    ) -> int:
+        """Several packed runs of datagrams in one buffer (span: byte offset and length in `data`, cut into
+        datagrams of seg_size bytes, the last one shorter), e.g. the superpackets of one flow split
+        together (packet.gso_many): UDP_SEGMENT messages of as many datagrams as the limits allow, all in
+        one sendmmsg. A refused message and the rest go through send_packed, which judges and counts
+        each; without GSO, every span does. Returns the datagrams sent."""
+        if not self.gso:
+            return sum(self.send_packed(data[a : a + n], seg_size, dest) for a, n in spans)
+        per_call = max(1, min(self.max_segments, self.max_payload // seg_size)) * seg_size
+        msgs = [(a + c, min(per_call, n - c)) for a, n in spans for c in range(0, n, per_call)]
+        m = len(msgs)
+        _, iov, _ = self._gso_arrays(m, m)
+        iov[:m] = msgs
+        iov[:m, 0] += np.uint64(data.ctypes.data)
+        got = self._sendmmsg_gso(m, 1, seg_size, dest)
+        done = m if got == m else max(got, 0)
+        sent = sum(-(-n // seg_size) for _, n in msgs[:done])
+        self.stats.sent += sent
+        if done < m and got < 0 and -got in _GSO_GIVE_UP:
+            self.gso = False
+            self.stats.gso_fallbacks += 1
+        for a, n in msgs[done:]:
+            sent += self.send_packed(data[a : a + n], seg_size, dest)
+        return sent
+
     def _send_chunks(self, data: np.ndarray, per_call: int, seg_size: int, dest: tuple[str, int]) -> int:
         """data cut into chunks of per_call bytes, each one UDP_SEGMENT message, all in one sendmmsg.
         Returns the bytes that went out (whole chunks); send_packed sends the rest one chunk a call, which

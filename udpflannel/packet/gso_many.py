@@ -2,10 +2,13 @@
 superpackets of one flow, and splitting them together costs the ~30 array operations of one split instead
 of ~30 each. The per-row arithmetic is gso._segment's, with every per-superpacket constant indexed by a
 row -> superpacket map. The rows come out packed (gso.split_superpacket(..., packed=True)): superpacket
-g's datagrams are rows starts[g]..starts[g+1]-1 of one buffer, ready for one UDP_SEGMENT send each.
+g's datagrams are rows starts[g]..starts[g+1]-1 of one buffer, ready for UDP_SEGMENT sends: one sendmmsg
+for them all when they are one flow's (dataplane/tx_super.py).
 The bytes are gso.split_superpacket's for each superpacket alone (tests/packet/test_gso_many.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,13 +20,40 @@ from udpflannel.packet.headers import rows_view
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6
 
 
-def split_many(
-    batch: PacketBatch, headers: np.ndarray, rows: np.ndarray, headroom: int
-) -> list[PacketBatch] | None:
-    """Split the superpackets in `rows` of a TUN read batch (virtio headers in `headers`) together: one
-    packed PacketBatch per superpacket, in order, all views of one buffer. None (nothing done) unless they
-    are all TCP of one IP version with one gso_size, header length and checksum layout, and sound: the
-    caller then splits them one by one, which judges and counts each."""
+@dataclass
+class ManySplit:
+    """Superpackets split together: superpacket g's datagrams are rows starts[g] .. starts[g + 1] - 1 of
+    `whole`, whose rows lie end to end (each superpacket's last row may be shorter than the stride)."""
+
+    whole: PacketBatch
+    starts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def parts(self) -> list[PacketBatch]:
+        """One packed PacketBatch per superpacket, in order: views of `whole`."""
+        w = self.whole
+        return [
+            PacketBatch(w.buf[a:b], w.lengths[a:b], w.offset, b - a)
+            for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)
+        ]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each superpacket's datagrams as (byte offset, length) in the whole buffer, headroom included:
+        one packed run of datagrams of `whole.stride` bytes, the last one shorter."""
+        stride, head, lengths = self.whole.stride, self.whole.offset, self.whole.lengths
+        return [
+            (a * stride, (b - 1 - a) * stride + head + int(lengths[b - 1]))
+            for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)
+        ]
+
+
+def split_many(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray, headroom: int) -> ManySplit | None:
+    """Split the superpackets in `rows` of a TUN read batch (virtio headers in `headers`) together, into
+    one buffer of packed rows (ManySplit). None (nothing done) unless they are all TCP of one IP version
+    with one gso_size, header length and checksum layout, and sound: the caller then splits them one by
+    one, which judges and counts each."""
     # A few rows: their virtio headers and first bytes judged in plain Python (cheaper than array calls).
     hd = headers[rows].tolist()  # (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) per row
     _, kind, _, mss, l3, _ = hd[0]
@@ -69,7 +99,7 @@ def _segment_many(
     payload: np.ndarray,
     *,
     v4: bool,
-) -> list[PacketBatch]:
+) -> ManySplit:
     g_count = len(rows)
     total_rows = int(k.sum())
     starts = np.zeros(g_count + 1, np.int64)
@@ -135,7 +165,4 @@ def _segment_many(
     base -= f0 + hw[:, t0 + h.TCP_CSUM // 2]
     s = seq + pay + flags + short + (pseudo + base + hlen - l3 + mss - 1)[g_of]
     t["csum"] = M - 1 - s % M
-    return [
-        PacketBatch(buf[a:b], lengths[a:b], off, b - a)
-        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True)
-    ]
+    return ManySplit(PacketBatch(buf, lengths, off, total_rows), starts.tolist())
