@@ -69,6 +69,8 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
     _send_hdrs: np.ndarray | None = None
     _send_iov: np.ndarray | None = None
     _gso: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # send_rows_gso's headers, iovecs, cmsg
+    _gso_layout: int = 0  # iovecs per message the _gso headers point at (0: not set)
+    _gso_name: int = 0  # address of the sockaddr every _gso header names (0: not set)
     _names: dict[tuple[str, int], tuple[bytes, np.ndarray, int]] = field(default_factory=dict)
 
     # -- sending
@@ -119,23 +121,12 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
                 return self._sendmsg((mv,), (), dest, datagrams=1)
             return self.sendmmsg_to([mv[a : a + seg_size] for a in range(0, total, seg_size)], dest)
         per_call = max(1, min(self.max_segments, self.max_payload // seg_size)) * seg_size
-        sent = start = 0
         if total > per_call:  # e.g. a 64 KiB superpacket: 44 + 3 VXLAN datagrams, two messages, one call
-            start = self._send_chunks(np.frombuffer(mv, np.uint8), per_call, seg_size, dest)
-            sent = -(-start // seg_size)
-            if start == total:
-                return sent
+            return self.send_spans(np.frombuffer(mv, np.uint8), [(0, total)], seg_size, dest)
         anc = [(linux.SOL_UDP, linux.UDP_SEGMENT, _U16.pack(seg_size))]
-        for a in range(start, total, per_call):
-            chunk = mv[a : a + per_call]
-            datagrams = -(-len(chunk) // seg_size)
-            n = self._sendmsg((chunk,), anc if datagrams > 1 else (), dest, datagrams=datagrams)
-            if n < 0:  # GSO refused for good: the rest goes one datagram at a time
-                rest = mv[a:]
-                return sent + self.sendmmsg_to(
-                    [rest[b : b + seg_size] for b in range(0, len(rest), seg_size)], dest
-                )
-            sent += n
+        sent = self._sendmsg((mv,), anc, dest, datagrams=count)
+        if sent < 0:  # GSO refused for good: one datagram at a time
+            return self.sendmmsg_to([mv[a : a + seg_size] for a in range(0, total, seg_size)], dest)
         return sent
 
     def send_spans(
@@ -145,15 +136,15 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         datagrams of seg_size bytes, the last one shorter), e.g. the superpackets of one flow split
         together (packet.gso_many): UDP_SEGMENT messages of as many datagrams as the limits allow, all in
         one sendmmsg. A refused message and the rest go through send_packed, which judges and counts
-        each; without GSO, every span does. Returns the datagrams sent."""
+        each (one message a call); without GSO, every span does. Returns the datagrams sent."""
         if not self.gso:
             return sum(self.send_packed(data[a : a + n], seg_size, dest) for a, n in spans)
         per_call = max(1, min(self.max_segments, self.max_payload // seg_size)) * seg_size
-        msgs = [(a + c, min(per_call, n - c)) for a, n in spans for c in range(0, n, per_call)]
+        base = data.ctypes.data
+        msgs = [(base + a + c, min(per_call, n - c)) for a, n in spans for c in range(0, n, per_call)]
         m = len(msgs)
         _, iov, _ = self._gso_arrays(m, m)
-        iov[:m] = msgs
-        iov[:m, 0] += np.uint64(data.ctypes.data)
+        iov[:m] = msgs  # (address, length): one iovec a message
         got = self._sendmmsg_gso(m, 1, seg_size, dest)
         done = m if got == m else max(got, 0)
         sent = sum(-(-n // seg_size) for _, n in msgs[:done])
@@ -162,23 +153,8 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
             self.gso = False
             self.stats.gso_fallbacks += 1
         for a, n in msgs[done:]:
-            sent += self.send_packed(data[a : a + n], seg_size, dest)
+            sent += self.send_packed(data[a - base : a - base + n], seg_size, dest)
         return sent
-
-    def _send_chunks(self, data: np.ndarray, per_call: int, seg_size: int, dest: tuple[str, int]) -> int:
-        """data cut into chunks of per_call bytes, each one UDP_SEGMENT message, all in one sendmmsg.
-        Returns the bytes that went out (whole chunks); send_packed sends the rest one chunk a call, which
-        judges and counts each refusal."""
-        total = data.size
-        m = -(-total // per_call)
-        _, iov, _ = self._gso_arrays(m, m)
-        iov[:m, 0] = np.uint64(data.ctypes.data) + np.arange(0, total, per_call, dtype=np.uint64)
-        iov[:m, 1] = per_call
-        iov[m - 1, 1] = total - (m - 1) * per_call
-        got = self._sendmmsg_gso(m, 1, seg_size, dest)
-        done = total if got == m else max(got, 0) * per_call
-        self.stats.sent += -(-done // seg_size)
-        return done
 
     def _sendmsg(
         self, bufs: Sequence[Buffer], anc: Sequence, dest: tuple[str, int], *, datagrams: int
@@ -283,13 +259,25 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
         m = -(-n // per_msg)
         hdrs, iov, control = self._gso_arrays(n, m)
         named = self._name(dest)  # (encoded, array, address): held until the call returns
-        step = np.uint64(iov.strides[0] * per_msg)
-        hdrs["iov"][:m] = np.uint64(iov.ctypes.data) + np.arange(m, dtype=np.uint64) * step
-        hdrs["iovlen"][:m] = per_msg
-        hdrs["iovlen"][m - 1] = n - (m - 1) * per_msg
-        hdrs["name"][:m] = named[2]
+        # Every header keeps its iovec pointer, count and name until the layout or destination changes
+        # (steady traffic: never), so a send sets only what differs: the last message's count.
+        if per_msg != self._gso_layout:
+            step = np.uint64(iov.strides[0] * per_msg)
+            hdrs["iov"] = np.uint64(iov.ctypes.data) + np.arange(len(hdrs), dtype=np.uint64) * step
+            hdrs["iovlen"] = per_msg
+            self._gso_layout = per_msg
+        if named[2] != self._gso_name:
+            hdrs["name"] = named[2]
+            self._gso_name = named[2]
+        rest = n - (m - 1) * per_msg
+        counts = hdrs["iovlen"] if rest != per_msg else None
+        if counts is not None:
+            counts[m - 1] = rest
         _GSO_CMSG.pack_into(control, 0, _GSO_CMSG_LEN, linux.SOL_UDP, linux.UDP_SEGMENT, seg)
-        return self._sendmmsg_raw(hdrs, m)
+        got = self._sendmmsg_raw(hdrs, m)
+        if counts is not None:
+            counts[m - 1] = per_msg
+        return got
 
     def _sendmmsg_raw(self, hdrs: np.ndarray, m: int) -> int:
         """One sendmmsg over m prepared headers: messages sent, or -errno when the first was refused."""
@@ -307,6 +295,7 @@ class UdpSocket(UdpReceiver, UdpEndpoint):
             hdrs["controllen"] = _GSO_CMSG_SPACE
             hdrs["namelen"] = SOCKADDR_SIZE if self.family == socket.AF_INET6 else 16
             self._gso = (hdrs, iov, control)
+            self._gso_layout = self._gso_name = 0  # pointers, counts and names are set on first use
         hdrs, iov, control = self._gso
         return hdrs, iov, memoryview(control)
 
