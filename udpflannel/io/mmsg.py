@@ -87,14 +87,19 @@ class MmsgArena:
         # (cheaper than array operations when a call returned a single message).
         self.hdr_bytes = memoryview(self.hdrs.view(np.uint8))
         self.control_bytes = memoryview(self.control.reshape(-1))
+        self._hdrs_at = self.hdrs.ctypes.data
+        self._used = slots  # headers a receive may have changed (name and control lengths, flags)
 
     def recv(self, fd: int, max_n: int | None = None) -> int:
         """One recvmmsg(MSG_DONTWAIT) into the slots; returns how many messages arrived (0 if none)."""
         n = self.slots if max_n is None else min(max_n, self.slots)
-        self.hdrs["namelen"][:n] = SOCKADDR_SIZE
-        self.hdrs["controllen"][:n] = CMSG_SPACE if self._control else 0
-        self.hdrs["flags"][:n] = 0
-        got = _recvmmsg(fd, self.hdrs.ctypes.data, n, linux.MSG_DONTWAIT, None)
+        # The kernel changes only the headers of the messages it returns: reset those of the last call.
+        if used := self._used:
+            self.hdrs["namelen"][:used] = SOCKADDR_SIZE
+            self.hdrs["controllen"][:used] = CMSG_SPACE if self._control else 0
+            self.hdrs["flags"][:used] = 0
+        got = _recvmmsg(fd, self._hdrs_at, n, linux.MSG_DONTWAIT, None)
+        self._used = max(got, 0)
         if got < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
