@@ -37,7 +37,6 @@ from udpflannel.dataplane.wg_io import (
     FEW,
     HEADROOM,
     MAX_CACHED,
-    send_contiguous,
 )
 from udpflannel.dataplane.wg_rx import CACHED_MIN_SEGMENT, CACHED_SLOTS, WgReceiver
 from udpflannel.io.mmsg import MmsgArena
@@ -291,7 +290,7 @@ class WgEngine(WgReceiver):
                 continue
             calls_before = self.udp.stats.send_calls
             if res.contiguous:
-                sent = send_contiguous(self.udp, res.flat, res.stride, res.endpoint)
+                sent = self.udp.send_packed(res.flat, res.stride, res.endpoint)
             else:
                 flat = memoryview(res.rows.reshape(-1))
                 stride = res.stride
