@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import OUR_MAC, PEER_MAC, _engine
+from test_engine import OUR_MAC, PEER_MAC, FakeTun, Harness, _engine
 
 from udpflannel.codec import vxlan
 from udpflannel.dataplane import engine as engine_mod
+from udpflannel.dataplane import rowpath
 from udpflannel.dataplane.counters import INDEX
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VnetHdr
 
 scapy = pytest.importorskip("scapy.all")
 
@@ -95,3 +97,51 @@ def test_stranger_source_is_judged_by_the_pipeline(monkeypatch):
     eng, c = _run(datagrams, monkeypatch, per_row=True)
     assert c[INDEX["drop_not_a_peer_source"]] == 1
     assert len(eng.tun.written) == 3
+
+
+class UsoTun(FakeTun):
+    """A TUN with virtio headers that takes USO superpackets (Linux 6.2+)."""
+
+    vnet = True
+    uso = True
+
+
+def _udp_train(encap: str, count: int = 30) -> list[bytes]:
+    pkts = [
+        bytes(scapy.IP(src="198.19.2.5", dst="198.19.1.1", id=i) / scapy.UDP(sport=7, dport=9) / bytes(64))
+        for i in range(count)
+    ]
+    return [_frame(p) if encap == "vxlan" else p for p in pkts]
+
+
+def _receive(monkeypatch, datagrams, encap: str, *, run_path: bool):
+    if not run_path:  # the general pipeline (validate_ip, then coalesce with USO)
+        monkeypatch.setattr(rowpath, "udp_run", lambda batch, prefix: None)
+    h = Harness(encap, datagrams=datagrams)
+    h.engine.tun = h.tun = UsoTun([])
+    h.engine._uso = True
+    h.engine.rx_once()
+    monkeypatch.undo()
+    return h.tun.written, h.counters
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_a_udp_train_is_one_uso_write_as_the_pipeline_makes_it(monkeypatch, encap):
+    datagrams = [(f, "198.18.0.2") for f in _udp_train(encap)]
+    fast, c_fast = _receive(monkeypatch, datagrams, encap, run_path=True)
+    slow, c_slow = _receive(monkeypatch, datagrams, encap, run_path=False)
+    assert len(fast) == 1 and fast == slow
+    vh = VnetHdr.decode(fast[0][:10])
+    assert (vh.gso_type, vh.gso_size) == (VIRTIO_NET_HDR_GSO_UDP_L4, 64)
+    for name in COUNTED:
+        assert c_fast[INDEX[name]] == c_slow[INDEX[name]], name
+    assert c_fast[INDEX["rx_packets"]] == 30
+
+
+def test_a_udp_train_with_a_stranger_is_judged_by_the_pipeline(monkeypatch):
+    datagrams = [(f, "198.18.0.2") for f in _udp_train("vxlan")]
+    datagrams[7] = (datagrams[7][0], "198.18.0.77")
+    written, c = _receive(monkeypatch, datagrams, "vxlan", run_path=True)
+    assert len(written) == 1  # the 29 others, still one USO write
+    assert c[INDEX["drop_not_a_peer_source"]] == 1
+    assert c[INDEX["rx_packets"]] == 29

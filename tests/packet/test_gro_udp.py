@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from udpflannel.packet import headers as h
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
-from udpflannel.packet.gro_udp import UDP_MAX_SEGMENTS, coalesce_udp
+from udpflannel.packet.gro_udp import UDP_MAX_SEGMENTS, coalesce_udp, udp_run
 from udpflannel.packet.parse import ip_fields, validate_ip
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VnetHdr
 
@@ -135,3 +136,128 @@ def test_a_changed_header_byte_never_raises_and_never_hides(v6: bool, k: int, ro
         assert len(reference.split(raw[10:], vh)) == kept
     else:
         assert len(writes) == kept
+
+
+# udp_run: a receive train's rows (a prefix such as VXLAN + inner Ethernet, then the datagram) checked
+# and merged in one pass; its write must be coalesce_udp's for the same datagrams, or None.
+PREFIX = bytes(range(100, 122))  # 22 bytes, as VXLAN + inner Ethernet; every row repeats them
+
+
+def train(pkts: list[bytes], prefix: bytes = PREFIX, *, packed: bool = True) -> PacketBatch:
+    """Rows as a GRO receive lays them out (packed: end to end, each row's next byte the next row's
+    first), or padded rows (PacketBatch.from_packets)."""
+    rows = [prefix + p for p in pkts]
+    if not packed:
+        return PacketBatch.from_packets(rows)
+    stride = len(rows[0])
+    flat = np.zeros(stride * len(rows) + 64, np.uint8)
+    for i, r in enumerate(rows):
+        flat[i * stride : i * stride + len(r)] = np.frombuffer(r, np.uint8)
+    buf = np.lib.stride_tricks.as_strided(flat, shape=(len(rows), stride), strides=(stride, 1))
+    return PacketBatch(buf, np.array([len(r) for r in rows], np.int32), 0, len(rows))
+
+
+@given(
+    v6=st.booleans(),
+    size=st.integers(1, 1400),
+    k=st.integers(2, UDP_MAX_SEGMENTS),
+    short=st.integers(0, 1399),
+    packed=st.booleans(),
+    bare=st.booleans(),
+)
+@SETTINGS
+def test_udp_run_writes_what_coalesce_udp_writes(
+    v6: bool, size: int, k: int, short: int, packed: bool, bare: bool
+):
+    k = min(k, 60000 // (size + 48))
+    if k < 2:
+        return
+    pkts = datagrams(v6, [size] * (k - 1) + [max(1, size - short)])
+    prefix = b"" if bare else PREFIX
+    run = udp_run(train(pkts, prefix, packed=packed), len(prefix))
+    assert run is not None
+    assert bytes(run) == bytes(merged(pkts))
+
+
+def flawed(flaw: str) -> tuple[list[bytes], list[bytes]]:
+    """A flow's five datagrams with one flaw, and the prefixes of their rows."""
+    pkts = datagrams(False, [300] * 5)
+    prefixes = [PREFIX] * 5
+    where = 4 if flaw.endswith("-last") else 2
+    kind = flaw.removesuffix("-last")
+    p = bytearray(pkts[where])
+    if kind == "udp-checksum":
+        p[-1] ^= 1
+    elif kind == "ip-checksum":
+        p[h.IPV4_TTL] ^= 1  # TTL changed, header checksum not fixed
+    elif kind == "zero-checksum":
+        struct.pack_into("!H", p, 20 + h.UDP_CSUM, 0)  # "not computed": sound, but the general path's
+    elif kind == "prefix":
+        prefixes[where] = PREFIX[:-3] + b"\0" + PREFIX[-2:]
+    elif kind == "port":
+        p = bytearray(odd_one(dport=5202))
+    elif kind == "ttl":
+        p = bytearray(odd_one(ttl=63))
+    elif kind == "longer":
+        p = bytearray(odd_one(size=301))
+    elif kind == "fragment":
+        p = bytearray(odd_one(mf=True))
+    elif kind == "tcp":
+        p = bytearray(odd_one(tcp=True, size=288))
+    pkts[where] = bytes(p)
+    return pkts, prefixes
+
+
+@pytest.mark.parametrize(
+    "flaw",
+    [
+        f"{kind}{end}"
+        for kind in (
+            "udp-checksum",
+            "ip-checksum",
+            "zero-checksum",
+            "prefix",
+            "port",
+            "ttl",
+            "longer",
+            "fragment",
+            "tcp",
+        )
+        for end in ("", "-last")
+    ],
+)
+def test_udp_run_refuses_anything_but_one_sound_flow(flaw: str) -> None:
+    pkts, prefixes = flawed(flaw)
+    rows = [a + b for a, b in zip(prefixes, pkts, strict=True)]
+    assert udp_run(PacketBatch.from_packets(rows), len(PREFIX)) is None
+
+
+def test_udp_run_refuses_options_single_rows_and_too_many() -> None:
+    assert udp_run(train(datagrams(False, [100])), len(PREFIX)) is None
+    assert udp_run(train(datagrams(False, [20] * (UDP_MAX_SEGMENTS + 1))), len(PREFIX)) is None
+    opts = [
+        bytes(IP(src=SRC4, dst=DST4, id=i, options=b"\x01\x01\x01\x00") / UDP() / (b"x" * 40)) for i in range(3)
+    ]
+    assert udp_run(train(opts), len(PREFIX)) is None
+
+
+@given(
+    v6=st.booleans(),
+    k=st.integers(2, 12),
+    row=st.integers(0, 11),
+    at=st.integers(0, 80),
+    xor=st.integers(1, 255),
+)
+@SETTINGS
+def test_udp_run_never_hides_a_changed_byte(v6: bool, k: int, row: int, at: int, xor: int):
+    """One byte of one row changed (prefix, headers or payload; no checksum fixed): udp_run refuses the
+    train, or writes exactly what the general path would (the change kept it one sound flow)."""
+    pkts = datagrams(v6, [60] * k)
+    rows = [bytearray(PREFIX + p) for p in pkts]
+    rows[row % k][at % len(rows[row % k])] ^= xor
+    run = udp_run(PacketBatch.from_packets([bytes(r) for r in rows]), len(PREFIX))
+    if run is None:
+        return
+    assert all(bytes(r[: len(PREFIX)]) == PREFIX for r in rows)
+    inner = [bytes(r[len(PREFIX) :]) for r in rows]
+    assert bytes(run) == bytes(merged(inner))

@@ -1,13 +1,14 @@
 """Per-row paths of the engine for a few small packets (ACKs, pings): checked, looked up and sent or
 delivered one by one in plain Python, which costs less than the ~30-60 array operations of the batch
-pipelines when a batch holds a handful of rows; and the receive of a train that is one clean run, judged
-by its row 0 in Python and by gro_run for the rest. Each falls back (returns False, having done nothing)
-when a row needs the batch pipeline's judgement, so drops are always counted there. Both encapsulations:
-vxlan writes its header in front, udp takes the TTL down by one as flannel's udp proxy does.
+pipelines when a batch holds a handful of rows; and the receive of a train that is one clean run (TCP
+segments, or one UDP flow's datagrams when the TUN takes USO), judged by its row 0 in Python and by
+gro_run / gro_udp for the rest. Each falls back (returns False, having done nothing) when a row needs
+the batch pipeline's judgement, so drops are always counted there. Both encapsulations: vxlan writes its
+header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, template, head, counters, _rx_prefix, _count, _deliver, deliver_run (rx_hold). No sockets of
-its own, no clock."""
+_dsts, _flows, template, head, counters, _rx_prefix, _uso, _count, _deliver, deliver_run and flush_held
+(rx_hold). No sockets of its own, no clock."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro_run import coalesce_run
+from udpflannel.packet.gro_udp import udp_run
 from udpflannel.packet.parse import validate_one
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_VNET_HDR
 
@@ -180,29 +182,42 @@ class RowPaths:
 
     def receive_run(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
         """A train of one flow's segments that makes one superpacket (the commonest receive under load):
-        one TUN write (or held a moment for the rest of its superpacket: dataplane/rx_hold.py). False,
-        having done nothing, otherwise."""
-        run = self._run_of(batch, src_addr)
+        one TUN write (or held a moment for the rest of its superpacket: dataplane/rx_hold.py); or, when
+        the TUN takes USO, one UDP flow's datagrams as one write. False, having done nothing, otherwise."""
+        if not self._outer_ok(batch, src_addr):
+            return False
+        n, head = batch.n, self.head
+        run = coalesce_run(batch, head)
+        if run is not None:
+            self.deliver_run(run, n, int(batch.lengths[:n].sum()) - n * head)
+            return True
+        run = udp_run(batch, head) if self._uso else None
         if run is None:
             return False
-        self.deliver_run(*run)
+        self.flush_held()  # (a UDP run is never held: nothing joins it)
+        self._deliver([(run,)], n, int(batch.lengths[:n].sum()) - n * head)
         return True
 
     def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> tuple[memoryview, int, int] | None:
-        """receive_run's write with the inner packets and bytes it holds: row 0's outer header checked
-        here, every other row held to it by coalesce_run, the sources by the peer table; None when the
-        train is not such a run."""
+        """A TCP run's write (gro_run.coalesce_run) with the inner packets and bytes it holds, for a join
+        with the held run; None when the train is not such a run."""
+        if not self._outer_ok(batch, src_addr):
+            return None
+        n, head = batch.n, self.head
+        run = coalesce_run(batch, head)
+        return None if run is None else (run, n, int(batch.lengths[:n].sum()) - n * head)
+
+    def _outer_ok(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
+        """Row 0's outer header is ours (VXLAN: VNI, MAC, inner ethertype; the run checks hold every other
+        row to it) and every row came from a peer."""
         n, off, head = batch.n, batch.offset, self.head
         if head:
             row0 = batch.buf[0, off : off + head + 1].tobytes()
             if len(row0) <= head or row0[:14] != self._rx_prefix:
-                return None
+                return False
             if row0[20:head] != _ETHERTYPE.get(row0[-1] >> 4):
-                return None
-        if self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any():
-            return None
-        run = coalesce_run(batch, head)
-        return None if run is None else (run, n, int(batch.lengths[:n].sum()) - n * head)
+                return False
+        return not (self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any())
 
 
 def _decrement_ttl(row: memoryview, off: int) -> None:
