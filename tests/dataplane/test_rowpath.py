@@ -11,7 +11,10 @@ from udpflannel.codec import vxlan
 from udpflannel.dataplane import engine as engine_mod
 from udpflannel.dataplane import rowpath
 from udpflannel.dataplane.counters import INDEX
-from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VnetHdr
+from udpflannel.dataplane.engine import HEADROOM
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_DTYPE, VnetHdr
 
 scapy = pytest.importorskip("scapy.all")
 
@@ -145,3 +148,72 @@ def test_a_udp_train_with_a_stranger_is_judged_by_the_pipeline(monkeypatch):
     assert len(written) == 1  # the 29 others, still one USO write
     assert c[INDEX["drop_not_a_peer_source"]] == 1
     assert c[INDEX["rx_packets"]] == 29
+
+
+def _flood(count: int, kind: str) -> tuple[list[bytes], list[tuple[int, ...]]]:
+    """One flow's packets from our pod to the peer's as the TUN hands them over: NEEDS_CSUM, the checksum
+    field holding the pseudo-header sum (kind "plain": checksums done, no flag)."""
+    pkts, headers = [], []
+    for i in range(count):
+        size = 64 if kind != "mixed" else 30 + 7 * i  # odd lengths too
+        l4 = scapy.TCP(sport=7, dport=9, flags="A", seq=i) if kind == "tcp" else scapy.UDP(sport=7, dport=9)
+        raw = bytearray(bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5", id=i) / l4 / bytes(size)))
+        at = 20 + (16 if kind == "tcp" else 6)
+        if kind != "plain":
+            raw[at : at + 2] = reference.pseudo_header(bytes(raw), raw[9], len(raw) - 20).to_bytes(2, "big")
+        pkts.append(bytes(raw))
+        headers.append((1, 0, 0, 0, 20, at - 20) if kind != "plain" else (0, 0, 0, 0, 0, 0))
+    return pkts, headers
+
+
+def _send(monkeypatch, pkts, headers, encap: str, *, run_path: bool):
+    h = Harness(encap)
+    taken = []
+    real = h.engine.send_run
+    h.engine.send_run = lambda batch, hdr: taken.append(real(batch, hdr) if run_path else False) or taken[-1]
+    batch = PacketBatch.from_packets(pkts, headroom=HEADROOM)
+    vh = np.array(headers, VNET_HDR_DTYPE)
+    h.engine.process_tx(batch, vh, None)
+    return h.sent, h.counters, taken
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+@pytest.mark.parametrize("kind", ["udp", "mixed", "tcp", "plain"])
+def test_a_batch_of_one_flow_leaves_as_the_general_path_sends_it(monkeypatch, encap, kind):
+    pkts, headers = _flood(40, kind)
+    fast, c_fast, taken = _send(monkeypatch, pkts, headers, encap, run_path=True)
+    slow, c_slow, _ = _send(monkeypatch, pkts, headers, encap, run_path=False)
+    assert taken == [True] and fast == slow and len(fast) == 40
+    for name in (*COUNTED, "tx_send_calls"):
+        assert c_fast[INDEX[name]] == c_slow[INDEX[name]], name
+    inner = (
+        vxlan.decode_vxlan(fast[3][0], 1, vxlan.parse_mac(PEER_MAC)).inner if encap == "vxlan" else fast[3][0]
+    )
+    clean = scapy.IP(inner)
+    layer = clean[scapy.TCP] if kind == "tcp" else clean[scapy.UDP]
+    del layer.chksum
+    assert bytes(scapy.IP(bytes(clean)))[20:] == inner[20:]  # the finished checksum is right
+
+
+@pytest.mark.parametrize("flaw", ["two-flows", "over-mtu", "ttl-one", "bad-offset"])
+def test_a_batch_that_needs_judging_takes_the_general_path(monkeypatch, flaw):
+    pkts, headers = _flood(40, "udp")
+    if flaw == "two-flows":
+        pkts[5] = pkts[5][:20] + b"\x00\x08" + pkts[5][22:]  # another source port
+    elif flaw == "over-mtu":
+        pkts[5] = bytes(
+            scapy.IP(src="198.19.1.1", dst="198.19.2.5", flags="DF")
+            / scapy.UDP(sport=7, dport=9)
+            / bytes(1500)
+        )
+    elif flaw == "ttl-one":
+        pkts[5] = bytes(
+            scapy.IP(src="198.19.1.1", dst="198.19.2.5", ttl=1) / scapy.UDP(sport=7, dport=9) / bytes(64)
+        )
+    elif flaw == "bad-offset":
+        headers = [(1, 0, 0, 0, 20, 200)] * 40  # past every packet's end
+    encap = "udp" if flaw == "ttl-one" else "vxlan"
+    fast, c_fast, taken = _send(monkeypatch, pkts, headers, encap, run_path=True)
+    slow, c_slow, _ = _send(monkeypatch, pkts, headers, encap, run_path=False)
+    assert taken == [False] and fast == slow
+    assert np.array_equal(c_fast, c_slow)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from udpflannel.dataplane.txprep import finish_partial_checksums, flow_hash
+from udpflannel.dataplane.txprep import finish_partial_checksums, finish_run_checksums, flow_hash
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import inet_sum
 from udpflannel.packet.drops import DropReason
@@ -71,3 +71,25 @@ def test_flow_hash_one_flow_one_hash_and_spread():
     h = flow_hash(batch.buf, batch.offset, batch.n)
     assert h[0] == h[64]
     assert len(set((h[:64] % 16).tolist())) >= 12 and len(set((h[65:] % 16).tolist())) >= 12
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("tcp", [False, True])
+def test_finish_run_checksums_matches_scapy_and_refuses_bad_offsets(v6: bool, tcp: bool):
+    """One flow's rows sharing csum_start and csum_offset, lengths odd and even, varied: finished on a view
+    of the rows as scapy computes them; offsets past the shortest row change nothing."""
+    l3 = (
+        scapy.IPv6(src="fd00:198:19:1::", dst="fd00:198:19:2::")
+        if v6
+        else scapy.IP(src="198.19.1.0", dst="198.19.2.0")
+    )
+    l4 = scapy.TCP(sport=5, dport=6, flags="A") if tcp else scapy.UDP(sport=5, dport=6)
+    pkts = [l3 / l4 / (bytes(range(i % 256)) * (1 + i // 256)) for i in range(0, 900, 37)]
+    start, field = (40 if v6 else 20), (16 if tcp else 6)
+    raw = [_partial(p, start, field) for p in pkts]
+    batch = PacketBatch.from_packets(raw, headroom=64)
+    assert finish_run_checksums(batch, start, field)
+    assert batch.packets() == [bytes(p) for p in pkts]
+    batch = PacketBatch.from_packets(raw, headroom=64)
+    assert not finish_run_checksums(batch, start, len(raw[0]))
+    assert batch.packets() == raw

@@ -30,6 +30,7 @@ from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
 from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
 from udpflannel.packet.parse import ip_fields, validate_ip
+from udpflannel.packet.vnet import VNET_HDR_STRUCT
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,16 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
         `header(i)` (row i's header as a VnetHdr) is accepted for older callers; the rows' headers are read
         from `headers` directly, which costs less."""
         self._count("tx_batches")
+        n = batch.n
+        if n > FEW_SMALL_PACKETS:
+            # One virtio header for all (one flow's plain packets, a packet-rate sender): one bytes compare.
+            first = headers[:1].tobytes()
+            if (
+                not first[1]
+                and headers.tobytes() == first * n
+                and self.send_run(batch, VNET_HDR_STRUCT.unpack(first))
+            ):
+                return
         # (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) per row: a batch holds a few rows
         # (a few superpackets, or a few dozen small packets), cheaper to sort in plain Python than as arrays.
         hd = headers.tolist()
