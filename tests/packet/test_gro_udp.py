@@ -235,9 +235,8 @@ def test_udp_run_refuses_anything_but_one_sound_flow(flaw: str) -> None:
 def test_udp_run_refuses_options_single_rows_and_too_many() -> None:
     assert udp_run(train(datagrams(False, [100])), len(PREFIX)) is None
     assert udp_run(train(datagrams(False, [20] * (UDP_MAX_SEGMENTS + 1))), len(PREFIX)) is None
-    opts = [
-        bytes(IP(src=SRC4, dst=DST4, id=i, options=b"\x01\x01\x01\x00") / UDP() / (b"x" * 40)) for i in range(3)
-    ]
+    ip = [IP(src=SRC4, dst=DST4, id=i, options=b"\x01\x01\x01\x00") for i in range(3)]
+    opts = [bytes(x / UDP() / (b"x" * 40)) for x in ip]
     assert udp_run(train(opts), len(PREFIX)) is None
 
 
