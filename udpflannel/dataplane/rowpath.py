@@ -240,15 +240,16 @@ class RowPaths:
         if not self._outer_ok(batch, src_addr):
             return False
         n, head = batch.n, self.head
+        nbytes = int(batch.lengths[:n].sum()) - n * head  # the inner packets' bytes
         run = coalesce_run(batch, head)
         if run is not None:
-            self.deliver_run(run, n, int(batch.lengths[:n].sum()) - n * head)
+            self.deliver_run(run, n, nbytes)
             return True
         run = udp_run(batch, head) if self._uso else None
         if run is None:
             return False
         self.flush_held()  # (a UDP run is never held: nothing joins it)
-        self._deliver([(run,)], n, int(batch.lengths[:n].sum()) - n * head)
+        self._deliver([(run,)], n, nbytes)
         return True
 
     def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> tuple[memoryview, int, int] | None:
