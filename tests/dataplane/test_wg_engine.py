@@ -14,12 +14,15 @@ from scapy.packet import Raw
 
 from udpflannel.codec.wireguard import crypto
 from udpflannel.codec.wireguard.session import Device
+from udpflannel.dataplane import wg_rx
 from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
+from udpflannel.io import linux
 from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket
+from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
-from udpflannel.packet.vnet import VNET_HDR_LEN, VnetHdr
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN, VnetHdr
 
 MTU = 1420
 
@@ -266,3 +269,47 @@ def test_many_packets_take_the_array_path_in_order(pair) -> None:
     assert strip(b, b.written()) == pkts
     assert a.engine.counters.drops["unknown_peer"] == 1
     assert b.engine.counters.rx_packets == len(pkts) + 1
+
+
+@pytest.mark.parametrize("run_path", [True, False], ids=["udp_run", "coalesce"])
+def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, run_path: bool) -> None:
+    """Equal datagrams of one UDP flow, sealed as one train: with a TUN that takes USO, the receiver writes
+    them as one UDP_L4 superpacket (udp_run, or the general coalesce: the same bytes) that splits back into
+    exactly the datagrams sent."""
+    made: list[bool] = []  # per call of udp_run: did it merge the train
+    real = wg_rx.udp_run
+
+    def spy(batch: PacketBatch):
+        run = real(batch) if run_path else None
+        made.append(run is not None)
+        return run
+
+    monkeypatch.setattr(wg_rx, "udp_run", spy)
+    a, b = Node(1, True), Node(2, True)
+    try:
+        for x, y in ((a, b), (b, a)):
+            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
+            x.engine.set_peers([cfg], time.monotonic())
+        b.tun.offload_flags |= linux.TUN_F_USO4 | linux.TUN_F_USO6
+        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
+        pump([a, b])
+        b.written()
+        pkts = [udp_packet("198.19.1.1", "198.19.2.1", 64) for _ in range(30)]
+        for p in pkts:
+            a.inject(p)
+        pump([a, b])
+        writes = b.written()
+        assert len(writes) == 1
+        vh = VnetHdr.decode(writes[0][:VNET_HDR_LEN])
+        assert vh.gso_type == VIRTIO_NET_HDR_GSO_UDP_L4
+        split = reference.split(writes[0][VNET_HDR_LEN:], vh)
+
+        def but_id(pkt: bytes) -> bytes:  # the kernel numbers a split's IPv4 ids (and so their checksums)
+            return pkt[:4] + pkt[6:10] + pkt[12:]
+
+        assert [but_id(s) for s in split] == [but_id(p) for p in pkts]
+        assert b.engine.counters.rx_packets == 31
+        assert made == [run_path]  # one train, merged by udp_run or left to coalesce
+    finally:
+        a.close()
+        b.close()

@@ -25,6 +25,7 @@ from udpflannel.io.udp_recv import append_rests
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
+from udpflannel.packet.gro_udp import udp_run
 from udpflannel.packet.vnet import ZERO_VNET_HDR
 
 MIN_TRAIN = 4  # datagrams in a UDP_GRO train from which open_rows beats open_batch
@@ -185,10 +186,14 @@ class WgReceiver:
         """Decrypted inner packets to the TUN: validated, coalesced (GRO) into as few writes as possible."""
         n = inner.n
         self.counters.rx_bytes += int(inner.lengths[:n].sum())
-        if self.tun.vnet:
+        uso = getattr(self.tun, "uso", False)
+        run = udp_run(inner) if uso and n > 1 else None  # one UDP flow's datagrams, checked in one pass
+        if run is not None:
+            bad, writes = 0, [(run,)]
+        elif self.tun.vnet:
             # coalesce validates (L4 checksums included: the kernel trusts a coalesced NEEDS_CSUM packet)
             # and leaves out what fails; what it left out is counted from what it wrote.
-            writes = coalesce(inner, None, vnet=True, gro=True, uso=getattr(self.tun, "uso", False))
+            writes = coalesce(inner, None, vnet=True, gro=True, uso=uso)
             bad = n - packets_in_writes(writes)
             if bad:
                 self.counters.drops["bad_inner_packet"] += bad
