@@ -26,10 +26,11 @@ MAX_BATCH = 64
 RCVBUF = 8 << 20
 
 
-def _headers(buf: np.ndarray, count: int, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """count mmsghdrs with one iovec each: datagram i is buf[i * stride : i * stride + size]."""
+def _headers(buf: np.ndarray, count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """count mmsghdrs with one iovec each, no name (a connected socket): datagram i is
+    buf[i * size : (i + 1) * size]."""
     iov = np.zeros(count, IOVEC_DTYPE)
-    iov["base"] = buf.ctypes.data + np.arange(count, dtype=np.uint64) * np.uint64(stride)
+    iov["base"] = buf.ctypes.data + np.arange(count, dtype=np.uint64) * np.uint64(size)
     iov["len"] = size
     hdrs = np.zeros(count, MMSGHDR_DTYPE)
     hdrs["iov"] = iov.ctypes.data + np.arange(count, dtype=np.uint64) * np.uint64(IOVEC_DTYPE.itemsize)
@@ -43,7 +44,7 @@ def send(dst: str, port: int, seconds: float, size: int, batch: int, rate: float
     sock.connect((dst, port))
     batch = max(1, min(batch, MAX_BATCH))
     payload = np.zeros(size * batch, np.uint8)
-    hdrs, _iov = _headers(payload, batch, size, size)  # _iov: kept alive while hdrs point at it
+    hdrs, _iov = _headers(payload, batch, size)  # _iov: kept alive while hdrs point at it
     sent = calls = 0
     start = time.monotonic()
     deadline = start + seconds
