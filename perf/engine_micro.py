@@ -40,6 +40,7 @@ TRAIN = 44
 SMALL_TRAIN = 64
 SET_SUPERPACKETS = 3  # a receive of several superpackets: 44 + 2 trains each, as the live receiver sees
 SET_SEGMENTS = 46
+ACK_TRAIN = 21  # a sender's worker gets its peer's ACKs ~20 to a receive at full speed (runner stats)
 
 
 def _micro():
@@ -237,6 +238,31 @@ def train_set_us(micro, eng: Engine, sock: UdpSocket, timer: Timer, repeat: int,
     return us
 
 
+def ack_train_rx_us(micro, eng: Engine, rx_sock: UdpSocket, arena, timer: Timer, repeat: int) -> float:
+    """One UDP_GRO train of ACK_TRAIN pure ACKs of one flow (ACK number and window moving, checksummed
+    as they arrive), through the receive path."""
+    partial = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+    acks = []
+    for i in range(ACK_TRAIN):
+        seg = bytearray(micro.tcp_superpacket(0, mss=MSS)[0])
+        struct.pack_into("!I", seg, 20 + 8, (77 + 60000 * i) & 0xFFFFFFFF)  # ACK number
+        struct.pack_into("!H", seg, 20 + 14, 500 + i)  # window
+        acks.append(reference.split(bytes(seg), partial)[0])
+    put_train(arena, 0, acks)
+    total = int(arena.hdrs["len"][0])
+    fresh = arena.data[0, :total].copy()
+    before = int(eng.counters[INDEX["rx_packets"]])
+
+    def rx_train() -> None:
+        arena.data[0, :total] = fresh  # each ACK's virtio header was written over its prefix
+        for rec in _received(rx_sock, arena, 1):
+            eng.process_rx(rec.batch, rec.src_addr)
+
+    us = timer.us(rx_train, 50, 10 * repeat)
+    assert int(eng.counters[INDEX["rx_packets"]]) > before, "ACKs were dropped"
+    return us
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -335,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     drops_before = int(eng.counters[[v for k, v in INDEX.items() if k.startswith("drop_")]].sum())
     small_rx_us = timer.us(rx_small, 20, 10 * args.repeat)
+    ack_train_us = ack_train_rx_us(micro, eng, rx_sock, arena, timer, args.repeat)
     one_us = train_set_us(micro, eng, rx_sock, timer, args.repeat, 1)
     set_us = train_set_us(micro, eng, rx_sock, timer, args.repeat, SET_SUPERPACKETS)
     assert eng.counters[INDEX["rx_packets"]] > before, "small datagrams were dropped"
@@ -347,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"TX 4 ACKs                      {ack_tx_us:7.1f} us")
     print(f"RX 4 ACKs                      {ack_rx_us:7.1f} us")
+    print(
+        f"RX {ACK_TRAIN} ACKs of one flow (a train) {ack_train_us:7.1f} us  "
+        f"{ack_train_us / ACK_TRAIN:5.2f} us/ACK"
+    )
     print(f"RX 1 superpacket, {TRAIN} + {SET_SEGMENTS - TRAIN} datagrams (one receive)  {one_us:7.1f} us")
     print(
         f"RX {SET_SUPERPACKETS} superpackets, {TRAIN} + {SET_SEGMENTS - TRAIN} datagrams each (one receive)"

@@ -217,3 +217,49 @@ def test_a_batch_that_needs_judging_takes_the_general_path(monkeypatch, flaw):
     slow, c_slow, _ = _send(monkeypatch, pkts, headers, encap, run_path=False)
     assert taken == [False] and fast == slow
     assert np.array_equal(c_fast, c_slow)
+
+
+class VnetTun(FakeTun):
+    """A TUN with virtio headers (no USO)."""
+
+    vnet = True
+
+
+def _acks(count: int) -> list[bytes]:
+    """One flow's pure ACKs from the peer's pod to ours, as its kernel sends them back to a sender."""
+    return [
+        bytes(
+            scapy.IP(src="198.19.2.5", dst="198.19.1.1", id=i, flags="DF")
+            / scapy.TCP(sport=5201, dport=40000, flags="A", seq=1, ack=1000 + 60000 * i, window=500 + i)
+        )
+        for i in range(count)
+    ]
+
+
+def _receive_acks(monkeypatch, datagrams, encap: str, *, run_path: bool):
+    monkeypatch.setattr(engine_mod, "FEW_SMALL_PACKETS", 0)  # the train, not the per-row path
+    if not run_path:  # the general pipeline (validate_ip, then coalesce)
+        monkeypatch.setattr(rowpath, "ack_run", lambda batch, prefix, vnet: None)
+    h = Harness(encap, datagrams=datagrams)
+    h.engine.tun = h.tun = VnetTun([])
+    h.engine.rx_once()
+    monkeypatch.undo()
+    return h.tun.written, h.counters
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_a_train_of_acks_is_written_as_the_pipeline_writes_it(monkeypatch, encap):
+    datagrams = [(_frame(p) if encap == "vxlan" else p, "198.18.0.2") for p in _acks(21)]
+    fast, c_fast = _receive_acks(monkeypatch, datagrams, encap, run_path=True)
+    slow, c_slow = _receive_acks(monkeypatch, datagrams, encap, run_path=False)
+    assert fast == slow == [bytes(10) + p for p in _acks(21)]  # a write each, zero virtio header
+    for name in COUNTED:
+        assert c_fast[INDEX[name]] == c_slow[INDEX[name]], name
+    assert c_fast[INDEX["rx_packets"]] == 21
+
+
+def test_a_train_of_acks_with_a_bad_one_is_judged_by_the_pipeline(monkeypatch):
+    frames = [_frame(p) for p in _acks(21)]
+    frames[5] = frames[5][:-1] + bytes([frames[5][-1] ^ 1])  # the TCP checksum fails
+    written, c = _receive_acks(monkeypatch, [(f, "198.18.0.2") for f in frames], "vxlan", run_path=True)
+    assert len(written) == 20 and c[INDEX["drop_bad_l4_checksum"]] == 1

@@ -23,6 +23,7 @@ from udpflannel.dataplane.txprep import finish_partial, finish_run_checksums, fl
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
+from udpflannel.packet.gro_acks import ack_run
 from udpflannel.packet.gro_run import coalesce_run
 from udpflannel.packet.gro_udp import udp_run
 from udpflannel.packet.parse import validate_one
@@ -235,8 +236,9 @@ class RowPaths:
 
     def receive_run(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
         """A train of one flow's segments that makes one superpacket (the commonest receive under load):
-        one TUN write (or held a moment for the rest of its superpacket: dataplane/rx_hold.py); or, when
-        the TUN takes USO, one UDP flow's datagrams as one write. False, having done nothing, otherwise."""
+        one TUN write (or held a moment for the rest of its superpacket: dataplane/rx_hold.py); when the
+        TUN takes USO, one UDP flow's datagrams as one write; a train of pure ACKs (what a sender gets
+        back), a write each. False, having done nothing, otherwise."""
         if not self._outer_ok(batch, src_addr):
             return False
         n, head = batch.n, self.head
@@ -246,10 +248,11 @@ class RowPaths:
             self.deliver_run(run, n, nbytes)
             return True
         run = udp_run(batch, head) if self._uso else None
-        if run is None:
+        writes = [(run,)] if run is not None else ack_run(batch, head, vnet=True)
+        if writes is None:
             return False
-        self.flush_held()  # (a UDP run is never held: nothing joins it)
-        self._deliver([(run,)], n, nbytes)
+        self.flush_held()  # (neither is ever held: nothing joins a UDP run, and ACKs carry no data)
+        self._deliver(writes, n, nbytes)
         return True
 
     def _run_of(self, batch: PacketBatch, src_addr: np.ndarray) -> tuple[memoryview, int, int] | None:
