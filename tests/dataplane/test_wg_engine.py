@@ -313,3 +313,40 @@ def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, run_path: bool) -> Non
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("run_path", [True, False], ids=["ack_run", "coalesce"])
+def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, run_path: bool) -> None:
+    """A flow's pure ACKs, sealed as one train: the receiver writes each on its own with a zero virtio
+    header (ack_run, or the general coalesce: the same bytes), exactly as sent."""
+    made: list[bool] = []  # per call of ack_run: did it take the train
+    real = wg_rx.ack_run
+
+    def spy(batch: PacketBatch):
+        writes = real(batch) if run_path else None
+        made.append(writes is not None)
+        return writes
+
+    monkeypatch.setattr(wg_rx, "ack_run", spy)
+    a, b = Node(1, True), Node(2, True)
+    try:
+        for x, y in ((a, b), (b, a)):
+            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
+            x.engine.set_peers([cfg], time.monotonic())
+        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
+        pump([a, b])
+        b.written()
+        made.clear()
+        pkts = [
+            bytes(IP(src="198.19.1.1", dst="198.19.2.1", id=i) / TCP(sport=5201, dport=4000, ack=1000 * i))
+            for i in range(20)
+        ]
+        for p in pkts:
+            a.inject(p)
+        pump([a, b])
+        assert b.written() == [bytes(VNET_HDR_LEN) + p for p in pkts]
+        assert b.engine.counters.rx_packets == 21
+        assert made == [run_path]  # one train, written by ack_run or left to coalesce
+    finally:
+        a.close()
+        b.close()

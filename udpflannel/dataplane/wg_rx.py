@@ -24,6 +24,7 @@ from udpflannel.io.mmsg import decode_sockaddr
 from udpflannel.io.udp_recv import append_rests
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
+from udpflannel.packet.gro_acks import ack_run
 from udpflannel.packet.gro_trains import MergedTrains, coalesce_trains, out_arena
 from udpflannel.packet.gro_udp import udp_run
 from udpflannel.packet.vnet import ZERO_VNET_HDR
@@ -188,8 +189,11 @@ class WgReceiver:
         self.counters.rx_bytes += int(inner.lengths[:n].sum())
         uso = getattr(self.tun, "uso", False)
         run = udp_run(inner) if uso and n > 1 else None  # one UDP flow's datagrams, checked in one pass
+        acks = ack_run(inner) if run is None and self.tun.vnet else None  # pure ACKs, a write each
         if run is not None:
             bad, writes = 0, [(run,)]
+        elif acks is not None:
+            bad, writes = 0, acks
         elif self.tun.vnet:
             # coalesce validates (L4 checksums included: the kernel trusts a coalesced NEEDS_CSUM packet)
             # and leaves out what fails; what it left out is counted from what it wrote.

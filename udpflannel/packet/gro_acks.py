@@ -40,8 +40,8 @@ def _ack_mask(prefix: int, v6: bool, length: int) -> np.ndarray:
 def ack_run(batch: PacketBatch, prefix: int = 0, *, vnet: bool = True) -> list[Write] | None:
     """One write per row (a zero virtio header first when `vnet`) when the train is pure ACKs by the rules
     above, else None with nothing changed. Each row holds `prefix` bytes (VXLAN and inner Ethernet headers,
-    judged by the caller in row 0; every row must repeat them), then its IP packet. With a prefix of at
-    least 10 bytes the virtio header is written over its end, in place."""
+    judged by the caller in row 0; every row must repeat them), then its IP packet. With 10 bytes or more
+    in front of each packet in its row, the virtio header is written there, in place."""
     n, off = batch.n, batch.offset
     if n < 2 or prefix & 1:
         return None
@@ -100,7 +100,7 @@ def _writes(batch: PacketBatch, prefix: int, first: int, final: int, *, vnet: bo
     """Each row's packet as one TUN write (gro._emit's layout for single rows)."""
     n, off, buf = batch.n, batch.offset, batch.buf
     inner = off + prefix
-    in_place = vnet and prefix >= VNET_HDR_LEN
+    in_place = vnet and inner >= VNET_HDR_LEN  # the bytes in front are the row's own (prefix, headroom)
     start = inner - VNET_HDR_LEN if in_place else inner
     if in_place:
         buf[:n, start:inner] = 0
