@@ -128,3 +128,40 @@ def test_a_sequence_gap_keeps_that_train_apart(where: str) -> None:
     _, rows, counts, lasts = lay_out(trains)
     merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(3))
     assert merged is not None and merged.ok.tolist() == [True, False, True]
+
+
+def _stream(segments: int, mss: int, seq: int, seed: int, last: int | None = None) -> list[bytes]:
+    sp = build_tcp(
+        v6=False,
+        payload=payload_bytes(seed, (segments - 1) * mss + (last or mss)),
+        mss=mss,
+        seq=seq,
+        options=TCP_OPTIONS[1],
+    )
+    return reference.split(sp.raw, sp.vh)
+
+
+def test_a_train_longer_than_64_kib_is_refused_and_its_neighbours_merge() -> None:
+    """A kernel VXLAN peer's stream arrives as GRO trains cut at 64 KiB, and the receive may append the
+    next message to a train (io.udp_recv.append_rests): 44 + 3 full segments of one flow, in sequence, are
+    more than one superpacket holds. That train is refused; the others in the set are still merged."""
+    mss = 1398
+    long_train = _stream(44, mss, 1000, 1) + _stream(3, mss, 1000 + 44 * mss, 2)
+    trains = [_stream(5, mss, 7, 3), long_train, _stream(9, mss, 99, 4, last=100)]
+    slots, rows, counts, lasts = lay_out(trains)
+    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(3))
+    assert merged is not None and merged.ok.tolist() == [True, False, True]
+    s = rows.shape[2]
+    for j in (0, 2):
+        assert [bytes(merged.writes[j])] == alone(slots, j, int(counts[j]), s, int(lasts[j]))
+
+
+def test_a_superpacket_whose_short_last_segment_ends_near_64_kib_is_whole() -> None:
+    """46 full segments and a short one: the superpacket fits 64 KiB, but not 47 full rows would."""
+    mss = 1398
+    trains = [_stream(47, mss, 1000, 5, last=500), _stream(47, mss, 5, 6, last=1100)]
+    slots, rows, counts, lasts = lay_out(trains)
+    merged = coalesce_trains(rows, counts, lasts, INNER, out_arena(2))
+    assert merged is not None and merged.ok.all()
+    for j in range(2):
+        assert [bytes(merged.writes[j])] == alone(slots, j, 47, rows.shape[2], int(lasts[j]))

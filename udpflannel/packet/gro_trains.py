@@ -142,15 +142,23 @@ def _build(
     m, K, _ = rows.shape
     v = VNET_HDR_LEN
     dst = out[:m]
-    dst[:, v : v + hl] = rows[:, 0, inner : inner + hl]
-    dst[:, v + hl : v + hl + K * gso].reshape(m, K, gso)[:] = rows[:, :, inner + hl : inner + hl + gso]
-    flat = memoryview(out.reshape(-1))
     stride = out.shape[1]
+    # Rows whose whole gso bytes fit an output row. A longer train (a receive that appended the next
+    # message of a peer's stream) is over 64 KiB and not ok; a train that is ok may still end in a short
+    # row past these, copied on its own below.
+    fit = min(K, (stride - v - hl) // gso)
+    dst[:, v : v + hl] = rows[:, 0, inner : inner + hl]
+    dst[:, v + hl : v + hl + fit * gso].reshape(m, fit, gso)[:] = rows[:, :fit, inner + hl : inner + hl + gso]
+    flat = memoryview(out.reshape(-1))
     writes: list[memoryview | None] = []
     for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags, strict=True)):
         if not good:
             writes.append(None)
             continue
+        final = (t - hl - 1) // gso  # the train's last row (its payload is 1..gso bytes)
+        if final >= fit:
+            at = hl + final * gso
+            dst[j, v + at : v + t] = rows[j, final, inner + hl : inner + hl + t - at]
         mv = flat[j * stride : j * stride + v + t]
         finish_superpacket(mv, v6=v6, hl=hl, l3=l3, gso=gso, total=t, flags=fl)
         writes.append(mv)
