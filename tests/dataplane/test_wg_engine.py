@@ -14,7 +14,7 @@ from scapy.packet import Raw
 
 from udpflannel.codec.wireguard import crypto
 from udpflannel.codec.wireguard.session import Device
-from udpflannel.dataplane import wg_rx
+from udpflannel.dataplane import wg_engine, wg_rx
 from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun
@@ -347,6 +347,43 @@ def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, run_path: bool) ->
         assert b.written() == [bytes(VNET_HDR_LEN) + p for p in pkts]
         assert b.engine.counters.rx_packets == 21
         assert made == [run_path]  # one train, written by ack_run or left to coalesce
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("shape", ["alike", "mixed"])
+def test_a_run_of_superpackets_is_split_together_in_order(monkeypatch, shape: str) -> None:
+    """A TUN read of three superpackets, a plain packet and two more: the three alike are split together
+    (gso_many), each sealed as its own batch; runs that are too short or of mixed segment sizes are split
+    one by one. The peer writes back every superpacket and the plain packet, in the order read."""
+    runs: list[int] = []  # superpackets per split_many call that did the split
+    real = wg_engine.split_many
+
+    def spy(batch, headers, rows, headroom):
+        many = real(batch, headers, rows, headroom)
+        if many is not None:
+            runs.append(len(many))
+        return many
+
+    monkeypatch.setattr(wg_engine, "split_many", spy)
+    a, b = handshaken_vnet_pair()
+    try:
+        mss = [1000, 1000, 1000] if shape == "alike" else [1000, 900, 1000]
+        first = [tcp_superpacket(6, mss=m) for m in mss]
+        plain = udp_packet("198.19.1.1", "198.19.2.1", 100)
+        last = [tcp_superpacket(5) for _ in range(2)]
+        for raw, hdr, _ in first:
+            a.inject(raw, hdr)
+        a.inject(plain)
+        for raw, hdr, _ in last:
+            a.inject(raw, hdr)
+        a.engine.tx_once(time.monotonic())  # one read of all six
+        pump([a, b])
+        want = [hdr.encode() + raw for raw, hdr, _ in first] + [bytes(VNET_HDR_LEN) + plain]
+        want += [hdr.encode() + raw for raw, hdr, _ in last]
+        assert b.written() == want
+        assert runs == ([3] if shape == "alike" else [])
     finally:
         a.close()
         b.close()

@@ -44,6 +44,7 @@ from udpflannel.io.tun import Tun, TunRead, new_read_arena
 from udpflannel.io.udp import UdpSocket
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gso import split_superpacket
+from udpflannel.packet.gso_many import SPLIT_MANY_MIN, split_many
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -163,15 +164,33 @@ class WgEngine(WgReceiver):
         if not gso.any():
             self._send_rows(batch, np.flatnonzero(keep), now)
             return
-        # Superpackets are split where they stand, so a flow's packets keep their order.
+        # Superpackets are split where they stand (a run of them together), so a flow's packets keep
+        # their order.
         start = 0
+        run: list[int] = []
         for i in np.flatnonzero(gso).tolist():
+            if run and i != run[-1] + 1:
+                self._send_superpackets(read, run, now)
+                run = []
             if i > start:
                 self._send_rows(batch, start + np.flatnonzero(keep[start:i]), now)
             start = i + 1
-            self._send_superpacket(read, i, now)
+            run.append(i)
+        self._send_superpackets(read, run, now)
         if start < n:
             self._send_rows(batch, start + np.flatnonzero(keep[start:]), now)
+
+    def _send_superpackets(self, read: TunRead, rows: list[int], now: float) -> None:
+        """Consecutive superpackets of a TUN read: split together (packet/gso_many) when there are enough
+        of one shape, each then sealed and sent as its own flow's batch; else one by one."""
+        if len(rows) >= SPLIT_MANY_MIN:
+            many = split_many(read.batch, read.headers, np.array(rows), 0)
+            if many is not None:
+                for segs in many.parts():
+                    self._send_rows(segs, np.arange(segs.n), now, one_flow=True)
+                return
+        for i in rows:
+            self._send_superpacket(read, i, now)
 
     def _send_superpacket(self, read: TunRead, i: int, now: float) -> None:
         segs = split_superpacket(read.batch.packet(i), read.header(i), 0)
@@ -185,9 +204,13 @@ class WgEngine(WgReceiver):
         sealed per packet (seal_batch) and sent with one sendto each."""
         batch = read.batch
         plain: list[memoryview] = []
+        run: list[int] = []  # consecutive superpackets, sent together
         for i, hdr in enumerate(read.headers.tolist()):
             flags, gso_type = hdr[0], hdr[1]
             if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+                if run:
+                    self._send_superpackets(read, run, now)
+                    run = []
                 pkt = batch.packet(i)
                 if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(pkt, hdr[4], hdr[5]):
                     self.counters.drops["bad_header"] += 1
@@ -196,7 +219,8 @@ class WgEngine(WgReceiver):
                 continue
             self._send_few(plain, now)
             plain = []
-            self._send_superpacket(read, i, now)
+            run.append(i)
+        self._send_superpackets(read, run, now)
         self._send_few(plain, now)
 
     def _send_few(self, packets: list[memoryview], now: float) -> None:
