@@ -34,8 +34,10 @@ def flows(draw: st.DrawFn) -> list[Super]:
     mss = draw(st.integers(256, 9000))
     options = draw(st.sampled_from(TCP_OPTIONS))
     out = []
+    # Equal superpackets (what a sender that is behind mostly reads) or of any lengths.
+    same = draw(st.integers(1, min(63000, mss * 60))) if draw(st.booleans()) else None
     for _ in range(draw(st.integers(2, 6))):
-        n = draw(st.integers(1, min(63000, mss * 60)))
+        n = same or draw(st.integers(1, min(63000, mss * 60)))
         out.append(
             build_tcp(
                 v6=v6,
@@ -64,6 +66,16 @@ def test_each_superpacket_splits_as_alone(sps: list[Super]) -> None:
         assert len(packed_payload(segs)) == (segs.n - 1) * segs.stride + HEAD + int(segs.lengths[-1])
         assert segs.offset == HEAD and segs.stride == HEAD + sp.vh.hdr_len + sp.vh.gso_size
         assert bytes(flat[at : at + size]) == bytes(packed_payload(segs))  # its span of the whole buffer
+
+
+def test_equal_superpackets_apart_in_the_read_split_as_alone() -> None:
+    """Equal superpackets that are not consecutive rows of the read (a plain packet between them)."""
+    sps = [build_tcp(v6=False, payload=payload_bytes(i, 9500), mss=1000, seq=77 * i) for i in range(4)]
+    batch, headers = tun_batch(sps)
+    rows = np.array([0, 2, 3])
+    many = split_many(batch, headers, rows, HEAD)
+    assert many is not None
+    assert [s.packets() for s in many.parts()] == [alone(sps[i]) for i in rows.tolist()]
 
 
 def test_ip_id_wraps_inside_a_superpacket() -> None:

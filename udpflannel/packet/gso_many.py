@@ -92,6 +92,52 @@ def split_many(batch: PacketBatch, headers: np.ndarray, rows: np.ndarray, headro
     return _segment_many(batch, rows, headroom, l3, hlen, mss, k, payload, v4=v4)
 
 
+def _lay_out(
+    batch: PacketBatch,
+    rows: np.ndarray,
+    buf: np.ndarray,
+    off: int,
+    hlen: int,
+    mss: int,
+    full: np.ndarray,
+    last: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:
+    """Every superpacket's header into each of its rows and its payload cut into them, each last row's tail
+    zeroed (zeros do not change a sum, so every row sums the same columns); returns the template headers as
+    16-bit words, int64 [G, hlen / 2]. Consecutive TUN rows of equal superpackets (a sender that is behind
+    mostly reads those) take a handful of array operations in all, others five each."""
+    src_off, g_count = batch.offset, len(rows)
+    f0, last0 = int(full[0]), int(last[0])
+    r0 = int(rows[0])
+    if (
+        int(rows[-1]) - r0 == g_count - 1
+        and not np.count_nonzero(full - f0)
+        and not np.count_nonzero(last - last0)
+    ):
+        src = batch.buf[r0 : r0 + g_count, src_off:]
+        out = buf.reshape(g_count, f0 + 1, buf.shape[1])
+        out[:, :, off : off + hlen] = src[:, None, :hlen]
+        p0, end = off + hlen, hlen + f0 * mss
+        if f0:
+            out[:, :f0, p0 : p0 + mss] = src[:, hlen:end].reshape(g_count, f0, mss)
+        out[:, f0, p0 : p0 + last0] = src[:, end : end + last0]
+        out[:, f0, p0 + last0 :] = 0
+        return src[:, :hlen].view(">u2").astype(np.int64)
+    words = header_words(hlen)
+    consts = []
+    for r, a, f, ln in zip(rows.tolist(), starts[:-1].tolist(), full.tolist(), last.tolist(), strict=True):
+        pkt = batch.buf[r, src_off : src_off + hlen + f * mss + ln]
+        buf[a : a + f + 1, off : off + hlen] = pkt[:hlen]
+        if f:
+            buf[a : a + f, off + hlen : off + hlen + mss] = pkt[hlen : hlen + f * mss].reshape(f, mss)
+        tail = buf[a + f, off + hlen :]
+        tail[:ln] = pkt[hlen + f * mss :]
+        tail[ln:] = 0
+        consts.append(words.unpack(pkt[:hlen].tobytes()))
+    return np.array(consts, np.int64)
+
+
 def _segment_many(
     batch: PacketBatch,
     rows: np.ndarray,
@@ -113,19 +159,7 @@ def _segment_many(
     p0 = off + hlen
     stride = off + hlen + mss
     buf = np.empty((total_rows, stride), np.uint8)
-    src_off = batch.offset
-    words = header_words(hlen)
-    consts = []  # per superpacket: the template header words
-    for r, r0, f, ln in zip(rows.tolist(), starts[:-1].tolist(), full.tolist(), last.tolist(), strict=True):
-        pkt = batch.buf[r, src_off : src_off + hlen + f * mss + ln]
-        buf[r0 : r0 + f + 1, off:p0] = pkt[:hlen]
-        if f:
-            buf[r0 : r0 + f, p0 : p0 + mss] = pkt[hlen : hlen + f * mss].reshape(f, mss)
-        tail = buf[r0 + f, p0:]
-        tail[:ln] = pkt[hlen + f * mss :]
-        tail[ln:] = 0  # zeros do not change a sum, so every row sums the same columns
-        consts.append(words.unpack(pkt[:hlen].tobytes()))
-    hw = np.array(consts, np.int64)  # [G, hlen / 2] template words
+    hw = _lay_out(batch, rows, buf, off, hlen, mss, full, last, starts)  # [G, hlen / 2] template words
     g_of = np.repeat(np.arange(g_count), k)
     i_in = np.arange(total_rows) - starts[:-1][g_of]
     last_rows = starts[1:] - 1
