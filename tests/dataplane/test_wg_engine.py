@@ -271,29 +271,30 @@ def test_many_packets_take_the_array_path_in_order(pair) -> None:
     assert b.engine.counters.rx_packets == len(pkts) + 1
 
 
+def spy_on(monkeypatch, name: str, take: bool) -> list[bool]:
+    """wg_rx.<name> (udp_run or ack_run) replaced by one that declines every train unless `take` (the
+    general coalesce then writes it); returns the list of, per call, whether it took the train."""
+    made: list[bool] = []
+    real = getattr(wg_rx, name)
+
+    def spy(batch: PacketBatch):
+        out = real(batch) if take else None
+        made.append(out is not None)
+        return out
+
+    monkeypatch.setattr(wg_rx, name, spy)
+    return made
+
+
 @pytest.mark.parametrize("run_path", [True, False], ids=["udp_run", "coalesce"])
 def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, run_path: bool) -> None:
     """Equal datagrams of one UDP flow, sealed as one train: with a TUN that takes USO, the receiver writes
     them as one UDP_L4 superpacket (udp_run, or the general coalesce: the same bytes) that splits back into
     exactly the datagrams sent."""
-    made: list[bool] = []  # per call of udp_run: did it merge the train
-    real = wg_rx.udp_run
-
-    def spy(batch: PacketBatch):
-        run = real(batch) if run_path else None
-        made.append(run is not None)
-        return run
-
-    monkeypatch.setattr(wg_rx, "udp_run", spy)
-    a, b = Node(1, True), Node(2, True)
+    made = spy_on(monkeypatch, "udp_run", run_path)
+    a, b = handshaken_vnet_pair()
     try:
-        for x, y in ((a, b), (b, a)):
-            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
-            x.engine.set_peers([cfg], time.monotonic())
         b.tun.offload_flags |= linux.TUN_F_USO4 | linux.TUN_F_USO6
-        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
-        pump([a, b])
-        b.written()
         pkts = [udp_packet("198.19.1.1", "198.19.2.1", 64) for _ in range(30)]
         for p in pkts:
             a.inject(p)
@@ -319,24 +320,9 @@ def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, run_path: bool) -> Non
 def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, run_path: bool) -> None:
     """A flow's pure ACKs, sealed as one train: the receiver writes each on its own with a zero virtio
     header (ack_run, or the general coalesce: the same bytes), exactly as sent."""
-    made: list[bool] = []  # per call of ack_run: did it take the train
-    real = wg_rx.ack_run
-
-    def spy(batch: PacketBatch):
-        writes = real(batch) if run_path else None
-        made.append(writes is not None)
-        return writes
-
-    monkeypatch.setattr(wg_rx, "ack_run", spy)
-    a, b = Node(1, True), Node(2, True)
+    made = spy_on(monkeypatch, "ack_run", run_path)
+    a, b = handshaken_vnet_pair()
     try:
-        for x, y in ((a, b), (b, a)):
-            cfg = WgPeerConfig(y.public_key, ("127.0.0.1", y.udp.address[1]), (y.subnet,))
-            x.engine.set_peers([cfg], time.monotonic())
-        a.inject(udp_packet("198.19.1.1", "198.19.2.1", 8))  # handshake first
-        pump([a, b])
-        b.written()
-        made.clear()
         pkts = [
             bytes(IP(src="198.19.1.1", dst="198.19.2.1", id=i) / TCP(sport=5201, dport=4000, ack=1000 * i))
             for i in range(20)

@@ -13,6 +13,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from udpflannel.packet import headers as h
+from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.reference import checksum, pseudo_header
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -166,3 +167,20 @@ def fix_checksums(seg: bytearray, v6: bool) -> None:
     struct.pack_into(
         "!H", seg, l3 + h.TCP_CSUM, checksum(l4, pseudo_header(bytes(seg), h.IPPROTO_TCP, len(l4)))
     )
+
+
+VXLAN_PREFIX = bytes(range(100, 122))  # 22 bytes, as VXLAN + inner Ethernet in front of every packet
+
+
+def received_train(pkts: list[bytes], prefix: bytes = VXLAN_PREFIX, *, packed: bool = True) -> PacketBatch:
+    """`pkts` behind `prefix` as the rows of a receive train: end to end as a UDP_GRO receive lays them out
+    (packed: each row's next byte the next row's first), or padded rows (PacketBatch.from_packets)."""
+    rows = [prefix + p for p in pkts]
+    if not packed:
+        return PacketBatch.from_packets(rows)
+    stride = len(rows[0])
+    flat = np.zeros(stride * len(rows) + 64, np.uint8)
+    for i, r in enumerate(rows):
+        flat[i * stride : i * stride + len(r)] = np.frombuffer(r, np.uint8)
+    buf = np.lib.stride_tricks.as_strided(flat, shape=(len(rows), stride), strides=(stride, 1))
+    return PacketBatch(buf, np.array([len(r) for r in rows], np.int32), 0, len(rows))

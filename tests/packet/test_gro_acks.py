@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packet_builders import DST4, DST6, SRC4, SRC6
+from packet_builders import VXLAN_PREFIX as PREFIX
+from packet_builders import received_train as train
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -18,7 +20,6 @@ from udpflannel.packet.gro_acks import ack_run
 from udpflannel.packet.parse import ip_fields, validate_ip
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PREFIX = bytes(range(100, 122))  # 22 bytes, as VXLAN + inner Ethernet; every row repeats them
 STAMPS = [("NOP", None), ("NOP", None), ("Timestamp", (123456, 654321))]
 
 
@@ -40,19 +41,6 @@ def acks(v6: bool, k: int, *, seed: int = 0, stamps: bool = True, flags: str = "
         )
         out.append(bytes(ip / tcp))
     return out
-
-
-def train(pkts: list[bytes], prefix: bytes = PREFIX, *, packed: bool = True) -> PacketBatch:
-    """Rows as a GRO receive lays them out (end to end), or padded rows (PacketBatch.from_packets)."""
-    rows = [prefix + p for p in pkts]
-    if not packed:
-        return PacketBatch.from_packets(rows)
-    stride = len(rows[0])
-    flat = np.zeros(stride * len(rows) + 64, np.uint8)
-    for i, r in enumerate(rows):
-        flat[i * stride : i * stride + len(r)] = np.frombuffer(r, np.uint8)
-    buf = np.lib.stride_tricks.as_strided(flat, shape=(len(rows), stride), strides=(stride, 1))
-    return PacketBatch(buf, np.array([len(r) for r in rows], np.int32), 0, len(rows))
 
 
 def joined(writes) -> list[bytes]:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packet_builders import DST4, DST6, SRC4, SRC6, payload_bytes
+from packet_builders import VXLAN_PREFIX as PREFIX
+from packet_builders import received_train as train
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -140,23 +141,6 @@ def test_a_changed_header_byte_never_raises_and_never_hides(v6: bool, k: int, ro
 
 # udp_run: a receive train's rows (a prefix such as VXLAN + inner Ethernet, then the datagram) checked
 # and merged in one pass; its write must be coalesce_udp's for the same datagrams, or None.
-PREFIX = bytes(range(100, 122))  # 22 bytes, as VXLAN + inner Ethernet; every row repeats them
-
-
-def train(pkts: list[bytes], prefix: bytes = PREFIX, *, packed: bool = True) -> PacketBatch:
-    """Rows as a GRO receive lays them out (packed: end to end, each row's next byte the next row's
-    first), or padded rows (PacketBatch.from_packets)."""
-    rows = [prefix + p for p in pkts]
-    if not packed:
-        return PacketBatch.from_packets(rows)
-    stride = len(rows[0])
-    flat = np.zeros(stride * len(rows) + 64, np.uint8)
-    for i, r in enumerate(rows):
-        flat[i * stride : i * stride + len(r)] = np.frombuffer(r, np.uint8)
-    buf = np.lib.stride_tricks.as_strided(flat, shape=(len(rows), stride), strides=(stride, 1))
-    return PacketBatch(buf, np.array([len(r) for r in rows], np.int32), 0, len(rows))
-
-
 @given(
     v6=st.booleans(),
     size=st.integers(1, 1400),

@@ -1,7 +1,7 @@
 """A receive train of pure ACKs (one TCP flow's segments without payload, which no GRO merges) judged in
 one pass, each row then written to TUN on its own, as the general path (validate_ip, coalesce) writes it.
 A sending node's worker gets its peer's ACKs this way, ~20 to a train at full speed, where the general
-path spent ~60 array operations on them (~10 us an ACK; ~1.5 here).
+path spent ~60 array operations on them (the whole receive of 21: ~10 us an ACK that way, ~2.7 this way).
 
 Rules: rows 0..n-2 equally long and one flow's (row 0's prefix and IP header but IPv4's id and checksum,
 its ports, data offset and flags), IPv4 without options or fragments or IPv6 with TCP next, no payload,
