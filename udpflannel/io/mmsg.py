@@ -82,22 +82,26 @@ class MmsgArena:
         self.hdrs["iovlen"] = 1
         if control:
             self.hdrs["control"] = np.uint64(self.control.ctypes.data) + idx * np.uint64(CMSG_SPACE)
-        self._control = control
         # Byte views of the headers and control buffers, for reading one message's fields with struct
         # (cheaper than array operations when a call returned a single message).
         self.hdr_bytes = memoryview(self.hdrs.view(np.uint8))
         self.control_bytes = memoryview(self.control.reshape(-1))
         self._hdrs_at = self.hdrs.ctypes.data
-        self._used = slots  # headers a receive may have changed (name and control lengths, flags)
+        # Every header as a receive wants it; the kernel changes the name and control lengths, flags and
+        # length of the ones it fills, and the next receive copies those back from here (one slice copy:
+        # ~0.3 us, where resetting the three fields as arrays cost ~1.2).
+        self.hdrs["namelen"] = SOCKADDR_SIZE
+        self.hdrs["controllen"] = CMSG_SPACE if control else 0
+        self._fresh = memoryview(self.hdr_bytes.tobytes())
+        self._used = 0  # headers the last receive filled
 
     def recv(self, fd: int, max_n: int | None = None) -> int:
         """One recvmmsg(MSG_DONTWAIT) into the slots; returns how many messages arrived (0 if none)."""
         n = self.slots if max_n is None else min(max_n, self.slots)
         # The kernel changes only the headers of the messages it returns: reset those of the last call.
         if used := self._used:
-            self.hdrs["namelen"][:used] = SOCKADDR_SIZE
-            self.hdrs["controllen"][:used] = CMSG_SPACE if self._control else 0
-            self.hdrs["flags"][:used] = 0
+            at = used * MMSGHDR_DTYPE.itemsize
+            self.hdr_bytes[:at] = self._fresh[:at]
         got = _recvmmsg(fd, self._hdrs_at, n, linux.MSG_DONTWAIT, None)
         self._used = max(got, 0)
         if got < 0:
