@@ -69,8 +69,8 @@ class Tun(TunDevice):
         self.stats.reads += n
         batch = PacketBatch(arena.buf[:n], lengths[:n], arena.offset, n)
         if self.vnet:
-            raw = np.ascontiguousarray(arena.buf[:n, start : arena.offset])
-            headers = raw.view(VNET_HDR_DTYPE).reshape(n)
+            # (as bytes, then records: half of what a contiguous copy and a structured view cost)
+            headers = np.frombuffer(arena.buf[:n, start : arena.offset].tobytes(), VNET_HDR_DTYPE)
         else:
             headers = np.zeros(n, VNET_HDR_DTYPE)
         return TunRead(batch, headers)
@@ -119,7 +119,7 @@ class TunRead:
     """What one read_batch returned: packets as batch rows and their virtio headers (zeros in plain mode)."""
 
     batch: PacketBatch
-    headers: np.ndarray  # VNET_HDR_DTYPE [n]
+    headers: np.ndarray  # VNET_HDR_DTYPE [n], read-only
 
     def needs_split(self) -> np.ndarray:
         """Rows that are superpackets or carry a partial checksum (packet.gso.split_superpacket them)."""
