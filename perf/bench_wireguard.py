@@ -10,7 +10,8 @@ and iperf3.
 
 --micro (no root): our engine alone, in one process, TUN faked by a socketpair and the underlay on
 loopback: CPU microseconds per 64 KiB superpacket for TX (split + seal + send) and RX (open + GRO + TUN
-write), the part of the cost that is ours rather than the kernel's or iperf3's.
+write), the part of the cost that is ours rather than the kernel's or iperf3's; and of a lone ACK each way
+(a receiver that keeps up sends one back per superpacket).
 
     .venv/bin/python perf/bench_wireguard.py [--quick] [--micro] [--json out.json]
 """
@@ -141,6 +142,7 @@ def run_micro(rounds: int, per_round: int = 4) -> dict:
     from udpflannel.dataplane.wg_worker import warm_up
     from udpflannel.io.tun import Tun
     from udpflannel.io.udp import UdpSocket
+    from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VnetHdr
 
     mtu, mss, segments = 1420, 1368, 44
     made: list[socket.socket | UdpSocket] = []
@@ -203,6 +205,20 @@ def run_micro(rounds: int, per_round: int = 4) -> dict:
                 delivered += drain(b_tun)
             else:
                 drain(b_tun)
+        # A lone pure ACK (what a receiver that keeps up sends back for each superpacket), as the TUN hands
+        # it over (NEEDS_CSUM), through A's send and B's receive one at a time.
+        ack = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 20, 16).encode() + tcp_superpacket(0, mss=mss)[0]
+        ack_tx, ack_rx = [], []
+        for i in range(rounds + 10):
+            a_tun.send(ack)
+            t0 = time.thread_time()
+            a.tx_once(time.monotonic())
+            t1 = time.thread_time()
+            b.rx_once(time.monotonic())
+            t2 = time.thread_time()
+            if drain(b_tun) and i >= 10:
+                ack_tx.append(t1 - t0)
+                ack_rx.append(t2 - t1)
     finally:
         for obj in made:
             obj.close()
@@ -217,12 +233,15 @@ def run_micro(rounds: int, per_round: int = 4) -> dict:
         "rx_cpu_s_per_gib": rx / gib,
         # TUN writes carry a 10-byte virtio header each: count bytes, compare to what was injected
         "delivered_fraction": delivered / (n * len(pkt)),
+        "lone_ack_tx_us": statistics.median(ack_tx) * 1e6 if ack_tx else float("nan"),
+        "lone_ack_rx_us": statistics.median(ack_rx) * 1e6 if ack_rx else float("nan"),
     }
     print(
         f"TX {result['tx_us_per_superpacket']:.0f} us per {len(pkt)}-byte superpacket "
         f"({result['tx_us_per_superpacket'] / segments:.2f} us/segment, {result['tx_cpu_s_per_gib']:.2f} "
         f"CPU-s/GiB); RX {result['rx_us_per_superpacket']:.0f} us ({result['rx_cpu_s_per_gib']:.2f} "
-        f"CPU-s/GiB); delivered {result['delivered_fraction']:.3f} of the bytes sent"
+        f"CPU-s/GiB); delivered {result['delivered_fraction']:.3f} of the bytes sent; a lone ACK: TX "
+        f"{result['lone_ack_tx_us']:.0f} us, RX {result['lone_ack_rx_us']:.0f} us (median)"
     )
     return result
 
