@@ -239,7 +239,7 @@ def _acks(count: int) -> list[bytes]:
 def _receive_acks(monkeypatch, datagrams, encap: str, *, run_path: bool):
     monkeypatch.setattr(engine_mod, "FEW_SMALL_PACKETS", 0)  # the train, not the per-row path
     if not run_path:  # the general pipeline (validate_ip, then coalesce)
-        monkeypatch.setattr(rowpath, "ack_run", lambda batch, prefix, vnet: None)
+        monkeypatch.setattr(rowpath, "ack_run", lambda batch, prefix: None)
     h = Harness(encap, datagrams=datagrams)
     h.engine.tun = h.tun = VnetTun([])
     h.engine.rx_once()

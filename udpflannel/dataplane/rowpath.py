@@ -248,7 +248,7 @@ class RowPaths:
             self.deliver_run(run, n, nbytes)
             return True
         run = udp_run(batch, head) if self._uso else None
-        writes = [(run,)] if run is not None else ack_run(batch, head, vnet=True)
+        writes = [(run,)] if run is not None else ack_run(batch, head)
         if writes is None:
             return False
         self.flush_held()  # (neither is ever held: nothing joins a UDP run, and ACKs carry no data)
