@@ -97,19 +97,29 @@ def received(trains: list[list[bytes]], src: str = "198.18.0.2") -> tuple[UdpSoc
     return sock, arena
 
 
-def vxlan_train(seq: int, size: int, flaw: bool = False, mss: int = MSS) -> list[bytes]:
+def vxlan_train(seq: int, size: int, flaw: str = "", mss: int = MSS) -> list[bytes]:
+    """A superpacket's VXLAN datagrams; flaw: "l4" flips a payload bit of datagram 1, "vni" gives it
+    VNI 2, "src-mac" another inner source MAC (which the receive does not judge)."""
     raw = superpacket(seq, size)
     segs = reference.split(raw, VnetHdr(1, 1, 40, mss, 20, 16))
-    if flaw:
+    if flaw == "l4":
         bad = bytearray(segs[1])
         bad[-1] ^= 1
         segs[1] = bytes(bad)
-    return [vxlan.encode_vxlan(s, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC)) for s in segs]
+    out = [vxlan.encode_vxlan(s, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC)) for s in segs]
+    if flaw == "vni":
+        out[1] = vxlan.encode_vxlan(segs[1], 2, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+    elif flaw == "src-mac":
+        other = vxlan.parse_mac("02:00:00:00:00:77")
+        out[1] = vxlan.encode_vxlan(segs[1], 1, other, vxlan.parse_mac(OUR_MAC))
+    return out
 
 
-@pytest.mark.parametrize("flaw", [False, True], ids=["clean", "one-corrupt-train"])
-def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: bool):
-    trains = [vxlan_train(1000 + i * 40000, 30000 + i * MSS, flaw and i == 1) for i in range(3)]
+@pytest.mark.parametrize("flaw", ["", "l4", "vni", "src-mac"])
+def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: str):
+    """A flawed datagram in the middle train keeps that train out of the set's merge; it is judged alone,
+    and everything written and counted is what one train at a time gives."""
+    trains = [vxlan_train(1000 + i * 40000, 30000 + i * MSS, flaw if i == 1 else "") for i in range(3)]
     together, alone = Harness("vxlan"), Harness("vxlan")
     for h in (together, alone):
         h.engine.tun = h.tun = RecordingTun()
@@ -123,11 +133,11 @@ def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: bool):
         alone.engine.rx = one
         alone.engine.rx_once()
     assert together.tun.written == alone.tun.written
-    # A corrupt datagram splits its train: the rows before it, then the rest (it is dropped, counted).
-    assert len(together.tun.written) == (4 if flaw else 3)
-    drops = DROP_NAMES[DropReason.BAD_L4_CHECKSUM]
-    assert together.counters[INDEX[drops]] == (1 if flaw else 0)
-    for name in ("rx_packets", "rx_bytes", "rx_coalesced_writes", drops):
+    # A dropped datagram splits its train: the rows before it, then the rest.
+    assert len(together.tun.written) == (4 if flaw in ("l4", "vni") else 3)
+    names = [DROP_NAMES[DropReason.BAD_L4_CHECKSUM], DROP_NAMES[DropReason.BAD_VNI]]
+    assert [together.counters[INDEX[d]] for d in names] == [flaw == "l4", flaw == "vni"]
+    for name in ("rx_packets", "rx_bytes", "rx_coalesced_writes", *names):
         assert together.counters[INDEX[name]] == alone.counters[INDEX[name]], name
 
 

@@ -103,6 +103,28 @@ def test_a_clean_set_merges_every_train() -> None:
         assert bytes(merged.writes[j])[10:].startswith(reference.coalesce_run(sp_segs)[10:30])
 
 
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_same_prefix_holds_each_datagram_to_its_row_0s_prefix(where: str) -> None:
+    """same_prefix: a datagram whose prefix (e.g. its VXLAN header) is not its train's row 0's keeps that
+    train out, and only that one; without it the prefix is not looked at."""
+    trains = []
+    for seed in range(3):
+        sp = build_tcp(v6=False, payload=payload_bytes(seed, 12 * 1000 + 5), mss=1000, seq=seed * 7)
+        trains.append(reference.split(sp.raw, sp.vh))
+    slots, rows, counts, lasts = lay_out(trains)
+    clean = coalesce_trains(rows, counts, lasts, INNER, out_arena(3), same_prefix=True)
+    assert clean is not None and clean.ok.tolist() == [True, True, True]
+    row = 5 if where == "middle" else int(counts[1]) - 1
+    slots[1, row * rows.shape[2] + 4] ^= 0x40  # a byte of its prefix (a VXLAN VNI byte, say)
+    held = coalesce_trains(rows, counts, lasts, INNER, out_arena(3), same_prefix=True)
+    assert held is not None and held.ok.tolist() == [True, False, True]
+    assert held.writes[1] is None
+    loose = coalesce_trains(rows, counts, lasts, INNER, out_arena(3))
+    assert loose is not None and loose.ok.all()
+    for j in (0, 2):
+        assert bytes(held.writes[j]) == bytes(loose.writes[j])
+
+
 def test_mixed_versions_are_left_to_the_caller() -> None:
     a = build_tcp(v6=False, payload=payload_bytes(1, 5000), mss=1000)
     b = build_tcp(v6=True, payload=payload_bytes(2, 5000), mss=980)  # same datagram size as a's

@@ -353,19 +353,17 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
 
     def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
         """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then
-        gro_trains (which also holds every row to row 0's TTL: the udp proxy's TTL rule needs no more)."""
-        m, big, _ = ts.rows.shape
+        gro_trains (which also holds every row to row 0's TTL: the udp proxy's TTL rule needs no more).
+        VXLAN: row 0 of each train is checked here, and gro_trains holds the train's other rows to it."""
         head = self.head
         if self.is_vxlan:
-            valid = np.arange(big) < ts.counts[:, None]  # rows past a train's end are stale
             expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
-            diff = (ts.rows[:, :, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK
-            if (diff.any(axis=2) & valid).any():
+            if np.count_nonzero((ts.rows[:, 0, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK):
                 return None
         if self.cfg.check_peer_source and self.table.strangers(ts.src_addr).any():
             return None
-        self._train_out = out_arena(m, self._train_out)
-        return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out)
+        self._train_out = out_arena(len(ts.counts), self._train_out)
+        return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out, same_prefix=bool(head))
 
     def few(self, batch: PacketBatch) -> bool:
         """A batch the per-row path (receive_few) tries first: a handful of rows, or some more small ones."""

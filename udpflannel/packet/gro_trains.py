@@ -55,29 +55,38 @@ def coalesce_trains(
     inner: int,
     out: np.ndarray,
     full_len: int | None = None,
+    *,
+    same_prefix: bool = False,
 ) -> MergedTrains | None:
     """rows: uint8 [m, K, s], datagram i of train j at rows[j, i]; the inner IP packet of each starts at
     column `inner` and is full_len bytes long (default s - inner: datagrams end to end), but the last of
     each train, which ends at column lasts[j]. out: an out_arena with >= m rows, whose rows the returned
     writes view (valid until the next call). None when the trains are not all TCP of one IP version and
-    header length (the caller then takes them one by one)."""
+    header length (the caller then takes them one by one). same_prefix: every datagram of a train must
+    also repeat its row 0's `inner` bytes before the packet (a VXLAN and inner Ethernet header, which the
+    caller then checks in row 0 alone); otherwise they are not looked at."""
     m, K, s = rows.shape
     full_len = s - inner if full_len is None else full_len
     width = min(s - inner, _HEAD)
-    if width < h.IPV6_HLEN + h.TCP_MIN_HLEN:
+    pre = inner if same_prefix else 0  # the prefix bytes held to row 0's, in front of each packet
+    if width < h.IPV6_HLEN + h.TCP_MIN_HLEN or pre & 1:
         return None
-    heads = rows[:, 0, inner : inner + width].tobytes()
-    v6 = heads[0] >> 4 == 6
+    start, step = inner - pre, pre + width
+    heads = rows[:, 0, start : inner + width].tobytes()
+    v6 = heads[pre] >> 4 == 6
     l3 = h.IPV6_HLEN if v6 else h.IPV4_MIN_HLEN
-    doff = heads[l3 + h.TCP_DOFF] >> 4
+    doff = heads[pre + l3 + h.TCP_DOFF] >> 4
     hl = l3 + doff * 4
-    if full_len <= hl or hl > width or int(lasts.min()) <= inner + hl or doff < 5:
+    counts_l, lasts_l = counts.tolist(), lasts.tolist()
+    if full_len <= hl or hl > width or min(lasts_l) <= inner + hl or doff < 5:
         return None
     # Per train, from its first datagram (plain Python: a few trains, a few fields): one flow of TCP, its
-    # row 0 full-size with exactly ACK, its last datagram the same flow.
-    fixes, last_flags, python_ok = [], [], []
-    for j, (k, t) in enumerate(zip(counts.tolist(), lasts.tolist(), strict=True)):
-        f = heads[j * width : (j + 1) * width]
+    # row 0 full-size with exactly ACK, its last datagram the same flow (and prefix).
+    fixes, last_flags, ok_l = [], [], []
+    gso = full_len - hl
+    for j, (k, t) in enumerate(zip(counts_l, lasts_l, strict=True)):
+        p0 = heads[j * step : (j + 1) * step]
+        f = p0[pre:]
         head = tcp_head(f)
         if head is None or head[0] != v6 or f[l3 + h.TCP_DOFF] >> 4 != doff:
             return None
@@ -86,25 +95,27 @@ def coalesce_trains(
         fixes.append(fix if v6 else fix + full_len)
         final = t - inner
         flags = (
-            last_row_flags(f, rows[j, k - 1, inner : inner + hl].tobytes(), 0, hl, v6, final)
+            last_row_flags(p0, rows[j, k - 1, start : inner + hl].tobytes(), pre, hl, v6, final)
             if k > 1
             else None
         )
         last_flags.append(flags or 0)
-        python_ok.append(
+        ok_l.append(
             flags is not None
             and ip_len == full_len
             and f[l3 + h.TCP_FLAGS] == _ACK
             and final <= full_len
+            and (k - 1) * gso + final <= h.IP_MAXPACKET  # the merged packet's length
             and row_sum_ok(rows[j, k - 1, inner:], final, fix if v6 else fix + final)
         )
-    gso = full_len - hl
     full_rows = np.arange(K) < (counts - 1)[:, None]  # [m, K]: rows that must be full-size copies of row 0
-    # Every full row: row 0's words where the mask looks (length, flags and options included).
-    words = rows[:, :, inner : inner + hl].view(np.uint16)
-    bad = ((words ^ words[:, :1]) & row_mask(0, v6, hl)).any(axis=2)
-    # Adjacent sequence numbers: pair (i, i + 1) for every full row i, judged at row i.
-    seq = rows[:, :, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, :, 0]
+    # Every full row: row 0's words where the mask looks (prefix, length, flags and options included).
+    words = rows[:, :, start : inner + hl].view(np.uint16)
+    bad = ((words ^ words[:, :1]) & row_mask(pre, v6, hl)).any(axis=2)
+    # Adjacent sequence numbers: pair (i, i + 1) for every full row i, judged at row i (native uint32:
+    # arithmetic on a big-endian view costs a byte swap per operation).
+    at = inner + l3 + h.TCP_SEQ
+    seq = rows[:, :, at : at + 4].view(">u4")[:, :, 0].astype(np.uint32)
     bad[:, :-1] |= (seq[:, 1:] - seq[:, :-1]) != gso
     # TCP checksums of the full rows (the last ones were checked above), as gro_run._checksums_ok does.
     even = full_len & ~1
@@ -117,10 +128,10 @@ def coalesce_trains(
     if not v6:  # RFC 791: every header (the last rows' too) sums to 0 mod 0xFFFF
         ip = rows[:, :, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=2, dtype=np.uint32)
         bad |= (np.remainder(ip, M, out=ip) != 0) & (np.arange(K) < counts[:, None])
-    total = hl + (counts - 1) * gso + (lasts - inner - hl)
-    ok = ~bad.any(axis=1) & np.array(python_ok) & (total <= h.IP_MAXPACKET)
+    ok = ~bad.any(axis=1) & np.array(ok_l)
     if not ok.any():
         return MergedTrains(ok, [None] * m)
+    total = [(k - 1) * gso + t - inner for k, t in zip(counts_l, lasts_l, strict=True)]
     return MergedTrains(ok, _build(rows, out, ok, inner, hl, l3, gso, total, last_flags, v6))
 
 
@@ -132,7 +143,7 @@ def _build(
     hl: int,
     l3: int,
     gso: int,
-    total: np.ndarray,
+    total: list[int],
     last_flags: list[int],
     v6: bool,
 ) -> list[memoryview | None]:
@@ -151,7 +162,7 @@ def _build(
     dst[:, v + hl : v + hl + fit * gso].reshape(m, fit, gso)[:] = rows[:, :fit, inner + hl : inner + hl + gso]
     flat = memoryview(out.reshape(-1))
     writes: list[memoryview | None] = []
-    for j, (good, t, fl) in enumerate(zip(ok.tolist(), total.tolist(), last_flags, strict=True)):
+    for j, (good, t, fl) in enumerate(zip(ok.tolist(), total, last_flags, strict=True)):
         if not good:
             writes.append(None)
             continue
