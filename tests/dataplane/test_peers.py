@@ -70,3 +70,22 @@ def test_lookup_packets_mixes_families_and_empty_table():
 def test_peer_json_roundtrip():
     p = Peer("198.19.2.0/24", "198.18.0.2", "02:00:00:00:00:02")
     assert Peer.from_json(p.to_json()) == p
+
+
+def test_strangers_match_a_per_address_reference_for_every_row_layout():
+    """One source (a GRO train's stride-0 view, or equal rows), a few mixed, and many mixed rows: a row is
+    a stranger exactly when its source is no peer's PublicIP."""
+    table = PeerTable([Peer(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(1, 6)])
+    known = {f"198.18.0.{i}" for i in range(1, 6)}
+    rng = random.Random(5)
+    cases = [["198.18.0.2"] * 3, ["198.18.0.9"] * 3, ["198.18.0.2", "198.18.0.9", "198.18.0.2"]]
+    cases.append([f"198.18.0.{rng.randrange(1, 12)}" for _ in range(200)])
+    for addrs in cases:
+        rows = np.array([list(ipaddress.IPv4Address(a).packed) for a in addrs], np.uint8)
+        want = [a not in known for a in addrs]
+        assert table.strangers(rows).tolist() == want
+        spaced = np.zeros((len(addrs), 2, 4), np.uint8)  # every other row of a wider array, as a train set's
+        spaced[:, 0] = rows
+        assert table.strangers(spaced[:, 0]).tolist() == want
+    one = np.lib.stride_tricks.as_strided(rows[:1], (7, 4), (0, 1))  # the last case's row 0, 7 times
+    assert table.strangers(one).tolist() == [want[0]] * 7

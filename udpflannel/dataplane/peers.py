@@ -13,6 +13,7 @@ import numpy as np
 from udpflannel.dataplane.spec import Peer
 
 NO_PEER = -1
+_FEW_SOURCES = 64  # strangers: up to this many rows are compared as bytes first
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +77,14 @@ class PeerTable:
             return np.fromiter(
                 (row.tobytes() not in known6 for row in src_addr), dtype=bool, count=len(src_addr)
             )
+        n = len(src_addr)
         if src_addr.strides[0] == 0:  # one source for every row (a GRO train): one lookup
             first_v4 = int.from_bytes(src_addr[0].tobytes(), "big")
-            return np.full(len(src_addr), first_v4 not in self.source_set)
+            return np.full(n, first_v4 not in self.source_set)
+        if n <= _FEW_SOURCES:  # the trains of one receive: compared as bytes, cheaper than arrays
+            raw = src_addr.tobytes()
+            if raw == raw[:4] * n:
+                return np.full(n, int.from_bytes(raw[:4], "big") not in self.source_set)
         known = self.source_v4
         src = np.ascontiguousarray(src_addr).view(">u4").reshape(-1)
         if len(known) == 0:
