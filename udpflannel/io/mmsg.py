@@ -114,9 +114,16 @@ class MmsgArena:
     def slot_rows(self, j0: int, m: int, k: int, s: int, step: int = 1) -> np.ndarray:
         """Read-only [m, k, s] view of slots j0, j0 + step, ... (m of them), each cut into k rows of s bytes
         (the datagrams of UDP_GRO trains of segment size s); k * s must fit a slot."""
-        return np.lib.stride_tricks.as_strided(
-            self.data[j0], shape=(m, k, s), strides=(step * self.data.strides[0], s, 1), writeable=False
+        # np.ndarray over the arena (as_strided builds its view in Python: ~3 us more a receive)
+        rows = np.ndarray(
+            (m, k, s),
+            np.uint8,
+            buffer=self.data,
+            offset=j0 * self.data.strides[0],
+            strides=(step * self.data.strides[0], s, 1),
         )
+        rows.flags.writeable = False
+        return rows
 
     def first_message(self) -> tuple[int, int, int]:
         """(byte length, msg_flags, UDP_GRO segment size or 0) of message 0, read with struct."""
