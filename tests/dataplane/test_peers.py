@@ -73,8 +73,8 @@ def test_peer_json_roundtrip():
 
 
 def test_strangers_match_a_per_address_reference_for_every_row_layout():
-    """One source (a GRO train's stride-0 view, or equal rows), a few mixed, and many mixed rows: a row is
-    a stranger exactly when its source is no peer's PublicIP."""
+    """strangers and any_stranger. One source (a GRO train's stride-0 view, or equal rows), a few mixed,
+    and many mixed rows: a row is a stranger exactly when its source is no peer's PublicIP."""
     table = PeerTable([Peer(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(1, 6)])
     known = {f"198.18.0.{i}" for i in range(1, 6)}
     rng = random.Random(5)
@@ -87,5 +87,7 @@ def test_strangers_match_a_per_address_reference_for_every_row_layout():
         spaced = np.zeros((len(addrs), 2, 4), np.uint8)  # every other row of a wider array, as a train set's
         spaced[:, 0] = rows
         assert table.strangers(spaced[:, 0]).tolist() == want
+        assert table.any_stranger(rows) == table.any_stranger(spaced[:, 0]) == any(want)
     one = np.lib.stride_tricks.as_strided(rows[:1], (7, 4), (0, 1))  # the last case's row 0, 7 times
     assert table.strangers(one).tolist() == [want[0]] * 7
+    assert table.any_stranger(one) == want[0]

@@ -360,7 +360,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
             expected = self.rx_expected[1 if ts.rows[0, 0, head] >> 4 == 6 else 0]
             if np.count_nonzero((ts.rows[:, 0, : head + 1] ^ expected) & vxlan_codec.EXPECTED_MASK):
                 return None
-        if self.cfg.check_peer_source and self.table.strangers(ts.src_addr).any():
+        if self.cfg.check_peer_source and self.table.any_stranger(ts.src_addr):
             return None
         self._train_out = out_arena(len(ts.counts), self._train_out)
         return coalesce_trains(ts.rows, ts.counts, ts.lasts, head, self._train_out, same_prefix=bool(head))

@@ -95,6 +95,18 @@ class PeerTable:
         pos = np.minimum(np.searchsorted(known, src), len(known) - 1)
         return known[pos] != src
 
+    def any_stranger(self, src_addr: np.ndarray) -> bool:
+        """strangers(src_addr).any(), without arrays when the rows are one IPv4 source (a GRO train's
+        stride-0 view, or the few trains of one receive): a receive of one superpacket asks this."""
+        n = len(src_addr)
+        if n and src_addr.shape[1] == 4:
+            one = src_addr.strides[0] == 0
+            if one or n <= _FEW_SOURCES:
+                raw = src_addr[0].tobytes() if one else src_addr.tobytes()
+                if one or raw == raw[:4] * n:
+                    return int.from_bytes(raw[:4], "big") not in self.source_set
+        return bool(self.strangers(src_addr).any())
+
     def lookup_v4(self, dst: np.ndarray) -> np.ndarray:
         """dst: uint32 [n] host-order addresses -> int32 [n] peer index or NO_PEER."""
         out = np.full(len(dst), NO_PEER, dtype=np.int32)

@@ -241,12 +241,12 @@ class RowPaths:
         back), a write each. False, having done nothing, otherwise."""
         if not self._outer_ok(batch, src_addr):
             return False
-        n, head = batch.n, self.head
-        nbytes = int(batch.lengths[:n].sum()) - n * head  # the inner packets' bytes
+        n, head, lens = batch.n, self.head, batch.lengths
         run = coalesce_run(batch, head)
-        if run is not None:
-            self.deliver_run(run, n, nbytes)
+        if run is not None:  # (its rows are equally long but the last: coalesce_run checked)
+            self.deliver_run(run, n, (n - 1) * int(lens[0]) + int(lens[n - 1]) - n * head)
             return True
+        nbytes = int(lens[:n].sum()) - n * head  # the inner packets' bytes
         run = udp_run(batch, head) if self._uso else None
         writes = [(run,)] if run is not None else ack_run(batch, head)
         if writes is None:
@@ -274,7 +274,7 @@ class RowPaths:
                 return False
             if row0[20:head] != _ETHERTYPE.get(row0[-1] >> 4):
                 return False
-        return not (self.cfg.check_peer_source and self.table.strangers(src_addr[:n]).any())
+        return not (self.cfg.check_peer_source and self.table.any_stranger(src_addr[:n]))
 
 
 def _decrement_ttl(row: memoryview, off: int) -> None:

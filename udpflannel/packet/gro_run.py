@@ -96,8 +96,9 @@ def coalesce_run(batch: PacketBatch, prefix: int = 0, *, verified: bool = False)
     last_flags = last_row_flags(p0, buf[n - 1, off : inner + hl].tobytes(), prefix, hl, v6, final)
     if last_flags is None:
         return None
-    # Adjacent sequence numbers (uint32 differences wrap as the sequence space does).
-    seq = buf[:n, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, 0]
+    # Adjacent sequence numbers (uint32 differences wrap as the sequence space does; native order, as
+    # arithmetic on a big-endian view byte-swaps per operation).
+    seq = buf[:n, inner + l3 + h.TCP_SEQ : inner + l3 + h.TCP_SEQ + 4].view(">u4")[:, 0].astype(np.uint32)
     if np.count_nonzero((seq[1:] - seq[:-1]) != gso):
         return None
     if not verified and not _checksums_ok(buf, n, inner, first, final, f0, v6):
