@@ -179,11 +179,12 @@ def _send(monkeypatch, pkts, headers, encap: str, *, run_path: bool):
 
 @pytest.mark.parametrize("encap", ["vxlan", "udp"])
 @pytest.mark.parametrize("kind", ["udp", "mixed", "tcp", "plain"])
-def test_a_batch_of_one_flow_leaves_as_the_general_path_sends_it(monkeypatch, encap, kind):
-    pkts, headers = _flood(40, kind)
+@pytest.mark.parametrize("count", [40, 10], ids=["flood", "acks"])  # 10: what the per-row path also takes
+def test_a_batch_of_one_flow_leaves_as_the_general_path_sends_it(monkeypatch, encap, kind, count):
+    pkts, headers = _flood(count, kind)
     fast, c_fast, taken = _send(monkeypatch, pkts, headers, encap, run_path=True)
     slow, c_slow, _ = _send(monkeypatch, pkts, headers, encap, run_path=False)
-    assert taken == [True] and fast == slow and len(fast) == 40
+    assert taken == [True] and fast == slow and len(fast) == count
     for name in (*COUNTED, "tx_send_calls"):
         assert c_fast[INDEX[name]] == c_slow[INDEX[name]], name
     inner = (
