@@ -301,3 +301,21 @@ def test_configure_sets_mtu_queue_and_gso_max_size(lab: Lab) -> None:
         assert "198.19.8.1/24" in addrs and "fd00:198:8::1/64" in addrs
     finally:
         tun.close()
+
+
+def test_read_batch_says_whether_it_emptied_the_queue() -> None:
+    """drained: the batch ended at an empty queue (the worker then waits in poll rather than reading
+    again), not at its size limit. A SEQPACKET socketpair stands in for the TUN: one packet a read."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        ours.setblocking(False)
+        tun = Tun.from_fd(ours.fileno(), "fake", vnet=False)
+        for i in range(3):
+            theirs.send(bytes([0x45, i]) + bytes(38))
+        arena = new_read_arena(4, HEADROOM)
+        first = tun.read_batch(2, HEADROOM, arena)
+        assert (first.batch.n, first.drained) == (2, False)
+        rest = tun.read_batch(4, HEADROOM, arena)
+        assert (rest.batch.n, rest.drained) == (1, True)
+        empty = tun.read_batch(4, HEADROOM, arena)
+        assert (empty.batch.n, empty.drained) == (0, True)

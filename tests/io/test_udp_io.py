@@ -182,6 +182,21 @@ def test_a_few_datagrams_are_passed_on_where_they_lie(pair: Pair, open_udp: Open
 
 
 @pytest.mark.root
+def test_drained_says_whether_a_receive_took_everything_waiting(pair: Pair, open_udp: OpenUdp) -> None:
+    """drained: the last receive got fewer messages than it asked for, so none was left waiting."""
+    _, a, b = pair
+    tx = open_udp(a, "198.18.0.1", 0, gso=False)
+    rx = open_udp(b, "198.18.0.2", PORT, gro=False)
+    assert tx.sendmmsg([(bytes([i]) * 40, ("198.18.0.2", PORT)) for i in range(5)]) == 5
+    time.sleep(0.05)  # all five queued
+    first = rx.recv_batch(max_messages=3)
+    assert first.batch.n == 3 and not rx.drained
+    rest = rx.recv_batch(max_messages=3)
+    assert rest.batch.n == 2 and rx.drained
+    assert rx.recv_batch(max_messages=3).batch.n == 0 and rx.drained
+
+
+@pytest.mark.root
 def test_send_rows_sends_chosen_rows_of_a_buffer(pair: Pair, open_udp: OpenUdp) -> None:
     """Rows 1, 3, 4, ... of a batch, each from 4 bytes before its packet (an encapsulation header), one
     datagram per row, in order; the iovecs are computed from the buffer address."""

@@ -97,6 +97,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
         self._rx_prefix = self.rx_prefix.tobytes()
         self.rx_expected = vxlan_codec.expected_headers(cfg.vni, self.mac)
         self.tx_arena: PacketBatch | None = None
+        self.tx_drained = True  # the last tx_once emptied the TUN queue (the worker then waits in poll)
         self._dsts: list[tuple[str, int]] = []
         self._errors_logged = 0
         self._flows: dict[bytes, tuple[int, int]] = {}
@@ -132,7 +133,8 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
     # --- TX -----------------------------------------------------------------------------------------------
 
     def tx_once(self) -> int:
-        """Read one batch from the TUN and send it; returns TUN reads done (0: nothing waiting)."""
+        """Read one batch from the TUN and send it; returns TUN reads done (0: nothing waiting).
+        tx_drained tells whether the read found the queue empty."""
         if self.tx_arena is None:
             from udpflannel.io.tun import new_read_arena
 
@@ -140,7 +142,9 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
         try:
             read = self.tun.read_batch(TX_BATCH, HEADROOM, self.tx_arena)
         except OSError:  # EIO/EBADFD while the device is being taken down: nothing to read now
+            self.tx_drained = True
             return 0
+        self.tx_drained = read.drained
         n = read.batch.n
         if n == 0:
             return 0

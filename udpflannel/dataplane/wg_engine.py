@@ -81,6 +81,7 @@ class WgEngine(WgReceiver):
         self.row_keys: list[bytes] = []
         self.counters = EngineCounters()
         self.arena = new_read_arena(BATCH, HEADROOM)
+        self.tx_drained = True  # the last tx_once emptied the TUN queue (the worker then waits in poll)
         # Receive slots as wide as a UDP_GRO train plus one datagram, so a train's shorter tail is the last
         # row of its (k, segment size) view. Pages are only touched when used.
         self.rx_arena = MmsgArena(BATCH, RX_SLOT)
@@ -136,7 +137,10 @@ class WgEngine(WgReceiver):
     # -- TX
 
     def tx_once(self, now: float) -> int:
+        """Read one batch from the TUN and send it; returns TUN reads done. tx_drained tells whether the
+        read found the queue empty."""
         read = self.tun.read_batch(BATCH, HEADROOM, self.arena)
+        self.tx_drained = read.drained
         batch = read.batch
         n = batch.n
         if n == 0:

@@ -129,13 +129,18 @@ def run(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if ctrl.fd in ready and not _control(ctrl, engine, wall_offset, now):
                 break
+            # Each fd is served until a call finds its queue empty; then the next poll says when more comes.
             for _ in range(MAX_BATCHES_PER_WAKE):
                 moved = 0
                 if tun.fileno() in ready:
                     moved += engine.tx_once(now)
+                    if engine.tx_drained:
+                        ready.discard(tun.fileno())
                 if udp.fileno() in ready:
                     moved += engine.rx_once(now)
-                if moved == 0:
+                    if engine.rx_arena.drained:
+                        ready.discard(udp.fileno())
+                if moved == 0 or not ready - {ctrl.fd}:
                     break
                 now = time.monotonic()
             engine.run_timers(now)

@@ -113,15 +113,23 @@ def run(spec: dict) -> int:
         ready = {fd for fd, _ in events}
         if ctrl_fd in ready and not _handle_control(ctrl, engine):
             break
+        # Each fd is served until a call finds its queue empty; then the next poll says when more comes
+        # (an empty TUN read costs ~6.5 us, a wake-up at a moderate rate holds one batch each way).
         for _ in range(MAX_BATCHES_PER_WAKE):
             moved = 0
             if tun_fd in ready:
                 moved += engine.tx_once()
+                if engine.tx_drained:
+                    ready.discard(tun_fd)
             if rx_fd in ready:
                 moved += engine.rx_once()
+                if rx.drained:
+                    ready.discard(rx_fd)
             if rx6_poll_fd in ready:
                 moved += engine.rx_once(rx6)
-            if moved == 0:
+                if rx6 is not None and rx6.drained:
+                    ready.discard(rx6_poll_fd)
+            if moved == 0 or not ready - {ctrl_fd}:
                 break
         if engine.holding and select.select(rx_fds, [], [], HOLD_WAIT_S)[0]:
             continue  # its rest (or anything else) is here: receive it now, joined or after it

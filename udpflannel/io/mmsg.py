@@ -94,6 +94,7 @@ class MmsgArena:
         self.hdrs["controllen"] = CMSG_SPACE if control else 0
         self._fresh = memoryview(self.hdr_bytes.tobytes())
         self._used = 0  # headers the last receive filled
+        self.drained = True  # the last receive took every message that waited (it got fewer than asked)
 
     def recv(self, fd: int, max_n: int | None = None) -> int:
         """One recvmmsg(MSG_DONTWAIT) into the slots; returns how many messages arrived (0 if none)."""
@@ -104,6 +105,7 @@ class MmsgArena:
             self.hdr_bytes[:at] = self._fresh[:at]
         got = _recvmmsg(fd, self._hdrs_at, n, linux.MSG_DONTWAIT, None)
         self._used = max(got, 0)
+        self.drained = got < n
         if got < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):

@@ -51,12 +51,14 @@ class Tun(TunDevice):
         lengths = arena.lengths
         hdr = VNET_HDR_LEN if self.vnet else 0
         n = 0
+        drained = False
         for _ in range(2 * count):  # bounded even if the kernel returned nonsense every time
             if n == count:
                 break
             try:
                 got = os.readv(self.fd, [flat[n * stride + start : (n + 1) * stride]])
             except BlockingIOError:
+                drained = True
                 break
             except OSError as exc:  # e.g. the device went away: report it, keep what we have
                 self.stats.read_errors += 1
@@ -73,7 +75,7 @@ class Tun(TunDevice):
             headers = np.frombuffer(arena.buf[:n, start : arena.offset].tobytes(), VNET_HDR_DTYPE)
         else:
             headers = np.zeros(n, VNET_HDR_DTYPE)
-        return TunRead(batch, headers)
+        return TunRead(batch, headers, drained)
 
     # -- writing
 
@@ -120,6 +122,7 @@ class TunRead:
 
     batch: PacketBatch
     headers: np.ndarray  # VNET_HDR_DTYPE [n], read-only
+    drained: bool = False  # the read stopped at an empty queue: nothing is left until poll says so
 
     def needs_split(self) -> np.ndarray:
         """Rows that are superpackets or carry a partial checksum (packet.gso.split_superpacket them)."""

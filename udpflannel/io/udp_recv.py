@@ -100,6 +100,11 @@ def append_rests(arena: MmsgArena, total: list[int], seg: list[int], counts: lis
 
 
 class UdpReceiver:
+    @property
+    def drained(self) -> bool:
+        """The last receive took every datagram that waited: nothing is left until poll says so."""
+        return self._arena is None or self._arena.drained
+
     def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
         if self._arena is None:
             # A datagram may be up to 64 KiB even without GRO; pages are touched only when used. The slack
