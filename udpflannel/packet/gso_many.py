@@ -127,6 +127,53 @@ def _lay_out(
     return np.array(consts, np.int64)
 
 
+@dataclass(slots=True)
+class _Template:
+    """What every row of a superpacket shares, per superpacket (int64 [G]), from its header words hw: the
+    constant parts of each row's IPv4 header sum (None for IPv6) and TCP checksum sum (gso._segment's
+    arithmetic, mod 0xFFFF), the first id and sequence number, and the TCP flags of a middle, first and
+    last segment of a superpacket of more than one."""
+
+    ip_const: np.ndarray | None
+    tcp_const: np.ndarray
+    id0: np.ndarray | None
+    seq0: np.ndarray
+    mid: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    flags: np.ndarray  # the superpacket's own (a one-segment superpacket keeps them all)
+
+
+def _template(hw: np.ndarray, l3: int, hlen: int, mss: int, *, v4: bool) -> _Template:
+    t0 = l3 // 2
+    if v4:
+        shared = (
+            hw[:, :t0].sum(axis=1)
+            - hw[:, h.IPV4_TOTAL_LEN // 2]
+            - hw[:, h.IPV4_ID // 2]
+            - hw[:, h.IPV4_CSUM // 2]
+        )
+        ip_const, id0 = shared + hlen + mss - 1, hw[:, h.IPV4_ID // 2]
+        pseudo = hw[:, h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2].sum(axis=1) + h.IPPROTO_TCP
+    else:
+        ip_const = id0 = None
+        pseudo = hw[:, h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2].sum(axis=1) + h.IPPROTO_TCP
+    seq_hi, seq_lo = hw[:, t0 + h.TCP_SEQ // 2], hw[:, t0 + h.TCP_SEQ // 2 + 1]
+    f0 = hw[:, t0 + h.TCP_FLAGS // 2] & 0xFF
+    # the TCP header but its per-row words (seq, flags, checksum); a 32-bit seq sums like its halves
+    base = hw[:, t0:].sum(axis=1) - seq_hi - seq_lo - f0 - hw[:, t0 + h.TCP_CSUM // 2]
+    return _Template(
+        ip_const=ip_const,
+        tcp_const=pseudo + base + hlen - l3 + mss - 1,
+        id0=id0,
+        seq0=(seq_hi << 16) | seq_lo,
+        mid=f0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR) & 0xFF,
+        first=f0 & ~(h.TCP_FIN | h.TCP_PSH) & 0xFF,  # CWR only on the first segment
+        last=f0 & ~h.TCP_CWR & 0xFF,  # FIN and PSH only on the last
+        flags=f0,
+    )
+
+
 def _segment_many(
     batch: PacketBatch,
     rows: np.ndarray,
@@ -156,41 +203,25 @@ def _segment_many(
     lengths[last_rows] = hlen + last
     short = (last - mss)[g_of]  # per row: how much shorter (only the last row of each)
     short[i_in != k[g_of] - 1] = 0
-    t0 = l3 // 2
-    if v4:
+    tp = _template(hw, l3, hlen, mss, v4=v4)
+    if tp.ip_const is not None and tp.id0 is not None:
         ip = rows_view(buf, off, h.IPV4_HDR)
-        id0 = hw[:, h.IPV4_ID // 2]
-        ids = id0[g_of] + i_in
+        ids = tp.id0[g_of] + i_in
         ip["total_len"] = lengths
         ip["id"] = ids & 0xFFFF
-        shared = (
-            hw[:, :t0].sum(axis=1)
-            - hw[:, h.IPV4_TOTAL_LEN // 2]
-            - hw[:, h.IPV4_ID // 2]
-            - hw[:, h.IPV4_CSUM // 2]
-        )
-        s = ids + (shared + hlen + mss - 1)[g_of] + short - (ids > 0xFFFF)
+        s = ids + tp.ip_const[g_of] + short - (ids > 0xFFFF)
         ip["csum"] = M - 1 - s % M
-        pseudo = hw[:, h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2].sum(axis=1) + h.IPPROTO_TCP
     else:
         rows_view(buf, off, h.IPV6_HDR)["payload_len"] = lengths - h.IPV6_HLEN
-        pseudo = hw[:, h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2].sum(axis=1) + h.IPPROTO_TCP
     pay = payload_sums(buf, p0, mss)
     t = rows_view(buf, off + l3, h.TCP_HDR)
-    seq0 = (hw[:, t0 + h.TCP_SEQ // 2] << 16) | hw[:, t0 + h.TCP_SEQ // 2 + 1]
-    seq = (seq0[g_of] + mss * i_in) & 0xFFFFFFFF
+    seq = (tp.seq0[g_of] + mss * i_in) & 0xFFFFFFFF
     t["seq"] = seq
-    f0 = hw[:, t0 + h.TCP_FLAGS // 2] & 0xFF
-    mid = f0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR) & 0xFF
-    first = f0 & ~(h.TCP_FIN | h.TCP_PSH) & 0xFF
-    final = np.where(k == 1, f0, f0 & ~h.TCP_CWR & 0xFF)
-    flags = mid[g_of]
-    flags[starts[:-1]] = first
-    flags[last_rows] = final  # after first: a one-row superpacket keeps all its flags
+    flags = tp.mid[g_of]
+    flags[starts[:-1]] = tp.first
+    flags[last_rows] = np.where(k == 1, tp.flags, tp.last)  # a one-row superpacket keeps all its flags
     t["flags"] = flags
-    base = hw[:, t0:].sum(axis=1) - hw[:, t0 + h.TCP_SEQ // 2] - hw[:, t0 + h.TCP_SEQ // 2 + 1]
-    base -= f0 + hw[:, t0 + h.TCP_CSUM // 2]
-    s = seq + pay + flags + short + (pseudo + base + hlen - l3 + mss - 1)[g_of]
+    s = seq + pay + flags + short + tp.tcp_const[g_of]
     t["csum"] = M - 1 - s % M
     return ManySplit(PacketBatch(buf, lengths, off, total_rows), starts.tolist())
 
@@ -229,39 +260,27 @@ def _segment_grid(
     out[:, full, p0 + last :] = 0  # zeros do not change a sum, so every row sums the same columns
     hw = src[:, :hlen].view(">u2").astype(np.int64)  # [g, hlen / 2] template words
     ar, lengths_k, short = _grid_columns(k, mss, hlen, last)
-    t0 = l3 // 2
-    if v4:
+    tp = _template(hw, l3, hlen, mss, v4=v4)
+    if tp.ip_const is not None and tp.id0 is not None:
         ip = rows_view(buf, off, h.IPV4_HDR).reshape(g, k)
         ip["total_len"] = lengths_k
-        ids = hw[:, h.IPV4_ID // 2, None] + ar
+        ids = tp.id0[:, None] + ar
         ip["id"] = ids & 0xFFFF
-        shared = (
-            hw[:, :t0].sum(axis=1)
-            - hw[:, h.IPV4_TOTAL_LEN // 2]
-            - hw[:, h.IPV4_ID // 2]
-            - hw[:, h.IPV4_CSUM // 2]
-        )
         # a wrapped id sums like the unwrapped one minus 1 (0x10000 is 1 mod 0xFFFF)
-        s = ids + short + (shared + hlen + mss - 1)[:, None] - (ids > 0xFFFF)
+        s = ids + short + tp.ip_const[:, None] - (ids > 0xFFFF)
         ip["csum"] = M - 1 - s % M
-        pseudo = hw[:, h.IPV4_SRC // 2 : (h.IPV4_DST + 4) // 2].sum(axis=1) + h.IPPROTO_TCP
     else:
         rows_view(buf, off, h.IPV6_HDR).reshape(g, k)["payload_len"] = lengths_k - h.IPV6_HLEN
-        pseudo = hw[:, h.IPV6_SRC // 2 : (h.IPV6_DST + 16) // 2].sum(axis=1) + h.IPPROTO_TCP
     pay = payload_sums(buf, p0, mss).reshape(g, k)
     t = rows_view(buf, off + l3, h.TCP_HDR).reshape(g, k)
-    seq = ((hw[:, t0 + h.TCP_SEQ // 2, None] << 16) | hw[:, t0 + h.TCP_SEQ // 2 + 1, None]) + mss * ar
-    seq &= 0xFFFFFFFF
+    seq = (tp.seq0[:, None] + mss * ar) & 0xFFFFFFFF
     t["seq"] = seq
-    f0 = hw[:, t0 + h.TCP_FLAGS // 2] & 0xFF
     flags = np.empty((g, k), np.int64)
-    flags[:] = (f0 & ~(h.TCP_FIN | h.TCP_PSH | h.TCP_CWR) & 0xFF)[:, None]
-    flags[:, 0] = f0 & ~(h.TCP_FIN | h.TCP_PSH) & 0xFF  # CWR only on the first segment
-    flags[:, -1] = f0 if k == 1 else f0 & ~h.TCP_CWR & 0xFF  # FIN and PSH only on the last
+    flags[:] = tp.mid[:, None]
+    flags[:, 0] = tp.first
+    flags[:, -1] = tp.flags if k == 1 else tp.last
     t["flags"] = flags
-    base = hw[:, t0:].sum(axis=1) - hw[:, t0 + h.TCP_SEQ // 2] - hw[:, t0 + h.TCP_SEQ // 2 + 1]
-    base -= f0 + hw[:, t0 + h.TCP_CSUM // 2]
-    s = seq + pay + flags + short + (pseudo + base + hlen - l3 + mss - 1)[:, None]
+    s = seq + pay + flags + short + tp.tcp_const[:, None]
     t["csum"] = M - 1 - s % M
     lengths = np.empty((g, k), np.int32)
     lengths[:] = lengths_k
