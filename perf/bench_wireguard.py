@@ -29,14 +29,12 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "interop"))
-sys.path.insert(0, str(REPO / "tests" / "io"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
 
-from io_netns import call_in_netns  # noqa: E402
 from wg_lab import WgLab, WgNode, b64, ping  # noqa: E402
 
-from udpflannel.lab.netns import Lab  # noqa: E402
+from udpflannel.lab.netns import Lab, call_in_netns  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAIRINGS = (("wggo", "wggo"), ("ours", "ours"), ("ours", "wggo"))

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from io_netns import call_in_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun, new_read_arena
-from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.netns import Lab, Netns, call_in_netns
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce

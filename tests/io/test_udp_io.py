@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from io_netns import call_in_netns
 
 from udpflannel.io import linux
 from udpflannel.io.mmsg import decode_sockaddr, encode_sockaddr
 from udpflannel.io.udp import UdpSocket, _gso_calls
-from udpflannel.lab.netns import Lab
+from udpflannel.lab.netns import Lab, call_in_netns
 from udpflannel.packet.batch import PacketBatch
 
 PORT = 4789

@@ -7,18 +7,23 @@ Every name carries a per-run prefix so parallel runs never collide, and every ad
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import secrets
 import shlex
 import signal
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 SAFE_RANGE_V4 = ipaddress.ip_network("198.18.0.0/15")
 SAFE_RANGE_V6 = ipaddress.ip_network("fd00:198::/32")
 SWITCH_DEV = "br0"  # the bridge inside a switch namespace (Lab.switch, a topology's `kind: bridge`)
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 class LabError(RuntimeError):
@@ -44,6 +49,31 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30, input: s
 def run_prefix() -> str:
     """A short per-run prefix for namespace and link names (link names have 15 characters at most)."""
     return "u" + secrets.token_hex(2)
+
+
+def call_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run fn in a short-lived thread that joined netns `name`: sockets and TUN devices it creates belong to
+    that namespace and stay usable from any thread afterwards. The calling thread's namespace is untouched."""
+    box: dict[str, object] = {}
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+    def run() -> None:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller below
+            box["error"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=30)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 @dataclass
