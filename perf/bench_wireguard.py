@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO / "perf"))
 
 from wg_lab import WgLab, WgNode, b64, ping  # noqa: E402
 
-from udpflannel.lab.netns import Lab, call_in_netns  # noqa: E402
+from udpflannel.lab.netns import SERVICE_ADDR, Lab, call_in_netns  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAIRINGS = (("wggo", "wggo"), ("ours", "ours"), ("ours", "wggo"))
-MICRO_ADDR = "198.18.0.1"  # --micro's underlay: this address on the loopback of a namespace of its own
+MICRO_ADDR = SERVICE_ADDR  # --micro's underlay: the loopback of a namespace of its own (Lab.private)
 HANDSHAKE_TRIES = 11  # a median of 11: one slow minute of a shared machine moves it less
 
 
@@ -135,9 +135,7 @@ def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
 def run_micro(rounds: int, per_round: int = 4) -> dict:
     """run_micro_in a namespace made for it (and removed after)."""
     with Lab() as lab:
-        ns = lab.netns("micro")
-        ns.exec("ip", "addr", "add", f"{MICRO_ADDR}/32", "dev", "lo")
-        return run_micro_in(ns.name, rounds, per_round)
+        return run_micro_in(lab.private("micro").name, rounds, per_round)
 
 
 def run_micro_in(netns: str, rounds: int, per_round: int = 4) -> dict:

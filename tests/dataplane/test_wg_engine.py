@@ -21,14 +21,14 @@ from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket
-from udpflannel.lab.netns import Lab, call_in_netns
+from udpflannel.lab.netns import SERVICE_ADDR, Lab, call_in_netns
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN, VnetHdr
 
 MTU = 1420
-ADDR = "198.18.0.1"  # both nodes' underlay address, on the loopback of the module's namespace
+ADDR = SERVICE_ADDR  # both nodes' underlay address, on the loopback of the module's namespace
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,7 @@ def underlay() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root: the underlay sockets live in a network namespace")
     with Lab() as lab:
-        ns = lab.netns("wg")
-        ns.exec("ip", "addr", "add", f"{ADDR}/32", "dev", "lo")
-        yield ns.name
+        yield lab.private("wg").name
 
 
 class Node:

@@ -15,13 +15,14 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 SAFE_RANGE_V4 = ipaddress.ip_network("198.18.0.0/15")
 SAFE_RANGE_V6 = ipaddress.ip_network("fd00:198::/32")
 SWITCH_DEV = "br0"  # the bridge inside a switch namespace (Lab.switch, a topology's `kind: bridge`)
+SERVICE_ADDR = "198.18.0.1"  # the loopback address of a Lab.private namespace: tests' own servers listen here
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -51,22 +52,39 @@ def run_prefix() -> str:
     return "u" + secrets.token_hex(2)
 
 
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """The calling thread inside netns `name` for the block, then back where it was: the sockets it opens
+    and the threads and processes it starts meanwhile belong to that namespace."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back failed")
+    finally:
+        os.close(home)
+
+
 def call_in_netns(name: str, fn: Callable[[], T]) -> T:
     """Run fn in a short-lived thread that joined netns `name`: sockets and TUN devices it creates belong to
     that namespace and stay usable from any thread afterwards. The calling thread's namespace is untouched."""
     box: dict[str, object] = {}
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
     def run() -> None:
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns failed")
-            box["value"] = fn()
+            with in_netns(name):
+                box["value"] = fn()
         except BaseException as exc:  # handed back to the caller below
             box["error"] = exc
-        finally:
-            os.close(fd)
 
     t = threading.Thread(target=run)
     t.start()
@@ -136,6 +154,13 @@ class Lab:
         ns.exec("ip", "link", "set", "lo", "up")
         ns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         ns.exec("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", check=False)
+        return ns
+
+    def private(self, short: str) -> Netns:
+        """A namespace of its own with SERVICE_ADDR on its loopback, for the servers and clients of one test
+        or benchmark process (see in_netns): their traffic never leaves it."""
+        ns = self.netns(short)
+        ns.exec("ip", "addr", "add", f"{SERVICE_ADDR}/32", "dev", "lo")
         return ns
 
     def veth(
