@@ -1,4 +1,5 @@
-"""The /healthz, /readyz and /metrics endpoints over real HTTP on loopback."""
+"""The /healthz, /readyz and /metrics endpoints over real HTTP, on the loopback of a namespace the module
+makes (tests/conftest.py private_net)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import urllib.request
 import pytest
 
 from udpflannel.host.health import HealthServer, render_metrics
+from udpflannel.lab.netns import SERVICE_ADDR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_network(private_net: str) -> None:
+    """Server and client in a namespace of the module's own."""
 
 
 def get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{SERVICE_ADDR}:{port}{path}", timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -29,7 +36,7 @@ def test_render_metrics_groups_drops_by_reason() -> None:
 @pytest.fixture
 def server():
     counters = {"rx_packets_total": 7}
-    srv = HealthServer("127.0.0.1", 0, lambda: counters)
+    srv = HealthServer(SERVICE_ADDR, 0, lambda: counters)
     srv.start()
     yield srv, counters
     srv.stop()
@@ -51,7 +58,7 @@ def test_json_views_and_a_failing_view() -> None:
         raise RuntimeError("worker gone")
 
     srv = HealthServer(
-        "127.0.0.1", 0, dict, {"/wireguard": lambda: {"flannel-wg": {"peers": []}}, "/x": broken}
+        SERVICE_ADDR, 0, dict, {"/wireguard": lambda: {"flannel-wg": {"peers": []}}, "/x": broken}
     )
     srv.start()
     try:

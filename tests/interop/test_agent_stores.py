@@ -42,21 +42,14 @@ ANNOTATION = "flannel.alpha.coreos.com/"
 ETCD_NET_CONF = {"Network": "198.19.0.0/16", "SubnetLen": 26, "Backend": {"Type": "vxlan", "MTU": 1400}}
 ETCD_MTU = "1350"  # Backend MTU 1400 - VXLAN overhead 50
 
-# The API double as a process inside a namespace. It binds 127.0.0.1 by design, so this script swaps in a
-# server class bound to the underlay address; stdin takes admin calls as JSON lines, stdout answers them.
+# The API double as a process inside a namespace, listening on the underlay address; stdin takes admin calls
+# as JSON lines, stdout answers them.
 KUBE_API = r"""
 import json, sys
-from http.server import ThreadingHTTPServer
 import kube_double
 
 host, port = sys.argv[1], int(sys.argv[2])
-
-class OnUnderlay(ThreadingHTTPServer):
-    def __init__(self, address, handler):
-        super().__init__((host, address[1]), handler)
-
-kube_double.ThreadingHTTPServer = OnUnderlay
-double = kube_double.KubeApiDouble(port=port)
+double = kube_double.KubeApiDouble(port=port, host=host)
 double.start()
 print(json.dumps({"ok": double.port}), flush=True)
 for line in sys.stdin:

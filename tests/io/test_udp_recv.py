@@ -64,13 +64,13 @@ def test_message_sizes_with_struct_and_with_arrays_agree(gro: bool) -> None:
     for j in range(FEW_MESSAGES):
         length, gro_size, truncated = kinds[j % len(kinds)]
         set_message(arena, j, length, gro_size, truncated=truncated)
-    with UdpSocket.open(socket.AF_INET, "127.0.0.1", 0) as rx:
-        rx.gro = gro
-        few = rx.message_shape_lists(arena, FEW_MESSAGES)
-        truncated = rx.stats.truncated
-        arrays = rx.message_shapes(arena, FEW_MESSAGES)
-        assert few == tuple(a.tolist() for a in arrays)
-        assert truncated == rx.stats.truncated - truncated == FEW_MESSAGES // len(kinds)
+    # No socket: only the parsing of what a receive left in the arena is tested.
+    rx = UdpSocket(None, socket.AF_INET, False, gro, 128, 65507, 64, 0)  # type: ignore[arg-type]
+    few = rx.message_shape_lists(arena, FEW_MESSAGES)
+    truncated = rx.stats.truncated
+    arrays = rx.message_shapes(arena, FEW_MESSAGES)
+    assert few == tuple(a.tolist() for a in arrays)
+    assert truncated == rx.stats.truncated - truncated == FEW_MESSAGES // len(kinds)
     total, seg, counts = few
     assert (total[0], seg[0], counts[0]) == ((44 * SEG, SEG, 44) if gro else (44 * SEG, 44 * SEG, 1))
     assert (total[4], counts[4], total[5], counts[5]) == (0, 0, 0, 0)

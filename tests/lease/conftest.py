@@ -138,6 +138,7 @@ STORE_BACKENDS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Sto
     "etcd": etcd_backend,
     "kube": kube_backend,
 }
+NETWORKED = {"etcd", "kube"}  # backends with a server (tests/conftest.py private_net)
 
 
 @dataclass
@@ -161,6 +162,8 @@ class StoreFactory:
 
 @pytest.fixture(params=sorted(STORE_BACKENDS))
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    if request.param in NETWORKED:  # its servers and clients in a namespace of the module's own
+        request.getfixturevalue("private_net")
     with STORE_BACKENDS[request.param](tmp_path) as backend:
         reason = backend.unsupported.get(request.node.originalname)
         if reason:

@@ -1,4 +1,5 @@
-"""A real etcd (Debian's /usr/bin/etcd, 3.4+) for tests on 127.0.0.1, free ports, temp data dir.
+"""A real etcd (Debian's /usr/bin/etcd, 3.4+) for tests on SERVICE_ADDR (the loopback of the namespace the
+lease tests run in, tests/conftest.py private_net), free ports, temp data dir.
 
 Import from test modules and conftest.py in this folder (`from etcd_server import EtcdServer`).
 """
@@ -16,6 +17,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from udpflannel.lab.netns import SERVICE_ADDR
+
 ETCD_BINARY = "/usr/bin/etcd"
 START_TIMEOUT = 15.0
 
@@ -29,7 +32,7 @@ def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for sock in socks:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((SERVICE_ADDR, 0))
         return [sock.getsockname()[1] for sock in socks]
     finally:
         for sock in socks:
@@ -56,10 +59,10 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{SERVICE_ADDR}:{self.client_port}"
 
     def start(self) -> None:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"http://{SERVICE_ADDR}:{self.peer_port}"
         os.makedirs(self.data_dir, exist_ok=True)
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
@@ -98,7 +101,7 @@ class EtcdServer:
     def _ready(self) -> bool:
         if self.tls:  # a client certificate is needed for any request: a TCP connect will do
             with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.client_port)) == 0
+                return sock.connect_ex((SERVICE_ADDR, self.client_port)) == 0
         try:
             with urllib.request.urlopen(f"{self.endpoint}/version", timeout=1) as resp:
                 return resp.status == 200

@@ -45,6 +45,8 @@ from kube_wire import (
     write_self_signed_cert,
 )
 
+from udpflannel.lab.netns import SERVICE_ADDR
+
 TEST_TOKEN = "test-token"  # the default token, allowed everything
 
 
@@ -77,6 +79,7 @@ class KubeApiDouble:
     _conns: set[socket.socket] = field(default_factory=set)
     _epoch: int = 0
     port: int = 0
+    host: str = SERVICE_ADDR  # the loopback of the test's own namespace (tests/conftest.py private_net)
     tls_dir: str | None = None  # serve HTTPS with a self-signed certificate written here (ca_file)
     ca_file: str | None = None
     _key_file: str = ""
@@ -85,20 +88,20 @@ class KubeApiDouble:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> None:
-        """Listen on 127.0.0.1 (a free port first, the same port on a restart)."""
+        """Listen on `host` (a free port first, the same port on a restart)."""
         double = self
 
         class Handler(_Handler):
             api = double
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
         server.daemon_threads = True
         if self.tls_dir is not None:
             if self.ca_file is None:
-                self.ca_file, self._key_file = write_self_signed_cert(self.tls_dir)
+                self.ca_file, self._key_file = write_self_signed_cert(self.tls_dir, self.host)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.ca_file, self._key_file)
             server.socket = ctx.wrap_socket(server.socket, server_side=True)

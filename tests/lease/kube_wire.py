@@ -181,8 +181,9 @@ def validate_node(name: str, old: dict, new: dict, main_resource: bool) -> None:
         )
 
 
-def write_self_signed_cert(directory: str) -> tuple[str, str]:
-    """A throwaway CA-less certificate for 127.0.0.1 (the double's HTTPS); returns (cert.pem, key.pem)."""
+def write_self_signed_cert(directory: str, host: str) -> tuple[str, str]:
+    """A throwaway CA-less certificate for IP address `host` (the double's HTTPS); returns (cert.pem,
+    key.pem)."""
     import datetime
     import ipaddress
     import os
@@ -203,9 +204,7 @@ def write_self_signed_cert(directory: str) -> tuple[str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

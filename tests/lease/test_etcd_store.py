@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -14,13 +15,17 @@ from collections.abc import Iterator
 import pytest
 from etcd_server import EtcdServer, etcd_available
 
+from udpflannel.lab.netns import SERVICE_ADDR
 from udpflannel.lease.etcd import EtcdStore
 from udpflannel.lease.model import EventType, LeaseAttrs
 from udpflannel.lease.store import Compacted, Conflict, NotFound, StoreError
 
-pytestmark = pytest.mark.skipif(
-    not etcd_available(), reason="needs /usr/bin/etcd (apt-get install etcd-server)"
-)
+# etcd, the API double and their clients run in a namespace of the module's own, on its loopback
+# (tests/conftest.py private_net): none of it touches the machine's network.
+pytestmark = [
+    pytest.mark.usefixtures("private_net"),
+    pytest.mark.skipif(not etcd_available(), reason="needs /usr/bin/etcd (apt-get install etcd-server)"),
+]
 
 NET1 = ipaddress.IPv4Network("198.19.1.0/24")
 NET2 = ipaddress.IPv4Network("198.19.2.0/24")
@@ -65,7 +70,7 @@ def raw_get(endpoint: str, key: str) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
+def etcd(private_net: str) -> Iterator[EtcdServer]:
     with EtcdServer() as server:
         yield server
 
@@ -396,7 +401,7 @@ def test_two_managers_racing_for_the_last_free_subnet(etcd: EtcdServer, prefix: 
 
 def test_failover_to_the_next_endpoint(etcd: EtcdServer, prefix: str) -> None:
     """A dead first endpoint (a closed local port) costs a retry, not an error."""
-    store = EtcdStore(["http://127.0.0.1:1", etcd.endpoint], prefix=prefix, retry_for=5)
+    store = EtcdStore([f"http://{SERVICE_ADDR}:1", etcd.endpoint], prefix=prefix, retry_for=5)
     try:
         lease = store.create(NET1, None, ATTRS_A, ttl=60)
         assert [x.revision for x in store.list().leases] == [lease.revision]
@@ -405,9 +410,9 @@ def test_failover_to_the_next_endpoint(etcd: EtcdServer, prefix: str) -> None:
 
 
 def test_unreachable_etcd_is_a_store_error_naming_the_endpoint(prefix: str) -> None:
-    store = EtcdStore(["http://127.0.0.1:1"], prefix=prefix, retry_for=0.3)
+    store = EtcdStore([f"http://{SERVICE_ADDR}:1"], prefix=prefix, retry_for=0.3)
     try:
-        with pytest.raises(StoreError, match=r"unreachable.*127\.0\.0\.1:1"):
+        with pytest.raises(StoreError, match=rf"unreachable.*{re.escape(SERVICE_ADDR)}:1"):
             store.list()
     finally:
         store.close()
@@ -447,7 +452,7 @@ def test_tls_with_client_certificates(tmp_path) -> None:
     """--etcd-cafile/--etcd-certfile/--etcd-keyfile: https with a client certificate, refused without one."""
     from kube_wire import write_self_signed_cert
 
-    cert, key = write_self_signed_cert(str(tmp_path))
+    cert, key = write_self_signed_cert(str(tmp_path), SERVICE_ADDR)
     with EtcdServer(tls=(cert, key)) as server:
         assert server.endpoint.startswith("https://")
         store = EtcdStore([server.endpoint], cafile=cert, certfile=cert, keyfile=key, retry_for=5)

@@ -16,6 +16,10 @@ import pytest
 from kube_double import KubeApiDouble
 from kube_wire import strategic_merge
 
+# etcd, the API double and their clients run in a namespace of the module's own, on its loopback
+# (tests/conftest.py private_net): none of it touches the machine's network.
+pytestmark = pytest.mark.usefixtures("private_net")
+
 TESTDATA = Path(os.environ["UDPFLANNEL_TESTDATA"]) / "kube"  # set by tests/conftest.py
 TOKEN = "test-token"
 # Server-filled fields that differ run to run; everything else must match the recording.
@@ -53,7 +57,7 @@ def send(double: KubeApiDouble, request: dict[str, Any], token: str | None = TOK
         headers["Authorization"] = f"Bearer {token}"
     body = request["body"]
     data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", double.port, timeout=10)
+    conn = http.client.HTTPConnection(double.host, double.port, timeout=10)
     try:
         conn.request(request["method"], path, body=data, headers=headers)
         resp = conn.getresponse()

@@ -17,10 +17,15 @@ import yaml
 from kube_double import KubeApiDouble
 
 from udpflannel.config import parse_net_conf
+from udpflannel.lab.netns import SERVICE_ADDR
 from udpflannel.lease.kube import KubeStore
 from udpflannel.lease.manager import LeaseManager
 from udpflannel.lease.model import EventType, LeaseAttrs
 from udpflannel.lease.store import Compacted, Conflict, NotFound, StoreError
+
+# etcd, the API double and their clients run in a namespace of the module's own, on its loopback
+# (tests/conftest.py private_net): none of it touches the machine's network.
+pytestmark = pytest.mark.usefixtures("private_net")
 
 TOKEN = "test-token"
 PREFIX = "flannel.alpha.coreos.com"
@@ -113,7 +118,7 @@ def test_node_name_from_env_or_pod(double: KubeApiDouble, make_store) -> None:
 
 def test_kube_api_url_overrides_the_kubeconfig_server(double: KubeApiDouble, tmp_path: Path) -> None:
     double.create_node("node-1", ["198.19.1.0/24"])
-    kubeconfig = write_kubeconfig(tmp_path / "kc", "http://127.0.0.1:1", TOKEN)  # a closed port
+    kubeconfig = write_kubeconfig(tmp_path / "kc", f"http://{SERVICE_ADDR}:1", TOKEN)  # a closed port
     store = KubeStore("node-1", kubeconfig=kubeconfig, kube_api_url=double.url, retry_for=2)
     try:
         assert store.assigned_subnets() == (NET1, None)
@@ -433,7 +438,7 @@ def test_in_cluster_config_over_https(tmp_path: Path, monkeypatch: pytest.Monkey
         token.write_text(TOKEN)
         monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
         monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", double.ca_file)
-        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", SERVICE_ADDR)
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(double.port))
         store = KubeStore("node-1", retry_for=3)
         try:
