@@ -24,6 +24,8 @@ class Tun(TunDevice):
     """An open TUN device with its packet I/O (the datapath side; numpy). `vnet` says whether every
     read/write carries a virtio_net_hdr."""
 
+    _read_views: tuple[np.ndarray, int, list[list[memoryview]]] | None = None  # read_batch's, per arena
+
     def read_into(self, buf: memoryview | bytearray | np.ndarray) -> int:
         """One read into `buf` (virtio header first when vnet): the byte count, 0 when nothing waits."""
         try:
@@ -46,8 +48,7 @@ class Tun(TunDevice):
             raise ValueError("the read arena needs at least 10 bytes of headroom for the virtio header")
         start = arena.offset - VNET_HDR_LEN if self.vnet else arena.offset
         count = min(max_packets, arena.buf.shape[0])
-        flat = memoryview(arena.buf.reshape(-1))
-        stride = arena.stride
+        views = self._row_views(arena, start)
         lengths = arena.lengths
         hdr = VNET_HDR_LEN if self.vnet else 0
         n = 0
@@ -56,7 +57,7 @@ class Tun(TunDevice):
             if n == count:
                 break
             try:
-                got = os.readv(self.fd, [flat[n * stride + start : (n + 1) * stride]])
+                got = os.readv(self.fd, views[n])
             except BlockingIOError:
                 drained = True
                 break
@@ -76,6 +77,18 @@ class Tun(TunDevice):
         else:
             headers = np.zeros(n, VNET_HDR_DTYPE)
         return TunRead(batch, headers, drained)
+
+    def _row_views(self, arena: PacketBatch, start: int) -> list[list[memoryview]]:
+        """Per arena row, the one-iovec list a read takes (from column `start` to the row's end), made
+        once per arena: a fresh view of the arena sliced for every read cost more than the read's setup."""
+        cached = self._read_views
+        if cached is not None and cached[0] is arena.buf and cached[1] == start:
+            return cached[2]
+        flat = memoryview(arena.buf.reshape(-1))
+        stride = arena.stride
+        views = [[flat[i * stride + start : (i + 1) * stride]] for i in range(arena.buf.shape[0])]
+        self._read_views = (arena.buf, start, views)
+        return views
 
     # -- writing
 
