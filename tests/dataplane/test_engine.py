@@ -64,7 +64,7 @@ class FakeRx:
         take, self.inbox = self.inbox[:64], self.inbox[64:]
         batch = PacketBatch.from_packets([d for d, _ in take], headroom=HEADROOM)
         src = np.array([list(ipaddress.IPv4Address(a).packed) for _, a in take], np.uint8).reshape(-1, 4)
-        return Received(batch, src, np.zeros(len(take), np.uint16), socket.AF_INET)
+        return Received(batch, src, np.zeros((len(take), 16), np.uint8), socket.AF_INET)
 
 
 class FakeSock:

@@ -30,8 +30,13 @@ class Received:
 
     batch: PacketBatch
     src_addr: np.ndarray  # uint8 [n, 4] (IPv4) or [n, 16] (IPv6), network order
-    src_port: np.ndarray  # uint16 [n]
+    names: np.ndarray  # uint8 [n, >= 4]: each datagram's sockaddr (its port at bytes 2-3, network order)
     family: int
+
+    @property
+    def src_port(self) -> np.ndarray:
+        """uint16 [n], made when asked (the datapath judges sources by address alone)."""
+        return (self.names[:, 2].astype(np.uint16) << 8) | self.names[:, 3]
 
     def source(self, i: int) -> tuple[str, int]:
         return socket.inet_ntop(self.family, self.src_addr[i].tobytes()), int(self.src_port[i])
@@ -215,10 +220,9 @@ class UdpReceiver:
         m = len(lengths)
         aoff, alen = self._addr_cols()
         names = arena.names[:m]
-        port = (names[:, 2].astype(np.uint16) << 8) | names[:, 3]
         self.stats.received += m
         batch = PacketBatch(arena.data[:m], np.array(lengths, np.int32), 0, m)
-        return Received(batch, names[:, aoff : aoff + alen], port, self.family)
+        return Received(batch, names[:, aoff : aoff + alen], names, self.family)
 
     def _addr_cols(self) -> tuple[int, int]:
         """(offset, length) of the address in a sockaddr of our family."""
@@ -231,13 +235,12 @@ class UdpReceiver:
         lengths[-1] = t - (k - 1) * s
         batch = PacketBatch(arena.data[j, : k * s].reshape(k, s), lengths, 0, k)
         names = arena.names
-        # One source for every row: a [k, alen] view with row stride 0 over the message's sockaddr.
-        at = j * names.strides[0] + aoff
-        src_addr = np.ndarray((k, alen), np.uint8, buffer=names, offset=at, strides=(0, 1))
-        port = np.empty(k, np.uint16)
-        port.fill((int(names[j, 2]) << 8) | int(names[j, 3]))
+        # One source for every row: a [k, sockaddr] view with row stride 0 over the message's sockaddr.
+        rows = np.ndarray(
+            (k, names.shape[1]), np.uint8, buffer=names, offset=j * names.strides[0], strides=(0, 1)
+        )
         self.stats.received += k
-        return Received(batch, src_addr, port, self.family)
+        return Received(batch, rows[:, aoff : aoff + alen], rows, self.family)
 
     def message_shape_lists(self, arena: MmsgArena, m: int) -> tuple[list[int], list[int], list[int]]:
         """message_shapes as lists; a few messages are read with struct, without array operations."""
@@ -282,7 +285,7 @@ class UdpReceiver:
         aoff, alen = self._addr_cols()
         if m == 0:
             empty = PacketBatch.empty(0, round_up(self.headroom + 8, 8), self.headroom)
-            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros(0, np.uint16), self.family)
+            return Received(empty, np.zeros((0, alen), np.uint8), np.zeros((0, 4), np.uint8), self.family)
         total, seg, counts = shapes or self.message_shapes(arena, m)
         msgs = np.arange(m) if which is None else which
         total, seg, counts = total[msgs], seg[msgs], counts[msgs]
@@ -310,9 +313,6 @@ class UdpReceiver:
             if full < k:
                 buf[r0 + full, h : h + t - full * s] = data[full * s : t]
                 lengths[r0 + full] = t - full * s
-        row_msg = np.repeat(msgs, counts)
-        names = arena.names
-        src_addr = names[row_msg, aoff : aoff + alen]
-        src_port = names[row_msg, 2:4].copy().view(">u2")[:, 0].astype(np.uint16)
+        names = arena.names[np.repeat(msgs, counts), : aoff + alen]
         self.stats.received += n
-        return Received(PacketBatch(buf, lengths, h, n), src_addr, src_port, self.family)
+        return Received(PacketBatch(buf, lengths, h, n), names[:, aoff:], names, self.family)
