@@ -7,7 +7,7 @@ the batch pipeline's judgement, so drops are always counted there. Both encapsul
 header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, template, head, counters, _rx_prefix, _uso, _count, _deliver, deliver_run and flush_held
+_dsts, _flows, _headers, head, counters, _rx_prefix, _uso, _count, _deliver, deliver_run and flush_held
 (rx_hold), _encapsulate (tx_super). No sockets of its own, no clock."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, ZE
 
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}  # the inner Ethernet type a VXLAN frame must carry
+_ETHERTYPE_V6 = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
 _BAD_HEADER = INDEX[DROP_NAMES[DropReason.BAD_HEADER]]
 _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
@@ -104,11 +105,9 @@ class RowPaths:
         groups: dict[tuple[int, int], tuple[Any, int, list[int], list[int]]] = {}  # by socket and peer
         for i, ln, peer, sock_index in plan:
             if head:
-                hdr = buf[i, off - head : off]
-                hdr[:] = self.template
-                hdr[8:14] = self.table.macs[peer]
+                buf[i, off - head : off] = self._headers[peer]  # the template with the peer's VtepMAC
                 if buf[i, off] >> 4 == 6:
-                    hdr[20:22] = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
+                    buf[i, off - 2 : off] = _ETHERTYPE_V6
             else:
                 _decrement_ttl(buf[i].data, off)
             pool = self._pools[int(self.table.outer_v6[peer])]
