@@ -1,14 +1,13 @@
 """WgEngine in one process: the TUN is a SOCK_SEQPACKET socketpair (one message per packet, as a TUN read),
-the underlay two UdpSockets on 198.18.0.1, the loopback of a namespace made for this module. Handshake on
-first packet, staged packets, peer grouping, a TCP superpacket split and sealed as one batch, GRO on the
-receiving side, drops counted."""
+the underlay two UdpSockets on SERVICE_ADDR, the loopback of the module's own namespace (tests/conftest.py
+private_net). Handshake on first packet, staged packets, peer grouping, a TCP superpacket split and sealed
+as one batch, GRO on the receiving side, drops counted."""
 
 from __future__ import annotations
 
 import os
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -21,34 +20,26 @@ from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
 from udpflannel.io import linux
 from udpflannel.io.tun import Tun
 from udpflannel.io.udp import UdpSocket
-from udpflannel.lab.netns import SERVICE_ADDR, Lab, call_in_netns
+from udpflannel.lab.netns import SERVICE_ADDR
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN, VnetHdr
 
 MTU = 1420
-ADDR = SERVICE_ADDR  # both nodes' underlay address, on the loopback of the module's namespace
-
-
-@pytest.fixture(scope="module")
-def underlay() -> Iterator[str]:
-    """A namespace whose loopback carries ADDR: the nodes' UDP sockets are opened there."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the underlay sockets live in a network namespace")
-    with Lab() as lab:
-        yield lab.private("wg").name
+ADDR = SERVICE_ADDR  # both nodes' underlay address
+pytestmark = pytest.mark.usefixtures("private_net")  # the underlay in a namespace of the module's own
 
 
 class Node:
-    def __init__(self, index: int, vnet: bool, netns: str) -> None:
+    def __init__(self, index: int, vnet: bool) -> None:
         self.key = crypto.generate_private_key(os.urandom(32))
         self.outside, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         inside.setblocking(False)
         self.outside.settimeout(2)
         self._inside = inside  # keep the socket object alive: Tun holds only its fd
         self.tun = Tun.from_fd(inside.fileno(), f"fake{index}", vnet=vnet)
-        self.udp = call_in_netns(netns, lambda: UdpSocket.open(socket.AF_INET, ADDR, 0))
+        self.udp = UdpSocket.open(socket.AF_INET, ADDR, 0)
         self.device = Device(self.key, wall_offset=time.time() - time.monotonic(), mtu=MTU)
         self.engine = WgEngine(self.device, self.tun, self.udp)
         self.subnet = f"198.19.{index}.0/24"
@@ -95,8 +86,8 @@ def pump(nodes: list[Node], rounds: int = 20) -> None:
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "vnet"])
-def pair(request, underlay: str):
-    a, b = Node(1, request.param, underlay), Node(2, request.param, underlay)
+def pair(request):
+    a, b = Node(1, request.param), Node(2, request.param)
     for x, y in ((a, b), (b, a)):
         cfg = WgPeerConfig(y.public_key, (ADDR, y.udp.address[1]), (y.subnet,))
         x.engine.set_peers([cfg], time.monotonic())
@@ -161,9 +152,9 @@ def tcp_superpacket(n_segments: int, mss: int = 1000) -> tuple[bytes, VnetHdr, b
     return frame[VNET_HDR_LEN:], VnetHdr.decode(frame[:VNET_HDR_LEN]), payload
 
 
-def handshaken_vnet_pair(netns: str) -> tuple[Node, Node]:
+def handshaken_vnet_pair() -> tuple[Node, Node]:
     """Two vnet nodes that know each other and have finished a handshake (first packet: 8 bytes of UDP)."""
-    a, b = Node(1, True, netns), Node(2, True, netns)
+    a, b = Node(1, True), Node(2, True)
     try:
         for x, y in ((a, b), (b, a)):
             cfg = WgPeerConfig(y.public_key, (ADDR, y.udp.address[1]), (y.subnet,))
@@ -178,8 +169,8 @@ def handshaken_vnet_pair(netns: str) -> tuple[Node, Node]:
     return a, b
 
 
-def test_superpacket_split_sealed_and_coalesced_again(underlay: str) -> None:
-    a, b = handshaken_vnet_pair(underlay)
+def test_superpacket_split_sealed_and_coalesced_again() -> None:
+    a, b = handshaken_vnet_pair()
     try:
         raw, hdr, payload = tcp_superpacket(20)
         assert hdr.gso_type != 0
@@ -203,10 +194,10 @@ def test_superpacket_split_sealed_and_coalesced_again(underlay: str) -> None:
         b.close()
 
 
-def test_trains_received_together_are_coalesced_together(underlay: str) -> None:
+def test_trains_received_together_are_coalesced_together() -> None:
     """Three superpackets sealed as three UDP_GRO trains, taken by one recvmmsg: gro_trains writes each
     back as the superpacket it was."""
-    a, b = handshaken_vnet_pair(underlay)
+    a, b = handshaken_vnet_pair()
     try:
         sent = [tcp_superpacket(12) for _ in range(3)]
         for raw, hdr, _ in sent:
@@ -224,12 +215,12 @@ def test_trains_received_together_are_coalesced_together(underlay: str) -> None:
         b.close()
 
 
-def test_superpackets_sent_as_two_messages_each_are_received_whole(underlay: str) -> None:
+def test_superpackets_sent_as_two_messages_each_are_received_whole() -> None:
     """Two 64 KiB superpackets of full-size segments: each goes out as two UDP_SEGMENT messages (45
     datagrams, the most one message carries, and 2) of one sendmmsg; one recvmmsg takes all four, each
     rest is moved behind its first part, and gro_trains checks the two trains (every other slot)
     together."""
-    a, b = handshaken_vnet_pair(underlay)
+    a, b = handshaken_vnet_pair()
     try:
         sent = [tcp_superpacket(47, mss=MTU - 40) for _ in range(2)]
         merged = []
@@ -300,12 +291,12 @@ def spy_on(monkeypatch, name: str, take: bool) -> list[bool]:
 
 
 @pytest.mark.parametrize("run_path", [True, False], ids=["udp_run", "coalesce"])
-def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, underlay: str, run_path: bool) -> None:
+def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, run_path: bool) -> None:
     """Equal datagrams of one UDP flow, sealed as one train: with a TUN that takes USO, the receiver writes
     them as one UDP_L4 superpacket (udp_run, or the general coalesce: the same bytes) that splits back into
     exactly the datagrams sent."""
     made = spy_on(monkeypatch, "udp_run", run_path)
-    a, b = handshaken_vnet_pair(underlay)
+    a, b = handshaken_vnet_pair()
     try:
         b.tun.offload_flags |= linux.TUN_F_USO4 | linux.TUN_F_USO6
         pkts = [udp_packet("198.19.1.1", "198.19.2.1", 64) for _ in range(30)]
@@ -330,11 +321,11 @@ def test_a_udp_flow_arrives_as_one_uso_write(monkeypatch, underlay: str, run_pat
 
 
 @pytest.mark.parametrize("run_path", [True, False], ids=["ack_run", "coalesce"])
-def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, underlay: str, run_path: bool) -> None:
+def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, run_path: bool) -> None:
     """A flow's pure ACKs, sealed as one train: the receiver writes each on its own with a zero virtio
     header (ack_run, or the general coalesce: the same bytes), exactly as sent."""
     made = spy_on(monkeypatch, "ack_run", run_path)
-    a, b = handshaken_vnet_pair(underlay)
+    a, b = handshaken_vnet_pair()
     try:
         pkts = [
             bytes(IP(src="198.19.1.1", dst="198.19.2.1", id=i) / TCP(sport=5201, dport=4000, ack=1000 * i))
@@ -352,7 +343,7 @@ def test_a_train_of_acks_arrives_as_a_write_each(monkeypatch, underlay: str, run
 
 
 @pytest.mark.parametrize("shape", ["alike", "mixed"])
-def test_a_run_of_superpackets_is_split_together_in_order(monkeypatch, underlay: str, shape: str) -> None:
+def test_a_run_of_superpackets_is_split_together_in_order(monkeypatch, shape: str) -> None:
     """A TUN read of three superpackets, a plain packet and two more: the three alike are split together
     (gso_many), each sealed as its own batch; runs that are too short or of mixed segment sizes are split
     one by one. The peer writes back every superpacket and the plain packet, in the order read."""
@@ -366,7 +357,7 @@ def test_a_run_of_superpackets_is_split_together_in_order(monkeypatch, underlay:
         return many
 
     monkeypatch.setattr(wg_engine, "split_many", spy)
-    a, b = handshaken_vnet_pair(underlay)
+    a, b = handshaken_vnet_pair()
     try:
         mss = [1000, 1000, 1000] if shape == "alike" else [1000, 900, 1000]
         first = [tcp_superpacket(6, mss=m) for m in mss]
