@@ -78,13 +78,11 @@ class PeerTable:
                 (row.tobytes() not in known6 for row in src_addr), dtype=bool, count=len(src_addr)
             )
         n = len(src_addr)
-        if src_addr.strides[0] == 0:  # one source for every row (a GRO train): one lookup
-            first_v4 = int.from_bytes(src_addr[0].tobytes(), "big")
-            return np.full(n, first_v4 not in self.source_set)
-        if n <= _FEW_SOURCES:  # the trains of one receive: compared as bytes, cheaper than arrays
-            raw = src_addr.tobytes()
-            if raw == raw[:4] * n:
-                return np.full(n, int.from_bytes(raw[:4], "big") not in self.source_set)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        one = _one_v4_source(src_addr)
+        if one is not None:
+            return np.full(n, one not in self.source_set)
         known = self.source_v4
         src = np.ascontiguousarray(src_addr).view(">u4").reshape(-1)
         if len(known) == 0:
@@ -98,13 +96,9 @@ class PeerTable:
     def any_stranger(self, src_addr: np.ndarray) -> bool:
         """strangers(src_addr).any(), without arrays when the rows are one IPv4 source (a GRO train's
         stride-0 view, or the few trains of one receive): a receive of one superpacket asks this."""
-        n = len(src_addr)
-        if n and src_addr.shape[1] == 4:
-            one = src_addr.strides[0] == 0
-            if one or n <= _FEW_SOURCES:
-                raw = src_addr[0].tobytes() if one else src_addr.tobytes()
-                if one or raw == raw[:4] * n:
-                    return int.from_bytes(raw[:4], "big") not in self.source_set
+        one = _one_v4_source(src_addr) if len(src_addr) and src_addr.shape[1] == 4 else None
+        if one is not None:
+            return one not in self.source_set
         return bool(self.strangers(src_addr).any())
 
     def lookup_v4(self, dst: np.ndarray) -> np.ndarray:
@@ -150,3 +144,16 @@ class PeerTable:
         if is_v6.any():
             out[is_v6] = self.lookup_v6(buf[:n, offset + 24 : offset + 40][is_v6])
         return out
+
+
+def _one_v4_source(src_addr: np.ndarray) -> int | None:
+    """The one IPv4 source (host order) of rows (uint8 [n, 4], n >= 1) found without arrays: a GRO train's
+    stride-0 view, or up to _FEW_SOURCES rows (the trains of one receive) whose bytes repeat the first's;
+    None otherwise (the rows may still share one; the array path tells)."""
+    if src_addr.strides[0] == 0:
+        return int.from_bytes(src_addr[0].tobytes(), "big")
+    if len(src_addr) <= _FEW_SOURCES:
+        raw = src_addr.tobytes()
+        if raw == raw[:4] * len(src_addr):
+            return int.from_bytes(raw[:4], "big")
+    return None
