@@ -235,8 +235,10 @@ def run_pair(
             directions = [(a, b, "A->B")] + ([(b, a, "B->A")] if reverse else [])
             for client, server, name in directions:
                 gbps, cpu, kernel_share, retransmits = [], [], [], []
+                per_node: dict[str, list[float]] = {"a": [], "b": []}
                 for _ in range(args.reps):
                     u0, s0 = cpu_seconds(agents)
+                    a0, b0 = sum(cpu_seconds(a.pids)), sum(cpu_seconds(b.pids))
                     g, moved, lost = iperf_tcp(client, server, args.seconds, bidir=bidir_only)
                     gbps.append(g)
                     retransmits.append(lost)
@@ -244,12 +246,18 @@ def run_pair(
                     if agents and moved and u1 + s1 > u0 + s0:
                         cpu.append((u1 + s1 - u0 - s0) / (moved / GIB))
                         kernel_share.append((s1 - s0) / (u1 + s1 - u0 - s0))
+                        per_node["a"].append((sum(cpu_seconds(a.pids)) - a0) / (moved / GIB))
+                        per_node["b"].append((sum(cpu_seconds(b.pids)) - b0) / (moved / GIB))
                 result[f"tcp_gbps_{name}"] = gbps
                 result[f"retransmits_{name}"] = retransmits
                 if cpu:
                     result[f"cpu_s_per_gib_{name}"] = statistics.median(cpu)
                     # system time: the syscalls and the kernel's own packet work they carry
                     result[f"kernel_share_{name}"] = statistics.median(kernel_share)
+                    # each node's agent processes alone (a kernel VXLAN node has none: 0)
+                    result[f"cpu_s_per_gib_by_node_{name}"] = {
+                        n: statistics.median(v) for n, v in per_node.items()
+                    }
             if not bidir_only:
                 result.update(pps_sweep(a, b, args.pps_seconds))
             result["memory"] = memory(agents)
