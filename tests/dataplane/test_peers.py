@@ -67,6 +67,32 @@ def test_lookup_packets_mixes_families_and_empty_table():
     assert table.sources == {"198.18.0.2"}
 
 
+def test_lookup_one_agrees_with_lookup_packets():
+    """The plain-Python lookup of a lone packet finds what the batch lookup finds, in both families, with
+    overlapping prefixes, a subnet two peers claim, and packets too short or of no IP version."""
+    rng = random.Random(5)
+    peers = [Peer(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(1, 40)]
+    peers += [Peer("198.19.0.0/16", "198.18.1.1"), Peer("198.19.7.128/25", "198.18.1.2")]
+    peers += [Peer("198.19.9.0/24", "198.18.1.3")]  # a second claim on 198.19.9.0/24
+    peers += [Peer(f"fd00:198:19:{i:x}::/64", "198.18.2.1") for i in range(1, 20)]
+    peers += [Peer("fd00:198:19::/48", "198.18.2.2"), Peer("fd00:198:19:5:8000::/65", "198.18.2.3")]
+    table = PeerTable(peers)
+    pkts = []
+    for _ in range(500):
+        dst4 = ipaddress.IPv4Address(f"198.{rng.choice((18, 19))}.{rng.randrange(48)}.{rng.randrange(256)}")
+        pkts.append(bytes([0x45]) + bytes(15) + dst4.packed + bytes(24))
+        low = (rng.randrange(24) << 64) | rng.getrandbits(64)
+        dst6 = ipaddress.IPv6Address((0xFD000198_0019 << 80) | low)
+        pkts.append(bytes([0x60]) + bytes(23) + dst6.packed + bytes(4))
+    pkts += [bytes([0x15]) + bytes(43), bytes([0x45]) + bytes(10), bytes([0x60]) + bytes(30), b""]
+    batch = PacketBatch.from_packets([p.ljust(44, b"\0") for p in pkts], headroom=8)
+    want = table.lookup_packets(batch.buf, batch.offset, batch.n).tolist()
+    got = [table.lookup_one(p) for p in pkts]
+    assert got[:-4] == want[:-4] and got[-4:] == [NO_PEER] * 4
+    assert NO_PEER in got and len(set(got)) > 40
+    assert PeerTable().lookup_one(pkts[0]) == NO_PEER
+
+
 def test_peer_json_roundtrip():
     p = Peer("198.19.2.0/24", "198.18.0.2", "02:00:00:00:00:02")
     assert Peer.from_json(p.to_json()) == p

@@ -3,10 +3,17 @@ engine's superpacket path end to end with virtio headers."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
-from udpflannel.dataplane.txprep import finish_partial_checksums, finish_run_checksums, flow_hash
+from udpflannel.dataplane.txprep import (
+    finish_partial_checksums,
+    finish_run_checksums,
+    flow_hash,
+    flow_hash_one,
+)
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import inet_sum
 from udpflannel.packet.drops import DropReason
@@ -71,6 +78,22 @@ def test_flow_hash_one_flow_one_hash_and_spread():
     h = flow_hash(batch.buf, batch.offset, batch.n)
     assert h[0] == h[64]
     assert len(set((h[:64] % 16).tolist())) >= 12 and len(set((h[65:] % 16).tolist())) >= 12
+
+
+def test_flow_hash_one_is_flow_hash_of_that_row():
+    """The plain-Python hash of a lone packet is the batch hash of its row, in both families, for TCP,
+    UDP and ICMP, and for random bytes (the hash reads its 44 bytes whatever they hold)."""
+    rng = random.Random(8)
+    pkts = [
+        bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.0") / scapy.TCP(sport=p, dport=80)) for p in range(20)
+    ]
+    pkts += [bytes(scapy.IPv6(src="fd00:198::1", dst="fd00:198::2") / scapy.UDP(sport=p)) for p in range(20)]
+    pkts += [bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.0") / scapy.ICMP(seq=s)) for s in range(5)]
+    pkts += [bytes([0x45 if i % 2 else 0x60]) + rng.randbytes(43) for i in range(200)]
+    batch = PacketBatch.from_packets([p[:44].ljust(44, b"\0") for p in pkts], headroom=8)
+    want = flow_hash(batch.buf, batch.offset, batch.n).tolist()
+    assert [flow_hash_one(p[:44]) for p in pkts] == want
+    assert flow_hash_one(pkts[-1][:30]) == flow_hash_one(pkts[-1][:30] + bytes(14))  # zero-padded
 
 
 @pytest.mark.parametrize("v6", [False, True])

@@ -52,8 +52,14 @@ class PeerTable:
             by_len.setdefault((net.version, net.prefixlen), []).append((int(net.network_address), i))
         self._v4: list[_Level] = []
         self._v6: list[_Level] = []
+        # The same prefixes as (prefix length, {network: peer index}), longest first, for lookup_one.
+        self._one: dict[int, list[tuple[int, dict[int, int]]]] = {4: [], 6: []}
         for (version, plen), rows in sorted(by_len.items(), key=lambda kv: -kv[0][1]):
             rows.sort()
+            nets: dict[int, int] = {}
+            for key, i in rows:
+                nets.setdefault(key, i)  # as searchsorted: the first of equal keys
+            self._one[version].append((plen, nets))
             index = np.array([i for _, i in rows], dtype=np.int32)
             if version == 4:
                 mask = np.uint32((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF)
@@ -100,6 +106,24 @@ class PeerTable:
         if one is not None:
             return one not in self.source_set
         return bool(self.strangers(src_addr).any())
+
+    def lookup_one(self, packet: bytes) -> int:
+        """lookup_packets for one packet (`packet`: its IP header at least) in plain Python, for a lone
+        packet (a ping, a first SYN), which would otherwise pay some ten array calls."""
+        if not packet:
+            return NO_PEER
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            dst, bits = int.from_bytes(packet[16:20], "big"), 32
+        elif version == 6 and len(packet) >= 40:
+            dst, bits = int.from_bytes(packet[24:40], "big"), 128
+        else:
+            return NO_PEER
+        for plen, nets in self._one[version]:
+            hit = nets.get(dst >> (bits - plen) << (bits - plen))
+            if hit is not None:
+                return hit
+        return NO_PEER
 
     def lookup_v4(self, dst: np.ndarray) -> np.ndarray:
         """dst: uint32 [n] host-order addresses -> int32 [n] peer index or NO_PEER."""

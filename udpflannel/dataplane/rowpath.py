@@ -19,7 +19,7 @@ import numpy as np
 from udpflannel.codec import vxlan as vxlan_codec
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
-from udpflannel.dataplane.txprep import finish_partial, finish_run_checksums, flow_hash
+from udpflannel.dataplane.txprep import FLOW_HASH_BYTES, finish_partial, finish_run_checksums, flow_hash_one
 from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
@@ -30,6 +30,7 @@ from udpflannel.packet.parse import validate_one
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_VNET_HDR
 
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
+_PORTS = (h.IPPROTO_TCP, h.IPPROTO_UDP)  # protocols whose flows _flow caches
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}  # the inner Ethernet type a VXLAN frame must carry
 _ETHERTYPE_V6 = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
@@ -39,20 +40,20 @@ _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
 
 class RowPaths:
     def _flow(self, buf: np.ndarray, off: int, i: int) -> tuple[int, int]:
-        """(peer index or NO_PEER, source socket index) of the packet in row i. Flows repeat packet after
-        packet, so the answer is cached by the address+port bytes (cleared when peers change)."""
-        key = buf[i, off : off + 44].tobytes()
-        key = key[8:44] if key[0] >> 4 == 6 else key[12:24]
+        """(peer index or NO_PEER, source socket index) of the packet in row i, found in plain Python (a
+        lone packet pays no array calls). TCP and UDP flows repeat packet after packet, so their answer is
+        cached by the address+port bytes (cleared when peers change); other protocols are not (ICMP holds
+        its checksum where ports would be: one entry a packet)."""
+        head = buf[i, off : off + FLOW_HASH_BYTES].tobytes()
+        v6 = head[0] >> 4 == 6
+        key = head[8:44] if v6 else head[12:24]
         hit = self._flows.get(key)
         if hit is None:
-            row = buf[i : i + 1]
-            hit = (
-                int(self.table.lookup_packets(row, off, 1)[0]),
-                int(flow_hash(row, off, 1)[0] % len(self.pool)),
-            )
-            if len(self._flows) >= FLOW_CACHE_MAX:
-                self._flows.clear()
-            self._flows[key] = hit
+            hit = (self.table.lookup_one(head), flow_hash_one(head) % len(self.pool))
+            if head[h.IPV6_NEXT_HDR if v6 else h.IPV4_PROTO] in _PORTS:
+                if len(self._flows) >= FLOW_CACHE_MAX:
+                    self._flows.clear()
+                self._flows[key] = hit
         return hit
 
     def _one_flow(self, batch: PacketBatch, rows: np.ndarray) -> tuple[int, int] | None:

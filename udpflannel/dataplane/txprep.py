@@ -6,6 +6,8 @@ outer source port. Arrays in, arrays out; no I/O.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from udpflannel.packet import headers as h
@@ -13,6 +15,7 @@ from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.checksum import M, finish, inet_sum_rows, sum_rows_raw
 from udpflannel.packet.drops import DropReason
 
+FLOW_HASH_BYTES = 44  # flow_hash reads this many bytes of each packet
 _K4 = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9], dtype=np.uint64)
 _K6 = np.array(
     [
@@ -39,13 +42,32 @@ def flow_hash(buf: np.ndarray, offset: int, n: int) -> np.ndarray:
     """
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
-    head = np.ascontiguousarray(buf[:n, offset : offset + 44])
+    head = np.ascontiguousarray(buf[:n, offset : offset + FLOW_HASH_BYTES])
     w = head.view("<u4").astype(np.uint64)  # [n, 11] words at byte 0, 4, ..., 40
     h4 = (w[:, 3:6] * _K4).sum(axis=1, dtype=np.uint64)  # bytes 12..24
     h6 = (w[:, 2:11] * _K6).sum(axis=1, dtype=np.uint64)  # bytes 8..44
     hv = np.where((head[:, 0] >> 4) == 6, h6, h4)
     hv ^= hv >> np.uint64(29)
     return (hv >> np.uint64(32)).astype(np.uint32)
+
+
+_K4_INTS, _K6_INTS = tuple(int(k) for k in _K4), tuple(int(k) for k in _K6)
+_U64 = (1 << 64) - 1
+_WORDS4, _WORDS6 = struct.Struct("<3I"), struct.Struct("<9I")
+
+
+def flow_hash_one(head: bytes) -> int:
+    """flow_hash of one packet (`head`: its first 44 bytes, or as many as it has, zero-padded) in plain
+    Python: a lone packet (a ping, a first SYN) costs ~2 us this way against ~40 in array calls."""
+    if len(head) < FLOW_HASH_BYTES:
+        head = head.ljust(FLOW_HASH_BYTES, b"\0")
+    if head[0] >> 4 == 6:
+        words, consts = _WORDS6.unpack_from(head, 8), _K6_INTS
+    else:
+        words, consts = _WORDS4.unpack_from(head, 12), _K4_INTS
+    hv = sum(w * k for w, k in zip(words, consts, strict=True)) & _U64
+    hv ^= hv >> 29
+    return hv >> 32
 
 
 # Up to this many rows are finished one by one in plain Python: cheaper than ~10 array operations per
