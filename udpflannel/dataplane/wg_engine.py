@@ -266,9 +266,7 @@ class WgEngine(WgReceiver):
         if row is None:
             if len(self._routes) >= MAX_CACHED:
                 self._routes.clear()
-            probe = np.zeros((1, 40), np.uint8)
-            probe[0] = np.frombuffer(pkt[:40].tobytes().ljust(40, b"\0"), np.uint8)
-            row = self._routes[key] = int(self.table.lookup_packets(probe, 0, 1)[0])
+            row = self._routes[key] = self.table.lookup_one(pkt[:40])
         return row
 
     def _send_rows(self, batch: PacketBatch, rows: np.ndarray, now: float, *, one_flow: bool = False) -> None:
