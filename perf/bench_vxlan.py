@@ -385,6 +385,11 @@ def report(results: list[dict]) -> None:
                 f"  {(pps or 0) / 1e3:8.1f}  {pratio:>8s}  {'-' if cpu is None else f'{cpu:.2f}':>9s}"
                 f"  {'-' if share is None else f'{share:.0%}':>8s}  {pss:6.1f}"
             )
+    print("\nCPU-s/GiB of each node's agent (A sends in A->B; a kernel VXLAN node has none):")
+    for r in results:
+        for key in [k for k in r if k.startswith("cpu_s_per_gib_by_node_")]:
+            a, b = r[key]["a"], r[key]["b"]
+            print(f"  {r['label'] + ' ' + key[22:]:22s} A {a:.2f}  B {b:.2f}")
     print("\n64-byte packet rate, kpps delivered at each offered rate (the table shows the best):")
     for r in results:
         if r.get("udp64_sweep"):
