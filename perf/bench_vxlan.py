@@ -5,7 +5,9 @@ Scenarios (two namespaces joined by one veth pair in wire mode, 198.18.0.1 <-> 1
   vxlan-vxlan     udpflannel vxlan on both nodes
   udp-udp         udpflannel udp on both nodes
   vxlan-kernel    udpflannel vxlan on A, kernel VXLAN on B (both directions measured)
-For each: iperf3 one TCP stream (A->B, 10 s x 3, or --quick), 64-byte UDP packet rate (perf/udp_flood.py,
+All scenarios are set up first, then measured in rounds (each once a round, so a slow spell of the
+shared machine falls on all alike; ratios are per round). For each: iperf3 one TCP stream (A->B,
+10 s x 3 rounds, or --quick), 64-byte UDP packet rate (perf/udp_flood.py,
 sendmmsg: as fast as it goes, then offered rates above what that delivered; the best the receiver counted
 is the result, see pps_sweep), CPU-seconds per GiB of every agent process, RSS/PSS.
 Extra: one vs two worker processes (UDPFLANNEL_WORKERS), one-direction and bidirectional. --profile runs
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import pathlib
@@ -210,63 +213,80 @@ def pps_sweep(client: Node, server: Node, seconds: int) -> dict:
     }
 
 
-def run_pair(
-    kind_a: str,
-    kind_b: str,
-    args,
-    env: dict[str, str],
-    label: str,
-    reverse: bool = False,
-    bidir_only: bool = False,
-) -> dict:
-    with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-bench-") as tmp:
-        a_ns, b_ns = lab.netns("a"), lab.netns("b")
-        lab.veth(a_ns, b_ns, "198.18.0.1/16", "198.18.0.2/16")
-        for i in (1, 2):
-            (pathlib.Path(tmp) / f"n{i}").mkdir()
-        a = start_node(a_ns, 1, kind_a, pathlib.Path(tmp), env)
-        b = start_node(b_ns, 2, kind_b, pathlib.Path(tmp), env)
-        try:
-            connect(a, b)
-            connect(b, a)
-            a_ns.exec("ping", "-c", "2", "-i", "0.2", "-W", "2", b.tun_ip, timeout=20)
-            agents = a.pids + b.pids
-            result: dict = {"label": label, "a": kind_a, "b": kind_b}
-            directions = [(a, b, "A->B")] + ([(b, a, "B->A")] if reverse else [])
-            for client, server, name in directions:
-                gbps, cpu, kernel_share, retransmits = [], [], [], []
-                per_node: dict[str, list[float]] = {"a": [], "b": []}
-                for _ in range(args.reps):
-                    u0, s0 = cpu_seconds(agents)
-                    a0, b0 = sum(cpu_seconds(a.pids)), sum(cpu_seconds(b.pids))
-                    g, moved, lost = iperf_tcp(client, server, args.seconds, bidir=bidir_only)
-                    gbps.append(g)
-                    retransmits.append(lost)
-                    u1, s1 = cpu_seconds(agents)
-                    if agents and moved and u1 + s1 > u0 + s0:
-                        cpu.append((u1 + s1 - u0 - s0) / (moved / GIB))
-                        kernel_share.append((s1 - s0) / (u1 + s1 - u0 - s0))
-                        per_node["a"].append((sum(cpu_seconds(a.pids)) - a0) / (moved / GIB))
-                        per_node["b"].append((sum(cpu_seconds(b.pids)) - b0) / (moved / GIB))
-                result[f"tcp_gbps_{name}"] = gbps
-                result[f"retransmits_{name}"] = retransmits
-                if cpu:
-                    result[f"cpu_s_per_gib_{name}"] = statistics.median(cpu)
-                    # system time: the syscalls and the kernel's own packet work they carry
-                    result[f"kernel_share_{name}"] = statistics.median(kernel_share)
-                    # each node's agent processes alone (a kernel VXLAN node has none: 0)
-                    result[f"cpu_s_per_gib_by_node_{name}"] = {
-                        n: statistics.median(v) for n, v in per_node.items()
-                    }
-            if not bidir_only:
-                result.update(pps_sweep(a, b, args.pps_seconds))
-            result["memory"] = memory(agents)
-            if args.profile and kind_a == "vxlan" and kind_b == "vxlan" and not bidir_only and not env:
-                result["profile"] = profile(a, b, args)
-            return result
-        finally:
-            stop_node(a)
-            stop_node(b)
+@dataclass
+class Scenario:
+    """One scenario's two nodes, set up once and measured in every round (see main)."""
+
+    label: str
+    a: Node
+    b: Node
+    env: dict[str, str]
+    reverse: bool  # A->B and B->A measured
+    bidir: bool  # one bidirectional run instead
+    result: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=lambda: collections.defaultdict(list))
+
+    @property
+    def agents(self) -> list[int]:
+        return self.a.pids + self.b.pids
+
+    def directions(self) -> list[tuple[Node, Node, str]]:
+        return [(self.a, self.b, "A->B")] + ([(self.b, self.a, "B->A")] if self.reverse else [])
+
+
+def start_scenario(
+    lab: Lab, index: int, spec: tuple, state: pathlib.Path, stop: contextlib.ExitStack
+) -> Scenario:
+    """Namespaces, veth (wire mode) and both nodes of one scenario, connected and pinged once."""
+    label, kind_a, kind_b, env, reverse, bidir = spec
+    a_ns, b_ns = lab.netns(f"{index}a"), lab.netns(f"{index}b")
+    lab.veth(a_ns, b_ns, "198.18.0.1/16", "198.18.0.2/16")
+    for i in (1, 2):
+        (state / f"s{index}" / f"n{i}").mkdir(parents=True)
+    a = start_node(a_ns, 1, kind_a, state / f"s{index}", env)
+    stop.callback(stop_node, a)
+    b = start_node(b_ns, 2, kind_b, state / f"s{index}", env)
+    stop.callback(stop_node, b)
+    connect(a, b)
+    connect(b, a)
+    a_ns.exec("ping", "-c", "2", "-i", "0.2", "-W", "2", b.tun_ip, timeout=20)
+    sc = Scenario(label, a, b, env, reverse, bidir)
+    sc.result.update({"label": label, "a": kind_a, "b": kind_b})
+    return sc
+
+
+def measure_tcp(sc: Scenario, seconds: int) -> None:
+    """One iperf3 run per direction: throughput, retransmits, CPU-s/GiB of both agents and of each."""
+    agents = sc.agents
+    for client, server, name in sc.directions():
+        u0, s0 = cpu_seconds(agents)
+        a0, b0 = sum(cpu_seconds(sc.a.pids)), sum(cpu_seconds(sc.b.pids))
+        g, moved, lost = iperf_tcp(client, server, seconds, bidir=sc.bidir)
+        u1, s1 = cpu_seconds(agents)
+        got = sc.samples[name]
+        got.append({"gbps": g, "retransmits": lost})
+        if agents and moved and u1 + s1 > u0 + s0:
+            gib = moved / GIB
+            got[-1]["cpu"] = (u1 + s1 - u0 - s0) / gib
+            # system time: the syscalls and the kernel's own packet work they carry
+            got[-1]["kernel_share"] = (s1 - s0) / (u1 + s1 - u0 - s0)
+            # each node's agent processes alone (a kernel VXLAN node has none: 0)
+            got[-1]["a"] = (sum(cpu_seconds(sc.a.pids)) - a0) / gib
+            got[-1]["b"] = (sum(cpu_seconds(sc.b.pids)) - b0) / gib
+
+
+def summarize_tcp(sc: Scenario) -> None:
+    """The rounds' samples as the result's per-direction lists and medians."""
+    for name, runs in sc.samples.items():
+        sc.result[f"tcp_gbps_{name}"] = [r["gbps"] for r in runs]
+        sc.result[f"retransmits_{name}"] = [r["retransmits"] for r in runs]
+        timed = [r for r in runs if "cpu" in r]
+        if timed:
+            sc.result[f"cpu_s_per_gib_{name}"] = statistics.median(r["cpu"] for r in timed)
+            sc.result[f"kernel_share_{name}"] = statistics.median(r["kernel_share"] for r in timed)
+            sc.result[f"cpu_s_per_gib_by_node_{name}"] = {
+                n: statistics.median(r[n] for r in timed) for n in ("a", "b")
+            }
 
 
 def profile(a: Node, b: Node, args) -> dict[str, list[tuple[str, float]]]:
@@ -342,38 +362,66 @@ def main(argv: list[str] | None = None) -> int:
         ("vxlan-vxlan bidir 2 workers", "vxlan", "vxlan", {"UDPFLANNEL_WORKERS": "2"}, False, True),
         ("kernel-kernel bidir", "kernel", "kernel", {}, False, True),
     ]
-    results = []
-    for label, ka, kb, env, reverse, bidir in scenarios:
-        if args.only and label not in args.only:
-            continue
-        print(f"== {label}", flush=True)
-        try:
-            res = run_pair(ka, kb, args, env, label, reverse=reverse, bidir_only=bidir)
-        except Exception as exc:  # one broken scenario must not lose the others' numbers
-            print(f"scenario {label} failed: {exc!r}", file=sys.stderr)
-            continue
-        results.append(res)
-        print(json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
+    chosen = [spec for spec in scenarios if not args.only or spec[0] in args.only]
+    with contextlib.ExitStack() as stop:
+        lab = stop.enter_context(Lab())
+        state = pathlib.Path(stop.enter_context(tempfile.TemporaryDirectory(prefix="udpflannel-bench-")))
+        running: list[Scenario] = []
+        for index, spec in enumerate(chosen):
+            print(f"== {spec[0]}: setting up", flush=True)
+            try:
+                running.append(start_scenario(lab, index, spec, state, stop))
+            except Exception as exc:  # one broken scenario must not lose the others' numbers
+                print(f"scenario {spec[0]} failed: {exc!r}", file=sys.stderr)
+        # Rounds: every scenario once per round, so a slow spell of the shared machine (minutes long)
+        # falls on all of them alike, and each run is compared with kernel VXLAN's of the same round.
+        for rnd in range(args.reps):
+            for sc in running:
+                print(f"== round {rnd + 1}/{args.reps}: {sc.label}", flush=True)
+                measure_tcp(sc, args.seconds)
+        results = []
+        for sc in running:
+            summarize_tcp(sc)
+            if not sc.bidir:
+                sc.result.update(pps_sweep(sc.a, sc.b, args.pps_seconds))
+            sc.result["memory"] = memory(sc.agents)
+            plain = sc.a.kind == sc.b.kind == "vxlan" and not sc.bidir and not sc.env
+            if args.profile and plain:
+                sc.result["profile"] = profile(sc.a, sc.b, args)
+            results.append(sc.result)
+            print(json.dumps({k: v for k, v in sc.result.items() if k != "profile"}), flush=True)
     report(results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
+def ratio_to_kernel(ours: list[float], kernel: list[float]) -> float | None:
+    """Our runs against kernel VXLAN's: the median of the per-round ratios when both ran every round
+    (a run and the kernel's of its round lie minutes apart at most), else the ratio of the medians."""
+    if not ours or not kernel or not all(kernel):
+        return None
+    if len(ours) == len(kernel):
+        return statistics.median(o / k for o, k in zip(ours, kernel, strict=True))
+    return statistics.median(ours) / statistics.median(kernel)
+
+
 def report(results: list[dict]) -> None:
     by = {r["label"]: r for r in results}
     kernel = by.get("kernel-kernel")
-    k_tcp = statistics.median(kernel["tcp_gbps_A->B"]) if kernel else None
     k_pps = kernel.get("udp64_pps") if kernel else None
     print(
         "\nscenario                TCP Gbit/s: median (runs)   x kernel  retrans  64B kpps  x kernel"
         "  CPU-s/GiB  (kernel)  PSS MB"
     )
     for r in results:
+        bidir = by.get("kernel-kernel bidir") if "bidir" in r["label"] else None
+        base = (bidir or kernel or {}).get("tcp_gbps_A->B", [])
         for key in [k for k in r if k.startswith("tcp_gbps_")]:
             g = statistics.median(r[key])
             runs = " ".join(f"{x:.2f}" for x in r[key])
-            ratio = f"{g / k_tcp:.2f}" if k_tcp else "-"
+            x = ratio_to_kernel(r[key], base)
+            ratio = "-" if x is None else f"{x:.2f}"
             lost = sum(r.get(key.replace("tcp_gbps_", "retransmits_"), []))
             pps = r.get("udp64_pps")
             pratio = f"{pps / k_pps:.2f}" if (pps and k_pps) else "-"
@@ -385,6 +433,7 @@ def report(results: list[dict]) -> None:
                 f"  {(pps or 0) / 1e3:8.1f}  {pratio:>8s}  {'-' if cpu is None else f'{cpu:.2f}':>9s}"
                 f"  {'-' if share is None else f'{share:.0%}':>8s}  {pss:6.1f}"
             )
+    print("x kernel: the median of each round's ratio to kernel VXLAN's run of that round (bidir to bidir)")
     print("\nCPU-s/GiB of each node's agent (A sends in A->B; a kernel VXLAN node has none):")
     for r in results:
         for key in [k for k in r if k.startswith("cpu_s_per_gib_by_node_")]:
