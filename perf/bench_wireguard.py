@@ -3,10 +3,11 @@ udpflannel<->wireguard-go, in network namespaces joined by a wire-mode veth unde
 
 Per pairing: handshake time (RTT of a first ping, as ping reports it, that has to wait for a fresh
 handshake: the initiator's session is dropped before each of 11 tries; median), steady ping RTT, then
-iperf3 with one TCP stream for 10 s (3 reps; --quick: 1 rep of 3 s), Gbit/s and CPU seconds per GiB
-moved (both WireGuard processes, from /proc/<pid>/stat), plus RSS/PSS of our worker. Ratios are against
-wggo->wggo of the same run (the machine is shared: compare within one run). Needs root, wireguard-go, wg
-and iperf3.
+iperf3 with one TCP stream for 10 s (3 rounds; --quick: 1 of 3 s), Gbit/s and CPU seconds per GiB
+moved (both WireGuard processes, from /proc/<pid>/stat), plus RSS/PSS of our worker. Every pairing is set
+up first and the rounds run each once, so a slow spell of the shared machine falls on all alike; ratios
+are the median of each round's ratio to wggo->wggo's run of that round. Needs root, wireguard-go, wg and
+iperf3.
 
 --micro: our engine alone, in one process, TUN faked by a socketpair and the underlay on the loopback of
 a network namespace of its own (198.18.0.1): CPU microseconds per 64 KiB superpacket for TX (split + seal
@@ -19,6 +20,7 @@ iperf3's; and of a lone ACK each way (a receiver that keeps up sends one back pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -100,36 +102,49 @@ def handshake_ms(lab: WgLab, a: WgNode, b: WgNode) -> list[float]:
     return rtts
 
 
-def run_pairing(kind_a: str, kind_b: str, reps: int, seconds: int) -> dict:
-    with WgLab() as lab:
-        a, b = lab.node(1, kind_a), lab.node(2, kind_b)
-        lab.connect(a, b)
-        lab.connect(b, a)
-        ping(a, b, count=1, wait=10)
-        handshakes = handshake_ms(lab, a, b)
-        rtt = ping_ms(a, b, count=20, interval=0.05)
-        pids = [n.proc.pid for n in (a, b) if n.proc is not None]
-        rates, cpu_per_gib, retransmits = [], [], 0
-        for _ in range(reps):
-            cpu0 = sum(cpu_seconds(p) for p in pids)
-            bps, lost = iperf(a, b, seconds)
-            retransmits += lost
-            cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-            gib = bps * seconds / 8 / (1 << 30)
-            rates.append(bps / 1e9)
-            cpu_per_gib.append(cpu / gib if gib else float("inf"))
-        mem = {n.kind + str(n.index): memory_kib(n.proc.pid) for n in (a, b) if n.kind == "ours" and n.proc}
-        return {
-            "pairing": f"{kind_a}->{kind_b}",
-            "gbit_s": rates,
-            "gbit_s_median": statistics.median(rates),
-            "retransmits": retransmits,
-            "cpu_s_per_gib_median": statistics.median(cpu_per_gib),
-            "handshake_ms": handshakes,
-            "handshake_ms_median": statistics.median(handshakes) if handshakes else float("nan"),
-            "rtt_ms_median": statistics.median(rtt) if rtt else float("nan"),
-            "rss_pss_kib": mem,
-        }
+def start_pairing(stop: contextlib.ExitStack, kind_a: str, kind_b: str) -> dict:
+    """A pairing's two nodes, connected; its handshake times and steady RTT measured now (quick), its
+    throughput later, in rounds with the others (see main)."""
+    lab = stop.enter_context(WgLab())
+    a, b = lab.node(1, kind_a), lab.node(2, kind_b)
+    lab.connect(a, b)
+    lab.connect(b, a)
+    ping(a, b, count=1, wait=10)
+    handshakes = handshake_ms(lab, a, b)
+    rtt = ping_ms(a, b, count=20, interval=0.05)
+    return {
+        "pairing": f"{kind_a}->{kind_b}",
+        "nodes": (a, b),
+        "gbit_s": [],
+        "cpu_s_per_gib": [],
+        "retransmits": 0,
+        "handshake_ms": handshakes,
+        "handshake_ms_median": statistics.median(handshakes) if handshakes else float("nan"),
+        "rtt_ms_median": statistics.median(rtt) if rtt else float("nan"),
+    }
+
+
+def measure_pairing(r: dict, seconds: int) -> None:
+    """One iperf3 run of a pairing: Gbit/s, CPU-s/GiB of both WireGuard processes, retransmits."""
+    a, b = r["nodes"]
+    pids = [n.proc.pid for n in (a, b) if n.proc is not None]
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    bps, lost = iperf(a, b, seconds)
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    gib = bps * seconds / 8 / (1 << 30)
+    r["retransmits"] += lost
+    r["gbit_s"].append(bps / 1e9)
+    r["cpu_s_per_gib"].append(cpu / gib if gib else float("inf"))
+
+
+def finish_pairing(r: dict) -> dict:
+    a, b = r.pop("nodes")
+    r["gbit_s_median"] = statistics.median(r["gbit_s"])
+    r["cpu_s_per_gib_median"] = statistics.median(r.pop("cpu_s_per_gib"))
+    r["rss_pss_kib"] = {
+        n.kind + str(n.index): memory_kib(n.proc.pid) for n in (a, b) if n.kind == "ours" and n.proc
+    }
+    return r
 
 
 def run_micro(rounds: int, per_round: int = 4) -> dict:
@@ -277,15 +292,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     reps, seconds = (1, 3) if args.quick else (3, 10)
-    results = [run_pairing(a, b, reps, seconds) for a, b in PAIRINGS]
-    base = results[0]["gbit_s_median"] or float("nan")
+    with contextlib.ExitStack() as stop:
+        running = [start_pairing(stop, a, b) for a, b in PAIRINGS]
+        # Rounds: each pairing once a round, so a slow spell of the shared machine falls on all alike.
+        for _ in range(reps):
+            for r in running:
+                measure_pairing(r, seconds)
+        results = [finish_pairing(r) for r in running]
+    base = results[0]["gbit_s"]
     print(
         f"{'pairing':<14} {'Gbit/s (median)':>16} {'x wggo':>7} {'CPU-s/GiB':>10} {'retrans':>8} "
         f"{'handshake ms':>13} {'RTT ms':>7}  reps"
     )
     for r in results:
         reps_text = " ".join(f"{x:.3f}" for x in r["gbit_s"])
-        r["ratio_vs_wggo"] = r["gbit_s_median"] / base
+        # the median of each round's ratio to wggo->wggo's run of that round
+        r["ratio_vs_wggo"] = statistics.median(
+            x / y if y else float("nan") for x, y in zip(r["gbit_s"], base, strict=True)
+        )
         print(
             f"{r['pairing']:<14} {r['gbit_s_median']:>16.3f} {r['ratio_vs_wggo']:>7.2f} "
             f"{r['cpu_s_per_gib_median']:>10.1f} {r['retransmits']:>8d} {r['handshake_ms_median']:>13.2f} "
