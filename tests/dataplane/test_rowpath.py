@@ -220,6 +220,71 @@ def test_a_batch_that_needs_judging_takes_the_general_path(monkeypatch, flaw):
     assert np.array_equal(c_fast, c_slow)
 
 
+def _lone(kind: str) -> tuple[bytes, tuple[int, ...]]:
+    """One packet from our pod to the peer's, as the TUN hands it over (NEEDS_CSUM where it may be)."""
+    if kind == "icmp":
+        return bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5") / scapy.ICMP(seq=3) / bytes(56)), (0,) * 6
+    if kind == "v6":
+        pkt = scapy.IPv6(src="fd00:198:19:1::1", dst="fd00:198:19:2::5") / scapy.UDP(sport=7, dport=9)
+        raw = bytearray(bytes(pkt / bytes(33)))
+        raw[46:48] = reference.pseudo_header(bytes(raw), 17, len(raw) - 40).to_bytes(2, "big")
+        return bytes(raw), (1, 0, 0, 0, 40, 6)
+    pkts, headers = _flood(1, kind)
+    return pkts[0], headers[0]
+
+
+def _send_lone(pkt: bytes, header: tuple[int, ...], encap: str, *, lone: bool):
+    """The packet as a one-row TUN read, through send_lone (lone) or the batch paths; what was sent and
+    counted, and send_lone's answer."""
+    h = Harness(encap)
+    batch = PacketBatch.from_packets([pkt.ljust(64, b"\0")], headroom=HEADROOM)  # as wide as hashes read
+    batch.lengths[0] = len(pkt)
+    batch.buf[0, HEADROOM - 10 : HEADROOM] = np.frombuffer(VnetHdr(*header).encode(), np.uint8)
+    before = batch.buf.copy()
+    took = h.engine.send_lone(batch.buf[0].data, HEADROOM, len(pkt), True) if lone else False
+    if not took:
+        assert np.array_equal(batch.buf, before), "send_lone refused but changed the packet"
+        h.engine.process_tx(batch, np.array([header], VNET_HDR_DTYPE), None)
+    return h.sent, h.counters, took
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+@pytest.mark.parametrize("kind", ["tcp", "udp", "plain", "icmp", "v6"])
+def test_a_lone_packet_leaves_as_the_batch_paths_send_it(encap, kind):
+    pkt, header = _lone(kind)
+    fast, c_fast, took = _send_lone(pkt, header, encap, lone=True)
+    slow, c_slow, _ = _send_lone(pkt, header, encap, lone=False)
+    assert took and fast == slow and len(fast) == 1
+    for name in (*COUNTED, "tx_send_calls"):
+        assert c_fast[INDEX[name]] == c_slow[INDEX[name]], name
+
+
+@pytest.mark.parametrize("flaw", ["gso", "over-mtu", "ttl-one", "bad-offset", "no-peer", "short"])
+def test_a_lone_packet_that_needs_judging_takes_the_batch_paths(flaw):
+    pkt, header = _lone("udp")
+    encap = "udp" if flaw == "ttl-one" else "vxlan"
+    if flaw == "gso":
+        header = (1, VIRTIO_NET_HDR_GSO_UDP_L4, 28, 40, 20, 6)
+    elif flaw == "over-mtu":
+        pkt = bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5", flags="DF") / scapy.UDP() / bytes(1500))
+        header = (0,) * 6
+    elif flaw == "ttl-one":
+        pkt = bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5", ttl=1) / scapy.UDP() / bytes(64))
+        header = (0,) * 6
+    elif flaw == "bad-offset":
+        header = (1, 0, 0, 0, 20, 200)  # past the packet's end: a bad_header drop
+    elif flaw == "no-peer":
+        pkt = bytes(scapy.IP(src="198.19.1.1", dst="198.19.9.5") / scapy.UDP() / bytes(64))
+        header = (0,) * 6
+    elif flaw == "short":
+        pkt = bytes(scapy.IP(src="198.19.1.1", dst="198.19.2.5") / scapy.UDP())[:24]
+        header = (0,) * 6
+    fast, c_fast, took = _send_lone(pkt, header, encap, lone=True)
+    slow, c_slow, _ = _send_lone(pkt, header, encap, lone=False)
+    assert not took and fast == slow
+    assert np.array_equal(c_fast, c_slow)
+
+
 class VnetTun(FakeTun):
     """A TUN with virtio headers (no USO)."""
 

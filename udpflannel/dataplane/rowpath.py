@@ -7,8 +7,8 @@ the batch pipeline's judgement, so drops are always counted there. Both encapsul
 header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, _headers, head, counters, _rx_prefix, _uso, _count, _deliver, deliver_run and flush_held
-(rx_hold), _encapsulate (tx_super). No sockets of its own, no clock."""
+_dsts, _flows, _headers, _header_bytes, _outer_v6, head, counters, _rx_prefix, _uso, _count, _deliver,
+deliver_run and flush_held (rx_hold), _encapsulate (tx_super). No sockets of its own, no clock."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from udpflannel.packet.gro_acks import ack_run
 from udpflannel.packet.gro_run import coalesce_run
 from udpflannel.packet.gro_udp import udp_run
 from udpflannel.packet.parse import validate_one
-from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, ZERO_VNET_HDR
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, VNET_HDR_STRUCT, ZERO_VNET_HDR
 
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 _PORTS = (h.IPPROTO_TCP, h.IPPROTO_UDP)  # protocols whose flows _flow caches
@@ -40,11 +40,14 @@ _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
 
 class RowPaths:
     def _flow(self, buf: np.ndarray, off: int, i: int) -> tuple[int, int]:
-        """(peer index or NO_PEER, source socket index) of the packet in row i, found in plain Python (a
-        lone packet pays no array calls). TCP and UDP flows repeat packet after packet, so their answer is
-        cached by the address+port bytes (cleared when peers change); other protocols are not (ICMP holds
-        its checksum where ports would be: one entry a packet)."""
-        head = buf[i, off : off + FLOW_HASH_BYTES].tobytes()
+        """_flow_of the packet in row i of `buf` (at column `off`)."""
+        return self._flow_of(buf[i, off : off + FLOW_HASH_BYTES].tobytes())
+
+    def _flow_of(self, head: bytes) -> tuple[int, int]:
+        """(peer index or NO_PEER, source socket index) of a packet from its first FLOW_HASH_BYTES bytes,
+        found in plain Python (a lone packet pays no array calls). TCP and UDP flows repeat packet after
+        packet, so their answer is cached by the address+port bytes (cleared when peers change); other
+        protocols are not (ICMP holds its checksum where ports would be: one entry a packet)."""
         v6 = head[0] >> 4 == 6
         key = head[8:44] if v6 else head[12:24]
         hit = self._flows.get(key)
@@ -84,6 +87,44 @@ class RowPaths:
                 continue
             rows.append(i)
         return rows
+
+    def send_lone(self, row: memoryview, off: int, ln: int, vnet: bool) -> bool:
+        """A TUN read of one plain packet (a ping, or an ACK at a moderate rate): judged and sent from a
+        view of its row (`off`: where the packet starts, its virtio header in front when `vnet`) with no
+        array calls at all, which matters most for a packet after a pause, when every call runs cold.
+        Sends nothing and returns False, the packet untouched, when it needs the batch paths (a
+        superpacket, no peer, over the MTU, malformed: they judge and count it)."""
+        flags = start = field = 0
+        if vnet:
+            flags, gso_type, _, _, start, field = VNET_HDR_STRUCT.unpack_from(row, off - VNET_HDR_LEN)
+            if gso_type:
+                return False
+        head = self.head
+        version = row[off] >> 4
+        if not 40 <= ln <= self.cfg.mtu or version not in (4, 6):
+            return False
+        if not head and row[off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)] <= 1:
+            return False  # the udp proxy's TTL rule: the general path answers time exceeded
+        peer, sock_index = self._flow_of(bytes(row[off : off + FLOW_HASH_BYTES]))
+        if peer == NO_PEER:
+            return False
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(row[off : off + ln], start, field):
+            return False
+        if head:
+            row[off - head : off] = self._header_bytes[peer]  # the template with the peer's VtepMAC
+            if version == 6:
+                row[off - 2 : off] = _ETHERTYPE[6]
+        else:
+            _decrement_ttl(row, off)
+        pool = self._pools[self._outer_v6[peer]]
+        sock = pool[sock_index % len(pool)]
+        if sock.send_one(row[off - head : off + ln], self._dsts[peer]):
+            self._count("tx_packets")
+            self._count("tx_bytes", ln)
+        else:
+            self.counters[_SEND_ERROR] += 1
+        self._count("tx_send_calls")
+        return True
 
     def send_few(self, batch: PacketBatch, rows: list[int]) -> bool:
         """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
