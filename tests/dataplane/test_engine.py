@@ -14,7 +14,7 @@ from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
 from udpflannel.dataplane.peers import Peer
 from udpflannel.dataplane.txprep import flow_hash
 from udpflannel.io.tun import TunRead
-from udpflannel.io.udp import Received, UdpStats
+from udpflannel.io.udp import LoneDatagram, Received, UdpStats
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
@@ -56,8 +56,11 @@ class FakeRx:
         self.inbox = list(datagrams)
         self.stats = UdpStats()
 
-    def recv_trains(self, max_messages=None, *, sets: bool = False) -> list[Received]:
+    def recv_trains(self, max_messages=None, *, sets: bool = False, lone: bool = False) -> list:
         rec = self.recv_batch(max_messages)
+        if lone and rec.batch.n == 1:  # as UdpSocket does: the datagram where it lies, its source as bytes
+            row = rec.batch.buf[0, rec.batch.offset :].data
+            return [LoneDatagram(row, int(rec.batch.lengths[0]), rec.src_addr[0].tobytes(), lambda: rec)]
         return [rec] if rec.batch.n else []
 
     def recv_batch(self, max_messages=None) -> Received:

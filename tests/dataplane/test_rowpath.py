@@ -102,6 +102,53 @@ def test_stranger_source_is_judged_by_the_pipeline(monkeypatch):
     assert len(eng.tun.written) == 3
 
 
+def _receive_one(datagram: bytes, source: str, encap: str, *, lone: bool, vnet: bool):
+    """One datagram as the one of its receive: through receive_lone (lone) or the batch paths."""
+    eng, c = _engine(encap, datagrams=[(datagram, source)])
+    eng.engine.tun = eng.tun = VnetTun([]) if vnet else eng.tun
+    real = eng.engine.receive_lone
+    eng.engine.receive_lone = real if lone else (lambda *_: False)
+    eng.engine.rx_once()
+    return eng.tun.written, c
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+@pytest.mark.parametrize("vnet", [True, False], ids=["vnet", "plain"])
+@pytest.mark.parametrize("kind", range(4), ids=["udp", "v6", "tcp", "udp-200"])
+def test_a_lone_datagram_is_written_as_the_batch_paths_write_it(encap, vnet, kind):
+    inner = _small()[kind]
+    datagram = _frame(inner) if encap == "vxlan" else inner
+    fast, c_fast = _receive_one(datagram, "198.18.0.2", encap, lone=True, vnet=vnet)
+    slow, c_slow = _receive_one(datagram, "198.18.0.2", encap, lone=False, vnet=vnet)
+    assert fast == slow and len(fast) == 1
+    assert fast[0][10 if vnet else 0 :] == inner and (not vnet or fast[0][:10] == bytes(10))
+    assert np.array_equal(c_fast, c_slow)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda f: f[:6] + b"\x02" + f[7:],  # another VNI
+        lambda f: f[:-1] + bytes([f[-1] ^ 1]),  # a payload byte flipped: the L4 checksum fails
+        lambda f: f[:30],  # truncated inner packet
+        lambda f: f[:20],  # shorter than the VXLAN and inner Ethernet headers
+        "stranger",
+    ],
+    ids=["vni", "l4-checksum", "truncated", "short", "stranger"],
+)
+def test_a_lone_datagram_that_needs_judging_is_judged_by_the_batch_paths(bad):
+    datagram, source = _frame(_small()[0]), "198.18.0.2"
+    if bad == "stranger":
+        source = "198.18.0.77"
+    else:
+        datagram = bad(datagram)
+    fast, c_fast = _receive_one(datagram, source, "vxlan", lone=True, vnet=True)
+    slow, c_slow = _receive_one(datagram, source, "vxlan", lone=False, vnet=True)
+    assert fast == slow == []
+    assert np.array_equal(c_fast, c_slow)
+    assert int(np.sum(c_fast[[v for k, v in INDEX.items() if k.startswith("drop_")]])) == 1
+
+
 class UsoTun(FakeTun):
     """A TUN with virtio headers that takes USO superpackets (Linux 6.2+)."""
 

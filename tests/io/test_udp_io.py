@@ -12,7 +12,7 @@ import pytest
 
 from udpflannel.io import linux
 from udpflannel.io.mmsg import decode_sockaddr, encode_sockaddr
-from udpflannel.io.udp import UdpSocket, _gso_calls
+from udpflannel.io.udp import LoneDatagram, Received, UdpSocket, _gso_calls
 from udpflannel.lab.netns import Lab, call_in_netns
 from udpflannel.packet.batch import PacketBatch
 
@@ -178,6 +178,40 @@ def test_a_few_datagrams_are_passed_on_where_they_lie(pair: Pair, open_udp: Open
     assert recs[0].batch.packets() == sent
     assert {recs[0].source(i) for i in range(5)} == {("198.18.0.1", tx.address[1])}
     assert rx.stats.received == 5
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("gro", [True, False])
+def test_the_one_datagram_of_a_receive_comes_as_a_lone_datagram(
+    pair: Pair, open_udp: OpenUdp, gro: bool
+) -> None:
+    """recv_trains(lone=True): a receive of one datagram is a LoneDatagram (a view of its slot, its source
+    as bytes), counted once whether or not it is later taken as a Received; two datagrams are a batch."""
+    _, a, b = pair
+    tx = open_udp(a, "198.18.0.1", 0, gso=False)
+    rx = open_udp(b, "198.18.0.2", PORT, gro=gro)
+    dest = ("198.18.0.2", PORT)
+
+    def receive() -> list:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if recs := rx.recv_trains(sets=True, lone=True):
+                return recs
+            time.sleep(0.01)
+        return []
+
+    assert tx.send_one(b"ping" * 20, dest) == 1
+    (lone,) = receive()
+    assert isinstance(lone, LoneDatagram) and lone.length == 80
+    assert bytes(lone.row[: lone.length]) == b"ping" * 20 and lone.source == bytes([198, 18, 0, 1])
+    got = lone.received()
+    assert got.batch.packets() == [b"ping" * 20] and got.source(0) == ("198.18.0.1", tx.address[1])
+    assert rx.stats.received == 1
+    assert tx.sendmmsg([(b"a" * 40, dest), (b"b" * 41, dest)]) == 2
+    time.sleep(0.05)  # both queued before the one receive
+    (both,) = receive()
+    assert isinstance(both, Received) and both.batch.packets() == [b"a" * 40, b"b" * 41]
+    assert rx.stats.received == 3
 
 
 @pytest.mark.root

@@ -235,28 +235,50 @@ class RowPaths:
         """A few datagrams (ACKs, pings): checked one by one in plain Python, which costs less than the
         ~60 array operations of the general path. Writes nothing and returns False when any row is not a
         sound frame from a peer (the general path then judges and counts every row)."""
-        off, head, buf = batch.offset, self.head, batch.buf
-        inner = off + head
-        prefix = self._rx_prefix
-        check_source = self.cfg.check_peer_source
-        table = self.table
+        off, buf = batch.offset, batch.buf
         plan = []
         for i, ln in enumerate(batch.lengths[: batch.n].tolist()):
             row = buf[i].data
-            if ln <= head:
-                return False
-            version = row[inner] >> 4
-            if head and (row[off : off + 14] != prefix or row[off + 20 : inner] != _ETHERTYPE.get(version)):
-                return False
-            if check_source:
-                src = src_addr[i].tobytes()
-                known = table.source6_set if len(src) == 16 else table.source_set
-                if (src if len(src) == 16 else int.from_bytes(src, "big")) not in known:
-                    return False
-            code, length = validate_one(row[inner : off + ln])
-            if code:
+            length = self._frame_length(row, off, ln, src_addr[i].tobytes())
+            if length is None:
                 return False
             plan.append((row, length))
+        self._write_frames(plan, off + self.head)
+        return True
+
+    def receive_lone(self, row: memoryview, ln: int, source: bytes) -> bool:
+        """The one datagram of a receive (at the start of `row`, `ln` bytes, from `source`): receive_few
+        for it with no array calls at all, which matters most for a packet after a pause, when every call
+        runs cold. False, having written nothing, when the batch paths must judge it."""
+        length = self._frame_length(row, 0, ln, source)
+        if length is None:
+            return False
+        self._write_frames([(row, length)], self.head)
+        return True
+
+    def _frame_length(self, row: memoryview, off: int, ln: int, source: bytes) -> int | None:
+        """The inner packet's length when the frame at row[off:off + ln] is sound (our VXLAN header and
+        inner Ethernet header, vxlan), came from a peer and holds a valid IP packet; else None."""
+        head = self.head
+        inner = off + head
+        if ln <= head:
+            return None
+        version = row[inner] >> 4
+        if head and (
+            row[off : off + 14] != self._rx_prefix or row[off + 20 : inner] != _ETHERTYPE.get(version)
+        ):
+            return None
+        if self.cfg.check_peer_source:
+            v6 = len(source) == 16
+            known = self.table.source6_set if v6 else self.table.source_set
+            if (source if v6 else int.from_bytes(source, "big")) not in known:
+                return None
+        code, length = validate_one(row[inner : off + ln])
+        return None if code else length
+
+    def _write_frames(self, plan: list[tuple[memoryview, int]], inner: int) -> None:
+        """Each (row, length): the inner packet at row[inner:inner + length] written to the TUN (behind a
+        zero virtio header when the TUN takes one), and counted."""
         if self.tun.vnet and inner >= VNET_HDR_LEN:
             writes = []
             for row, length in plan:
@@ -273,7 +295,6 @@ class RowPaths:
             self._count("rx_bytes", sum(length for _, length in plan))
         else:
             self.counters[_TUN_WRITE_ERROR] += len(writes) - ok
-        return True
 
     def receive_run(self, batch: PacketBatch, src_addr: np.ndarray) -> bool:
         """A train of one flow's segments that makes one superpacket (the commonest receive under load):

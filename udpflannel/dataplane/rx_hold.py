@@ -11,7 +11,7 @@ and writes what is still held then; order is kept: a held run is written before 
 handled.
 
 HeldRun is a mixin of dataplane.engine.Engine and uses its attributes: rx, tun, head, process_rx,
-process_train_set, few, _count, _deliver, _internal_error, _run_of (rowpath)."""
+process_train_set, few, _count, _deliver, _internal_error, _run_of and receive_lone (rowpath)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from udpflannel.io.udp import Received, TrainSet
+from udpflannel.io.udp import LoneDatagram, Received, TrainSet
 from udpflannel.packet import headers as h
 from udpflannel.packet.gro_run import join_runs
 from udpflannel.packet.vnet import VNET_HDR_LEN, VNET_HDR_STRUCT
@@ -44,7 +44,7 @@ class HeldRun:
         self._may_hold = self.hold_runs and sets
         try:
             appended = rx.stats.rests_appended
-            records = rx.recv_trains(sets=sets)
+            records = rx.recv_trains(sets=sets, lone=True)
             if rx.stats.rests_appended != appended:  # superpackets made whole in the receive buffer
                 self._count("rx_joined_runs", rx.stats.rests_appended - appended)  # type: ignore[attr-defined]
             return self._receive_records(records)
@@ -53,12 +53,24 @@ class HeldRun:
             if not self.hold_runs:
                 self.flush_held()
 
-    def _receive_records(self, records: list[Received | TrainSet]) -> int:
+    def _receive_records(self, records: list[Received | TrainSet | LoneDatagram]) -> int:
         # GRO trains arrive as zero-copy views of the receive buffer: each is delivered before the next
         # receive reuses that buffer (a held run is a copy already). A held run meets the next record
         # first: a train set's first write joins it or flushes it (deliver_run), a lone train here.
         total = 0
         for rec in records:
+            if isinstance(rec, LoneDatagram):  # a ping, an ACK at a moderate rate: no array calls
+                total += 1
+                self.flush_held()
+                try:
+                    if self.receive_lone(rec.row, rec.length, rec.source):  # type: ignore[attr-defined]
+                        self._count("rx_batches")  # type: ignore[attr-defined]
+                    else:
+                        got = rec.received()  # the batch paths judge and count it
+                        self.process_rx(got.batch, got.src_addr)  # type: ignore[attr-defined]
+                except Exception:
+                    self._internal_error(1)  # type: ignore[attr-defined]
+                continue
             if isinstance(rec, TrainSet):
                 n = int(rec.counts.sum())
                 total += n

@@ -93,6 +93,9 @@ class MmsgArena:
         self.hdrs["namelen"] = SOCKADDR_SIZE
         self.hdrs["controllen"] = CMSG_SPACE if control else 0
         self._fresh = memoryview(self.hdr_bytes.tobytes())
+        # Slot 0 and its sockaddr as memoryviews, for a receive of one datagram read without arrays.
+        self.first_slot = memoryview(self.data[0])
+        self.first_name = memoryview(self.names[0])
         self._used = 0  # headers the last receive filled
         self.drained = True  # the last receive took every message that waited (it got fewer than asked)
 

@@ -31,7 +31,7 @@ from udpflannel.io.udp_endpoint import (  # noqa: F401  (re-exported)
     grow_buffers,
     probe_max_segments,
 )
-from udpflannel.io.udp_recv import Received, TrainSet, UdpReceiver
+from udpflannel.io.udp_recv import LoneDatagram, Received, TrainSet, UdpReceiver
 from udpflannel.packet.batch import PacketBatch
 
 Buffer = bytes | bytearray | memoryview
@@ -387,6 +387,7 @@ def _chunk(calls: list[tuple[int, int]], a: int, b: int, per_call: int) -> None:
 
 
 __all__ = [
+    "LoneDatagram",
     "Received",
     "TrainSet",
     "UdpSocket",

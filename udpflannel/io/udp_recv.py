@@ -8,6 +8,7 @@ stats, _arena."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,18 @@ class TrainSet:
         return view
 
 
+@dataclass(slots=True)
+class LoneDatagram:
+    """The one datagram of a receive (a ping, an ACK at a moderate rate): a view of its receive slot (the
+    datagram at its start, `length` bytes) and its source address bytes, for a per-packet path without
+    array calls; received() gives it as the Received the batch paths take. Valid until the next receive."""
+
+    row: memoryview
+    length: int
+    source: bytes  # 4 (IPv4) or 16 bytes
+    received: Callable[[], Received]
+
+
 def append_rests(arena: MmsgArena, total: list[int], seg: list[int], counts: list[int]) -> int:
     """Undo the sender's cut of one superpacket into two UDP_SEGMENT messages (65507 bytes a send: a 64 KiB
     TCP superpacket goes as 44 datagrams and 2-3 more, and the kernel's GRO stops at 64 KiB as well), so
@@ -132,24 +145,32 @@ class UdpReceiver:
         return self._split_trains(arena, m)
 
     def recv_trains(
-        self, max_messages: int | None = None, *, sets: bool = False
-    ) -> list[Received | TrainSet]:
+        self, max_messages: int | None = None, *, sets: bool = False, lone: bool = False
+    ) -> list[Received | TrainSet | LoneDatagram]:
         """One recvmmsg, as batches in arrival order: each UDP_GRO train of at least TRAIN_MIN datagrams
         is a zero-copy view of the receive buffer (its datagrams are the rows of a [k, segment size] array,
         offset 0: a train of equal-size datagrams is a strided 2-D view of one buffer); runs of other
         messages are copied into one batch as recv_batch does, but a few one-datagram messages are passed
         on where they lie (offset 0). Views are valid until the next receive on
         this socket, so each batch must be consumed before then. [] when nothing waits. With `sets`,
-        consecutive trains of one segment size come as one TrainSet instead."""
+        consecutive trains of one segment size come as one TrainSet instead; with `lone`, the one datagram
+        of a receive as a LoneDatagram."""
         arena, m = self._recv(max_messages)
         if m == 0:
             return []
-        if m == 1 and self.gro:
+        if m == 1:
             # The usual case under load: one train per call, sized up with struct, no array operations.
             t, flags, s = arena.first_message()
             k = -(-t // s) if 0 < s < t else 0
-            if not flags & linux.MSG_TRUNC and k >= TRAIN_MIN and k * s <= arena.slot_size:
+            if self.gro and not flags & linux.MSG_TRUNC and k >= TRAIN_MIN and k * s <= arena.slot_size:
                 return [self._train_view(arena, 0, k, s, t)]
+            if lone and not flags & linux.MSG_TRUNC and k == 0:
+                aoff, alen = self._addr_cols()
+                self.stats.received += 1
+                source = arena.first_name[aoff : aoff + alen].tobytes()
+                return [
+                    LoneDatagram(arena.first_slot, t, source, lambda: self._singles(arena, [t], counted=True))
+                ]
         if m <= SINGLES_MAX:
             # A few datagrams of their own (ACKs, pings): each already sits in a row of the arena.
             lengths = []
@@ -214,13 +235,13 @@ class UdpReceiver:
         views = [(arena, j, k, s, t) for j, k, s, t in run]
         return TrainSet(rows, counts, lasts, src, self.family, views, self)
 
-    def _singles(self, arena: MmsgArena, lengths: list[int]) -> Received:
+    def _singles(self, arena: MmsgArena, lengths: list[int], *, counted: bool = False) -> Received:
         """Messages 0..m-1, one datagram each, as a zero-copy batch over their receive slots (offset 0),
-        valid until the next receive."""
+        valid until the next receive (`counted`: in stats already)."""
         m = len(lengths)
         aoff, alen = self._addr_cols()
         names = arena.names[:m]
-        self.stats.received += m
+        self.stats.received += 0 if counted else m
         batch = PacketBatch(arena.data[:m], np.array(lengths, np.int32), 0, m)
         return Received(batch, names[:, aoff : aoff + alen], names, self.family)
 
