@@ -7,7 +7,7 @@ the batch pipeline's judgement, so drops are always counted there. Both encapsul
 header in front, udp takes the TTL down by one as flannel's udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, _headers, _header_bytes, _outer_v6, head, counters, _rx_prefix, _uso, _count, _deliver,
+_dsts, _flows, _header_bytes, _outer_v6, head, counters, _rx_prefix, _uso, _count, _deliver,
 deliver_run and flush_held (rx_hold), _encapsulate (tx_super). No sockets of its own, no clock."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from udpflannel.codec import vxlan as vxlan_codec
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
 from udpflannel.dataplane.txprep import FLOW_HASH_BYTES, finish_partial, finish_run_checksums, flow_hash_one
@@ -32,7 +31,6 @@ from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN, VN
 FLOW_CACHE_MAX = 4096  # flows remembered by the superpacket path; cleared when full or when peers change
 _PORTS = (h.IPPROTO_TCP, h.IPPROTO_UDP)  # protocols whose flows _flow caches
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}  # the inner Ethernet type a VXLAN frame must carry
-_ETHERTYPE_V6 = (vxlan_codec.ETHERTYPE_IPV6 >> 8, vxlan_codec.ETHERTYPE_IPV6 & 0xFF)
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
 _BAD_HEADER = INDEX[DROP_NAMES[DropReason.BAD_HEADER]]
 _TUN_WRITE_ERROR = INDEX[DROP_NAMES[DropReason.TUN_WRITE_ERROR]]
@@ -99,25 +97,14 @@ class RowPaths:
             flags, gso_type, _, _, start, field = VNET_HDR_STRUCT.unpack_from(row, off - VNET_HDR_LEN)
             if gso_type:
                 return False
-        head = self.head
-        version = row[off] >> 4
-        if not 40 <= ln <= self.cfg.mtu or version not in (4, 6):
-            return False
-        if not head and row[off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)] <= 1:
-            return False  # the udp proxy's TTL rule: the general path answers time exceeded
-        peer, sock_index = self._flow_of(bytes(row[off : off + FLOW_HASH_BYTES]))
-        if peer == NO_PEER:
+        route = self._row_route(row, off, ln)
+        if route is None:
             return False
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(row[off : off + ln], start, field):
             return False
-        if head:
-            row[off - head : off] = self._header_bytes[peer]  # the template with the peer's VtepMAC
-            if version == 6:
-                row[off - 2 : off] = _ETHERTYPE[6]
-        else:
-            _decrement_ttl(row, off)
-        pool = self._pools[self._outer_v6[peer]]
-        sock = pool[sock_index % len(pool)]
+        peer, sock = route
+        head = self.head
+        self._encapsulate_row(row, off, peer)
         if sock.send_one(row[off - head : off + ln], self._dsts[peer]):
             self._count("tx_packets")
             self._count("tx_bytes", ln)
@@ -130,30 +117,18 @@ class RowPaths:
         """A few unrelated packets (ACKs, pings): per-row cached lookups cost less than the ~30 array
         operations of the general path. Sends nothing and returns False when any row needs the general
         path (no peer, over the MTU, malformed)."""
-        off, mtu, head = batch.offset, self.cfg.mtu, self.head
-        buf, lengths = batch.buf, batch.lengths
+        off, head, buf = batch.offset, self.head, batch.buf
+        lengths = batch.lengths[: batch.n].tolist()
         plan = []
         for i in rows:
-            ln = int(lengths[i])
-            version = buf[i, off] >> 4
-            if not 40 <= ln <= mtu or version not in (4, 6):
+            row = buf[i].data
+            route = self._row_route(row, off, lengths[i])
+            if route is None:
                 return False
-            if not head and buf[i, off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)] <= 1:
-                return False  # the udp proxy's TTL rule: the general path answers time exceeded
-            peer, sock_index = self._flow(buf, off, i)
-            if peer == NO_PEER:
-                return False
-            plan.append((i, ln, peer, sock_index))
+            plan.append((i, row, lengths[i], *route))
         groups: dict[tuple[int, int], tuple[Any, int, list[int], list[int]]] = {}  # by socket and peer
-        for i, ln, peer, sock_index in plan:
-            if head:
-                buf[i, off - head : off] = self._headers[peer]  # the template with the peer's VtepMAC
-                if buf[i, off] >> 4 == 6:
-                    buf[i, off - 2 : off] = _ETHERTYPE_V6
-            else:
-                _decrement_ttl(buf[i].data, off)
-            pool = self._pools[int(self.table.outer_v6[peer])]
-            sock = pool[sock_index % len(pool)]
+        for i, row, ln, peer, sock in plan:
+            self._encapsulate_row(row, off, peer)
             group = groups.setdefault((id(sock), peer), (sock, peer, [], []))
             group[2].append(i)
             group[3].append(ln + head)
@@ -173,10 +148,36 @@ class RowPaths:
             sent += sock.stats.sent - before
             self._count("tx_send_calls", sock.stats.send_calls - calls)
         self._count("tx_packets", sent)
-        self._count("tx_bytes", sum(ln for _, ln, _, _ in plan))
+        self._count("tx_bytes", sum(p[2] for p in plan))
         if sent < len(plan):
             self.counters[_SEND_ERROR] += len(plan) - sent
         return True
+
+    def _row_route(self, row: memoryview, off: int, ln: int) -> tuple[int, Any] | None:
+        """(peer index, socket to send from) for the plain packet at row[off:off + ln], or None when the
+        batch paths must judge it: not IPv4 or IPv6 of 40 bytes to the MTU, no peer, or (udp) a TTL that
+        would expire here."""
+        version = row[off] >> 4
+        if not 40 <= ln <= self.cfg.mtu or version not in (4, 6):
+            return None
+        if not self.head and row[off + (h.IPV4_TTL if version == 4 else h.IPV6_HOP_LIMIT)] <= 1:
+            return None  # the udp proxy's TTL rule: the general path answers time exceeded
+        peer, sock_index = self._flow_of(bytes(row[off : off + FLOW_HASH_BYTES]))
+        if peer == NO_PEER:
+            return None
+        pool = self._pools[self._outer_v6[peer]]
+        return peer, pool[sock_index % len(pool)]
+
+    def _encapsulate_row(self, row: memoryview, off: int, peer: int) -> None:
+        """vxlan: the peer's VXLAN and inner Ethernet header in front of the packet at row[off:]; udp: its
+        TTL (hop limit) down by one, as flannel's udp proxy forwards."""
+        head = self.head
+        if not head:
+            _decrement_ttl(row, off)
+            return
+        row[off - head : off] = self._header_bytes[peer]  # the template with the peer's VtepMAC
+        if row[off] >> 4 == 6:
+            row[off - 2 : off] = _ETHERTYPE[6]
 
     def send_run(self, batch: PacketBatch, hdr: tuple[int, ...]) -> bool:
         """A TUN batch of one flow's plain packets (a packet-rate sender) that share one virtio header
