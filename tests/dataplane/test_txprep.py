@@ -94,6 +94,10 @@ def test_flow_hash_one_is_flow_hash_of_that_row():
     want = flow_hash(batch.buf, batch.offset, batch.n).tolist()
     assert [flow_hash_one(p[:44]) for p in pkts] == want
     assert flow_hash_one(pkts[-1][:30]) == flow_hash_one(pkts[-1][:30] + bytes(14))  # zero-padded
+    # rows narrower than the 44 bytes hashed read as zero-padded too, as flow_hash_one does
+    narrow = PacketBatch.from_packets([pkts[0][:24], pkts[-1][:30]], headroom=8)
+    assert narrow.stride < 8 + 44
+    assert flow_hash(narrow.buf, 8, 2).tolist() == [flow_hash_one(pkts[0][:24]), flow_hash_one(pkts[-1][:30])]
 
 
 @pytest.mark.parametrize("v6", [False, True])

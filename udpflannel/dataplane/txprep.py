@@ -43,6 +43,8 @@ def flow_hash(buf: np.ndarray, offset: int, n: int) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
     head = np.ascontiguousarray(buf[:n, offset : offset + FLOW_HASH_BYTES])
+    if head.shape[1] < FLOW_HASH_BYTES:  # rows narrower than that (never a TUN read's): zeros past the end
+        head = np.pad(head, ((0, 0), (0, FLOW_HASH_BYTES - head.shape[1])))
     w = head.view("<u4").astype(np.uint64)  # [n, 11] words at byte 0, 4, ..., 40
     h4 = (w[:, 3:6] * _K4).sum(axis=1, dtype=np.uint64)  # bytes 12..24
     h6 = (w[:, 2:11] * _K6).sum(axis=1, dtype=np.uint64)  # bytes 8..44
