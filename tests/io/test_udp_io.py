@@ -39,6 +39,16 @@ def _receive_all(rx: UdpSocket, want: int, timeout: float = 5.0) -> tuple[list[b
     return got, sources
 
 
+def _first_receive(rx: UdpSocket, **options: bool) -> list:
+    """The records of the first recv_trains(**options) that finds something (within 5 s; [] if none)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if recs := rx.recv_trains(**options):
+            return recs
+        time.sleep(0.01)
+    return []
+
+
 Pair = tuple[Lab, str, str]  # the lab and two namespaces joined by a veth (198.18.0.1 - 198.18.0.2)
 
 
@@ -168,11 +178,7 @@ def test_a_few_datagrams_are_passed_on_where_they_lie(pair: Pair, open_udp: Open
     sent = [bytes([i]) * (40 + i) for i in range(5)]
     assert tx.sendmmsg([(p, ("198.18.0.2", PORT)) for p in sent]) == 5
     time.sleep(0.05)  # all five queued before the one receive
-    deadline = time.monotonic() + 5
-    recs: list = []
-    while not recs and time.monotonic() < deadline:
-        recs = rx.recv_trains()
-        time.sleep(0.01)
+    recs = _first_receive(rx)
     assert len(recs) == 1 and recs[0].batch.offset == 0
     assert recs[0].batch.buf.base is not None  # a view of the arena, not a copy
     assert recs[0].batch.packets() == sent
@@ -191,17 +197,8 @@ def test_the_one_datagram_of_a_receive_comes_as_a_lone_datagram(
     tx = open_udp(a, "198.18.0.1", 0, gso=False)
     rx = open_udp(b, "198.18.0.2", PORT, gro=gro)
     dest = ("198.18.0.2", PORT)
-
-    def receive() -> list:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if recs := rx.recv_trains(sets=True, lone=True):
-                return recs
-            time.sleep(0.01)
-        return []
-
     assert tx.send_one(b"ping" * 20, dest) == 1
-    (lone,) = receive()
+    (lone,) = _first_receive(rx, sets=True, lone=True)
     assert isinstance(lone, LoneDatagram) and lone.length == 80
     assert bytes(lone.row[: lone.length]) == b"ping" * 20 and lone.source == bytes([198, 18, 0, 1])
     got = lone.received()
@@ -209,7 +206,7 @@ def test_the_one_datagram_of_a_receive_comes_as_a_lone_datagram(
     assert rx.stats.received == 1
     assert tx.sendmmsg([(b"a" * 40, dest), (b"b" * 41, dest)]) == 2
     time.sleep(0.05)  # both queued before the one receive
-    (both,) = receive()
+    (both,) = _first_receive(rx, sets=True, lone=True)
     assert isinstance(both, Received) and both.batch.packets() == [b"a" * 40, b"b" * 41]
     assert rx.stats.received == 3
 
