@@ -52,3 +52,14 @@ def test_ttl_one_expires_and_is_left_alone():
     expired = udp.decrement_ttl_batch(buf, lengths, 8, np.array([True]))
     assert expired.tolist() == [True]
     assert buf[0, 8 : 8 + len(pkt)].tobytes() == pkt
+
+
+@pytest.mark.parametrize("width", [0, 1, 5, 7])
+def test_rows_narrower_than_a_header_are_bad_not_an_error(width):
+    # A UDP_GRO train of tiny datagrams is viewed as rows of its segment size: no room for a header.
+    buf = np.full((3, width), 0x45, np.uint8)
+    lengths = np.full(3, width, np.int32)
+    assert udp.decode_batch(buf, lengths, 0).tolist() == [udp.BAD_HEADER] * 3
+    expired = udp.decrement_ttl_batch(buf, lengths, 0, np.zeros(3, bool))
+    assert not expired.any()
+    assert (buf == 0x45).all()

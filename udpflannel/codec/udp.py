@@ -30,7 +30,10 @@ def decode_batch(buf: np.ndarray, lengths: np.ndarray, offset: int) -> np.ndarra
     if n == 0:
         return codes
     lens = lengths[:n].astype(np.int64)
-    hdr = buf[:n, offset : offset + 8].astype(np.int64)
+    # Rows narrower than 8 bytes (a UDP_GRO train of tiny datagrams) read as zero-padded: all too short.
+    hdr = np.zeros((n, 8), np.int64)
+    width = min(max(buf.shape[1] - offset, 0), 8)
+    hdr[:, :width] = buf[:n, offset : offset + width]
     version = hdr[:, 0] >> 4
     is_v4 = version == 4
     is_v6 = version == 6
@@ -52,21 +55,20 @@ def decrement_ttl_batch(buf: np.ndarray, lengths: np.ndarray, offset: int, valid
     """
     n = len(lengths)
     expired = np.zeros(n, dtype=bool)
-    if n == 0:
+    # Only valid rows are read: the others may be narrower than an IP header (a train of tiny datagrams).
+    rows = np.flatnonzero(valid[:n])
+    if len(rows) == 0:
         return expired
-    first = buf[:n, offset] >> 4
-    is_v4 = valid[:n] & (first == 4)
-    is_v6 = valid[:n] & (first == 6)
-    ttl_col = np.where(is_v4, offset + 8, offset + 7)
-    rows = np.arange(n)
-    ttl = buf[rows, ttl_col]
-    expired = (is_v4 | is_v6) & (ttl <= 1)
-    dec_v4 = is_v4 & ~expired
-    dec_v6 = is_v6 & ~expired
-    if dec_v6.any():
-        buf[rows[dec_v6], offset + 7] -= 1
-    if dec_v4.any():
-        r = rows[dec_v4]
+    version = buf[rows, offset] >> 4
+    v4, v6 = rows[version == 4], rows[version == 6]
+    ttl4, ttl6 = buf[v4, offset + 8], buf[v6, offset + 7]
+    expired[v4[ttl4 <= 1]] = True
+    expired[v6[ttl6 <= 1]] = True
+    dec_v6 = v6[ttl6 > 1]
+    if len(dec_v6):
+        buf[dec_v6, offset + 7] -= 1
+    r = v4[ttl4 > 1]
+    if len(r):
         buf[r, offset + 8] -= 1
         # RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'); the 16-bit word holding TTL went down by 0x0100.
         old = (buf[r, offset + 10].astype(np.uint32) << 8) | buf[r, offset + 11]
