@@ -182,6 +182,18 @@ def test_bad_superpackets_become_drop_codes(mutate, reason: DropReason) -> None:
     assert MAX_SEGMENTS < 3000
 
 
+@pytest.mark.parametrize("csum_start", [41, 45, 47, 60])
+def test_ipv6_l4_start_off_the_8_byte_extension_grid_is_refused(csum_start: int) -> None:
+    # Extension headers are multiples of 8 bytes; an odd start once raised in the split's header sums.
+    sp = build_tcp(v6=True, payload=bytes(3000), mss=1000)
+    raw = bytearray(sp.raw)
+    raw[csum_start + 12] = 0x50  # a TCP data offset of 5 words where the header would start
+    vh = VnetHdr(1, sp.vh.gso_type, sp.vh.hdr_len, 1000, csum_start, sp.vh.csum_offset)
+    batch = split_superpacket(bytes(raw), vh, 50)
+    assert batch.n == 0
+    assert batch.drop == DropReason.BAD_HEADER
+
+
 @given(data=st.binary(max_size=200), hdr=st.binary(min_size=10, max_size=10), big=st.booleans())
 @settings(max_examples=400, deadline=None)
 def test_random_bytes_never_raise(data: bytes, hdr: bytes, big: bool) -> None:

@@ -112,7 +112,8 @@ def _split(pkt: np.ndarray, hdr: VnetHdr, headroom: int, *, tcp: bool, packed: b
             return PacketBatch.refused(DropReason.BAD_HEADER, headroom)
         proto = int(pkt[h.IPV4_PROTO])
     elif version == 6:
-        if l3 < h.IPV6_HLEN or total < l3:
+        # Extension headers come in multiples of 8 bytes (RFC 8200 4.1): an odd csum_start is nonsense.
+        if l3 < h.IPV6_HLEN or (l3 - h.IPV6_HLEN) % 8 or total < l3:
             return PacketBatch.refused(DropReason.BAD_HEADER, headroom)
         # Extension headers between the fixed header and L4 are copied as they are; only the common case
         # (none) lets us check the protocol here.
