@@ -1,0 +1,272 @@
+"""Hostile traffic through the whole vxlan/udp engine: valid superpackets, GRO trains and ACKs with a few
+bytes changed (IP and TCP headers, the VXLAN header, virtio header fields, lengths, GRO segment sizes,
+sources). Every batch is judged and counted; none may end as an internal error (which would drop the good
+packets beside the bad ones), and clean traffic still goes through afterwards."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+from udpflannel.codec import vxlan
+from udpflannel.dataplane.counters import INDEX, SLOTS
+from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
+from udpflannel.dataplane.spec import Peer
+from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena, encode_sockaddr
+from udpflannel.io.tun import TunRead
+from udpflannel.io.udp import UdpSocket, UdpStats
+from udpflannel.packet import headers as h
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR_DTYPE,
+    VnetHdr,
+)
+
+OUR_MAC, PEER_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+PEER_PUBLIC = "198.18.0.2"
+TRIALS = 400  # per encapsulation: ~1 s each
+READ_ROWS = 8
+
+
+class FuzzTun:
+    """io.tun.Tun with virtio headers: reads copy queued packets into the engine's arena, writes count."""
+
+    vnet = True
+    uso = True
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[bytes, VnetHdr]] = []
+        self.written = 0
+
+    def read_batch(self, max_packets: int, headroom: int, arena: PacketBatch) -> TunRead:
+        take, self.queue = self.queue[:max_packets], self.queue[max_packets:]
+        for i, (pkt, vh) in enumerate(take):
+            arena.buf[i, headroom - 10 : headroom] = np.frombuffer(vh.encode(), np.uint8)
+            arena.buf[i, headroom : headroom + len(pkt)] = np.frombuffer(pkt, np.uint8)
+            arena.lengths[i] = len(pkt)
+        n = len(take)
+        headers = arena.buf[:n, headroom - 10 : headroom].copy().view(VNET_HDR_DTYPE).reshape(n)
+        return TunRead(PacketBatch(arena.buf[:n], arena.lengths[:n], headroom, n), headers, True)
+
+    def write_batch(self, writes) -> int:
+        self.written += len(writes)
+        return len(writes)
+
+    def write_plain(self, packet) -> bool:
+        self.written += 1
+        return True
+
+
+class SinkSock(UdpSocket):
+    """io.udp.UdpSocket whose own send logic runs but whose sends are counted instead of made."""
+
+    def __init__(self) -> None:
+        super().__init__(None, socket.AF_INET, True, True, 64, 65507, 16, HEADROOM)  # type: ignore[arg-type]
+        self.stats = UdpStats()
+        self.arena: MmsgArena | None = None
+        self.ready = 0
+
+    def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
+        assert self.arena is not None
+        m, self.ready = self.ready, 0
+        return self.arena, m
+
+    def _sendmsg(self, bufs, anc, dest, *, datagrams: int) -> int:
+        self.stats.send_calls += 1
+        self.stats.sent += datagrams
+        return datagrams
+
+    def _sendmmsg_raw(self, hdrs, m: int) -> int:
+        self.stats.send_calls += 1
+        return m
+
+    def _sendmmsg_prepared(self, hdrs, iov, n: int, keep: object) -> int:
+        self.stats.send_calls += 1
+        self.stats.sent += n
+        return n
+
+    def send_one(self, datagram, dest) -> int:
+        self.stats.send_calls += 1
+        self.stats.sent += 1
+        return 1
+
+
+def make_engine(encap: str) -> tuple[Engine, FuzzTun, SinkSock]:
+    cfg = EngineConfig(
+        encap=encap,
+        mtu=1450 if encap == "vxlan" else 1472,
+        port=8472 if encap == "vxlan" else 8285,
+        vtep_mac=OUR_MAC,
+        icmp_src_v4="198.19.1.0",
+        icmp_src_v6="fd00:198:0:1::",
+    )
+    tun, rx = FuzzTun(), SinkSock()
+    rx.arena = MmsgArena(8, 65536 + 4096)
+    eng = Engine(cfg, tun, rx, [rx, SinkSock()], np.zeros(SLOTS, np.int64))
+    eng.set_peers(
+        [Peer("198.19.2.0/24", PEER_PUBLIC, PEER_MAC), Peer("fd00:198:0:2::/64", PEER_PUBLIC, PEER_MAC)]
+    )
+    eng.hold_runs = True  # as the worker runs it
+    return eng, tun, rx
+
+
+def tcp(rng: random.Random, payload: int, mss: int, *, v6: bool, outbound: bool) -> tuple[bytes, VnetHdr]:
+    """A TCP superpacket (timestamps option) as the TUN hands it over: partial checksum, GSO header.
+    Outbound: from our subnet to the peer's; else the other way round (to be split into a train)."""
+    a4, b4 = bytes([198, 19, 1, 2]), bytes([198, 19, 2, 3])
+    a6 = socket.inet_pton(socket.AF_INET6, "fd00:198:0:1::2")
+    b6 = socket.inet_pton(socket.AF_INET6, "fd00:198:0:2::3")
+    src, dst = (a6, b6) if v6 else (a4, b4)
+    if not outbound:
+        src, dst = dst, src
+    options = bytes([1, 1, 8, 10]) + struct.pack("!II", 123456, 654321)
+    tcp_hdr = struct.pack("!HHIIBBHHH", 40000, 5201, rng.getrandbits(32), 77, 8 << 4, 0x10, 500, 0, 0)
+    body = tcp_hdr + options + rng.randbytes(payload)
+    if v6:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(body), h.IPPROTO_TCP, 64, src, dst)
+    else:
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, 6, 0, src, dst))
+        struct.pack_into("!H", ip, h.IPV4_CSUM, reference.checksum(bytes(ip)))
+    pkt = bytearray(bytes(ip) + body)
+    l3 = len(ip)
+    struct.pack_into("!H", pkt, l3 + h.TCP_CSUM, reference.pseudo_header(pkt, h.IPPROTO_TCP, len(body)))
+    kind = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+    return bytes(pkt), VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, l3 + 32, mss, l3, h.TCP_CSUM)
+
+
+def flip(rng: random.Random, data: bytearray, start: int, span: int) -> None:
+    """Change one byte in data[start : start + span]: a bit, a random value, or a telling one."""
+    i = start + rng.randrange(max(1, min(span, len(data) - start)))
+    if i >= len(data):
+        return
+    r = rng.random()
+    if r < 0.5:
+        data[i] ^= 1 << rng.randrange(8)
+    elif r < 0.8:
+        data[i] = rng.randrange(256)
+    else:
+        data[i] = rng.choice([0, 0xFF, 0x45, 0x60, 6, 17, 0x10, 0x18, 0x01])
+
+
+def tx_trial(rng: random.Random, tun: FuzzTun) -> None:
+    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+        v6 = rng.random() < 0.3
+        if rng.random() < 0.6:
+            mss = rng.choice([1386, 1386, 500, 100, 1, 8, 1400, 1500])
+            pkt, vh = tcp(rng, rng.randrange(0, 60000), mss, v6=v6, outbound=True)
+        else:  # a bare ACK: partial checksum, no GSO
+            pkt, vh = tcp(rng, 0, 0, v6=v6, outbound=True)
+            vh = VnetHdr(vh.flags, 0, 0, 0, vh.csum_start, vh.csum_offset)
+        data = bytearray(pkt)
+        if rng.random() < 0.7:
+            for _ in range(rng.randrange(1, 4)):
+                flip(rng, data, 0, 80)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(1, len(data) + 1)]
+        if rng.random() < 0.3:
+            fields = [vh.flags, vh.gso_type, vh.hdr_len, vh.gso_size, vh.csum_start, vh.csum_offset]
+            i = rng.randrange(6)
+            value = rng.choice(
+                [0, 1, 3, 4, 5, 0x80, 0xFF, 6, 16, 20, 40, 52, 1386, 0xFFFF, rng.getrandbits(16)]
+            )
+            fields[i] = value & (0xFF if i < 2 else 0xFFFF)
+            vh = VnetHdr(*fields)
+        tun.queue.append((bytes(data), vh))
+
+
+def put_datagrams(arena: MmsgArena, j: int, datagrams: list[bytes]) -> int:
+    """Receive slot j holding `datagrams` as one UDP_GRO receive leaves them; returns the segment size."""
+    raw = b"".join(datagrams)
+    seg = len(datagrams[0])
+    arena.data[j, : len(raw)] = np.frombuffer(raw, np.uint8)
+    arena.hdrs["len"][j] = len(raw)
+    gro = len(datagrams) > 1
+    arena.hdrs["controllen"][j] = CMSG_SPACE if gro else 0
+    arena.control[j, :20] = np.frombuffer(struct.pack("<Qiii", 20, 17, 104, seg), np.uint8)
+    arena.names[j, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, PEER_PUBLIC, 40000)[:16], np.uint8)
+    return seg
+
+
+def encapsulate(encap: str, inner: bytes) -> bytes:
+    """The peer's datagram carrying `inner`."""
+    if encap == "udp":
+        return inner
+    return vxlan.encode_vxlan(inner, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
+
+
+def rx_trial(rng: random.Random, encap: str, rx: SinkSock) -> None:
+    arena = rx.arena
+    assert arena is not None
+    m = 0
+    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+        v6 = rng.random() < 0.3
+        if rng.random() < 0.7:
+            mss = rng.choice([1386, 1386, 500, 100])
+            pkt, vh = tcp(rng, rng.randrange(1, 44 * mss), mss, v6=v6, outbound=False)
+            segments = reference.split(pkt, vh)
+            cut = rng.choice([len(segments), 44, max(1, len(segments) - 1), 1])
+            trains = [segments[:cut], segments[cut:]]  # a superpacket's train and its rest
+        else:  # a run of bare ACKs
+            pkt, vh = tcp(rng, 0, 0, v6=v6, outbound=False)
+            ack = reference.split(pkt, VnetHdr(vh.flags, 0, 0, 0, vh.csum_start, vh.csum_offset))[0]
+            trains = [[ack] * rng.randrange(1, 30)]
+        for segs in trains:
+            if m == arena.slots or not segs:
+                break
+            seg = put_datagrams(arena, m, [encapsulate(encap, x) for x in segs])
+            total = int(arena.hdrs["len"][m])
+            if rng.random() < 0.7:
+                for _ in range(rng.randrange(1, 4)):  # in some datagram's headers
+                    flip(rng, arena.data[m], seg * rng.randrange(-(-total // seg)), 110)
+            if rng.random() < 0.15:
+                arena.hdrs["len"][m] = rng.randrange(0, total + 1)
+            if rng.random() < 0.1:
+                size = rng.choice([0, 1, 8, 50, seg - 1, seg + 1, 0xFFFF, rng.randrange(70000)])
+                arena.control[m, 16:20] = np.frombuffer(struct.pack("<i", size), np.uint8)
+            if rng.random() < 0.05:
+                arena.names[m, 7] = rng.randrange(256)  # another source address
+            m += 1
+    rx.ready = m
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_mangled_traffic_is_judged_never_an_internal_error(encap: str) -> None:
+    eng, tun, rx = make_engine(encap)
+    c = eng.counters
+    for trial in range(TRIALS):
+        rng = random.Random(trial)
+        if rng.random() < 0.5:
+            tx_trial(rng, tun)
+            eng.tx_once()
+        else:
+            rx_trial(rng, encap, rx)
+            eng.rx_once()
+            if rng.random() < 0.5:
+                eng.flush_held()
+        assert c[INDEX["drop_internal_error"]] == 0, f"{encap}: trial {trial}"
+    eng.flush_held()
+    # Not vacuous: traffic went both ways and several kinds of damage were told apart.
+    assert c[INDEX["tx_packets"]] > 0 and c[INDEX["rx_packets"]] > 0
+    drops = [name for name, i in INDEX.items() if name.startswith("drop_") and c[i]]
+    assert len(drops) >= 4, drops
+    # Clean traffic still goes through, each way.
+    sent, written = c[INDEX["tx_packets"]], tun.written
+    rng = random.Random(-1)
+    tun.queue.append(tcp(rng, 20 * 1386, 1386, v6=False, outbound=True))
+    eng.tx_once()
+    assert c[INDEX["tx_packets"]] == sent + 20
+    pkt, vh = tcp(rng, 20 * 1386, 1386, v6=False, outbound=False)
+    assert rx.arena is not None
+    put_datagrams(rx.arena, 0, [encapsulate(encap, x) for x in reference.split(pkt, vh)])
+    rx.ready = 1
+    eng.rx_once()
+    eng.flush_held()
+    assert tun.written > written
