@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+from mangle import flip, tcp, tun_reads
 
 from udpflannel.codec import vxlan
 from udpflannel.dataplane.counters import INDEX, SLOTS
@@ -19,16 +20,9 @@ from udpflannel.dataplane.spec import Peer
 from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena, encode_sockaddr
 from udpflannel.io.tun import TunRead
 from udpflannel.io.udp import UdpSocket, UdpStats
-from udpflannel.packet import headers as h
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
-from udpflannel.packet.vnet import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VNET_HDR_DTYPE,
-    VnetHdr,
-)
+from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
 
 OUR_MAC, PEER_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 PEER_PUBLIC = "198.18.0.2"
@@ -118,70 +112,6 @@ def make_engine(encap: str) -> tuple[Engine, FuzzTun, SinkSock]:
     return eng, tun, rx
 
 
-def tcp(rng: random.Random, payload: int, mss: int, *, v6: bool, outbound: bool) -> tuple[bytes, VnetHdr]:
-    """A TCP superpacket (timestamps option) as the TUN hands it over: partial checksum, GSO header.
-    Outbound: from our subnet to the peer's; else the other way round (to be split into a train)."""
-    a4, b4 = bytes([198, 19, 1, 2]), bytes([198, 19, 2, 3])
-    a6 = socket.inet_pton(socket.AF_INET6, "fd00:198:0:1::2")
-    b6 = socket.inet_pton(socket.AF_INET6, "fd00:198:0:2::3")
-    src, dst = (a6, b6) if v6 else (a4, b4)
-    if not outbound:
-        src, dst = dst, src
-    options = bytes([1, 1, 8, 10]) + struct.pack("!II", 123456, 654321)
-    tcp_hdr = struct.pack("!HHIIBBHHH", 40000, 5201, rng.getrandbits(32), 77, 8 << 4, 0x10, 500, 0, 0)
-    body = tcp_hdr + options + rng.randbytes(payload)
-    if v6:
-        ip = struct.pack("!IHBB16s16s", 6 << 28, len(body), h.IPPROTO_TCP, 64, src, dst)
-    else:
-        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0x4000, 64, 6, 0, src, dst))
-        struct.pack_into("!H", ip, h.IPV4_CSUM, reference.checksum(bytes(ip)))
-    pkt = bytearray(bytes(ip) + body)
-    l3 = len(ip)
-    struct.pack_into("!H", pkt, l3 + h.TCP_CSUM, reference.pseudo_header(pkt, h.IPPROTO_TCP, len(body)))
-    kind = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
-    return bytes(pkt), VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, l3 + 32, mss, l3, h.TCP_CSUM)
-
-
-def flip(rng: random.Random, data: bytearray, start: int, span: int) -> None:
-    """Change one byte in data[start : start + span]: a bit, a random value, or a telling one."""
-    i = start + rng.randrange(max(1, min(span, len(data) - start)))
-    if i >= len(data):
-        return
-    r = rng.random()
-    if r < 0.5:
-        data[i] ^= 1 << rng.randrange(8)
-    elif r < 0.8:
-        data[i] = rng.randrange(256)
-    else:
-        data[i] = rng.choice([0, 0xFF, 0x45, 0x60, 6, 17, 0x10, 0x18, 0x01])
-
-
-def tx_trial(rng: random.Random, tun: FuzzTun) -> None:
-    for _ in range(rng.choice([1, 1, 2, 3, 4])):
-        v6 = rng.random() < 0.3
-        if rng.random() < 0.6:
-            mss = rng.choice([1386, 1386, 500, 100, 1, 8, 1400, 1500])
-            pkt, vh = tcp(rng, rng.randrange(0, 60000), mss, v6=v6, outbound=True)
-        else:  # a bare ACK: partial checksum, no GSO
-            pkt, vh = tcp(rng, 0, 0, v6=v6, outbound=True)
-            vh = VnetHdr(vh.flags, 0, 0, 0, vh.csum_start, vh.csum_offset)
-        data = bytearray(pkt)
-        if rng.random() < 0.7:
-            for _ in range(rng.randrange(1, 4)):
-                flip(rng, data, 0, 80)
-        if rng.random() < 0.2:
-            data = data[: rng.randrange(1, len(data) + 1)]
-        if rng.random() < 0.3:
-            fields = [vh.flags, vh.gso_type, vh.hdr_len, vh.gso_size, vh.csum_start, vh.csum_offset]
-            i = rng.randrange(6)
-            value = rng.choice(
-                [0, 1, 3, 4, 5, 0x80, 0xFF, 6, 16, 20, 40, 52, 1386, 0xFFFF, rng.getrandbits(16)]
-            )
-            fields[i] = value & (0xFF if i < 2 else 0xFFFF)
-            vh = VnetHdr(*fields)
-        tun.queue.append((bytes(data), vh))
-
-
 def put_datagrams(arena: MmsgArena, j: int, datagrams: list[bytes]) -> int:
     """Receive slot j holding `datagrams` as one UDP_GRO receive leaves them; returns the segment size."""
     raw = b"".join(datagrams)
@@ -244,7 +174,7 @@ def test_mangled_traffic_is_judged_never_an_internal_error(encap: str) -> None:
     for trial in range(TRIALS):
         rng = random.Random(trial)
         if rng.random() < 0.5:
-            tx_trial(rng, tun)
+            tun_reads(rng, lambda pkt, vh: tun.queue.append((pkt, vh)))
             eng.tx_once()
         else:
             rx_trial(rng, encap, rx)

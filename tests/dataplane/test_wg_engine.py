@@ -6,83 +6,22 @@ as one batch, GRO on the receiving side, drops counted."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
+from wg_nodes import ADDR, MTU, Node, pump
 
-from udpflannel.codec.wireguard import crypto
-from udpflannel.codec.wireguard.session import Device
 from udpflannel.dataplane import wg_engine, wg_rx
-from udpflannel.dataplane.wg_engine import WgEngine, WgPeerConfig
+from udpflannel.dataplane.wg_engine import WgPeerConfig
 from udpflannel.io import linux
-from udpflannel.io.tun import Tun
-from udpflannel.io.udp import UdpSocket
-from udpflannel.lab.netns import SERVICE_ADDR
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.gro import coalesce
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN, VnetHdr
 
-MTU = 1420
-ADDR = SERVICE_ADDR  # both nodes' underlay address
 pytestmark = pytest.mark.usefixtures("private_net")  # the underlay in a namespace of the module's own
-
-
-class Node:
-    def __init__(self, index: int, vnet: bool) -> None:
-        self.key = crypto.generate_private_key(os.urandom(32))
-        self.outside, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        inside.setblocking(False)
-        self.outside.settimeout(2)
-        self._inside = inside  # keep the socket object alive: Tun holds only its fd
-        self.tun = Tun.from_fd(inside.fileno(), f"fake{index}", vnet=vnet)
-        self.udp = UdpSocket.open(socket.AF_INET, ADDR, 0)
-        self.device = Device(self.key, wall_offset=time.time() - time.monotonic(), mtu=MTU)
-        self.engine = WgEngine(self.device, self.tun, self.udp)
-        self.subnet = f"198.19.{index}.0/24"
-        self.vnet = vnet
-
-    @property
-    def public_key(self) -> bytes:
-        return crypto.public_key(self.key)
-
-    def close(self) -> None:
-        self.udp.close()
-        self._inside.close()
-        self.outside.close()
-
-    def inject(self, packet: bytes, hdr: VnetHdr | None = None) -> None:
-        """What the kernel would hand the TUN reader."""
-        self.outside.send(((hdr or VnetHdr()).encode() if self.vnet else b"") + packet)
-
-    def written(self) -> list[bytes]:
-        out = []
-        self.outside.setblocking(False)
-        try:
-            while True:
-                out.append(self.outside.recv(1 << 17))
-        except BlockingIOError:
-            pass
-        finally:
-            self.outside.settimeout(2)
-        return out
-
-
-def pump(nodes: list[Node], rounds: int = 20) -> None:
-    """Run every engine's TX, RX and timers until nothing moves (bounded)."""
-    for _ in range(rounds):
-        moved = 0
-        for n in nodes:
-            now = time.monotonic()
-            moved += n.engine.tx_once(now) + n.engine.rx_once(now)
-            n.engine.run_timers(now)
-        if not moved:
-            time.sleep(0.01)
-            if not any(n.engine.rx_once(time.monotonic()) for n in nodes):
-                return
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "vnet"])
