@@ -36,7 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from udpflannel.lab import kernel_vxlan  # noqa: E402
-from udpflannel.lab.netns import Lab, Netns  # noqa: E402
+from udpflannel.lab.netns import Lab, Netns, exit_on_sigterm  # noqa: E402
 from udpflannel.lab.runner import runner_command, start_runner  # noqa: E402
 from udpflannel.lab.transfer import read_json_line  # noqa: E402
 
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--only", nargs="*", help="scenario labels to run")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a stopped run removes its namespaces and peers too
     if os.geteuid() != 0:
         print("bench needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "perf"))
 
 from wg_lab import WgLab, WgNode, b64, ping  # noqa: E402
 
-from udpflannel.lab.netns import SERVICE_ADDR, Lab, call_in_netns  # noqa: E402
+from udpflannel.lab.netns import SERVICE_ADDR, Lab, call_in_netns, exit_on_sigterm  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAIRINGS = (("wggo", "wggo"), ("ours", "ours"), ("ours", "wggo"))
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro", action="store_true", help="our engine alone, in-process")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a stopped run removes its namespaces and peers too
     if os.geteuid() != 0:
         print("bench_wireguard: needs root (network namespaces)", file=sys.stderr)
         return 2

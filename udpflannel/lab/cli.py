@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from udpflannel.lab import topology
-from udpflannel.lab.netns import LabError
+from udpflannel.lab.netns import LabError, exit_on_sigterm
 from udpflannel.lab.runtime import STATE_ROOT, LabState, agent_alive, down, find_labs, tunnel_device, up
 
 
@@ -103,6 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return code
     from udpflannel.lab.demo import run_demo
 
+    exit_on_sigterm()  # a stopped demo takes its lab down, as after Ctrl-C
     return run_demo(args.topology, root=args.state_root, lease_timeout=args.lease_timeout).exit_code
 
 

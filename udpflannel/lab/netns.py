@@ -52,6 +52,17 @@ def run_prefix() -> str:
     return "u" + secrets.token_hex(2)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (timeout(1), a CI runner's stop) raise SystemExit, as Ctrl-C raises KeyboardInterrupt,
+    so `with Lab()` blocks and finally clauses remove what they made instead of leaving namespaces, links and
+    peer processes behind. For the main thread of a lab or benchmark command."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """The calling thread inside netns `name` for the block, then back where it was: the sockets it opens
