@@ -29,7 +29,8 @@ from udpflannel.dataplane.counters import INDEX, SLOTS
 from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
 from udpflannel.dataplane.peers import Peer
 from udpflannel.io.tun import TunRead, new_read_arena
-from udpflannel.io.udp import UdpSocket, UdpStats
+from udpflannel.io.udp import UdpSocket
+from udpflannel.io.udp_sink import SinkSocket
 from udpflannel.packet import reference
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_DTYPE, VnetHdr
 
@@ -90,37 +91,10 @@ class SinkTun:
         return True
 
 
-class SinkSock(UdpSocket):
-    """io.udp.UdpSocket whose sends are counted instead of made (its own send logic still runs)."""
-
-    def __init__(self) -> None:
-        super().__init__(None, socket.AF_INET, True, True, 128, 65507, 64, HEADROOM)  # type: ignore[arg-type]
-        self.stats = UdpStats()
-
-    def _sendmsg(self, bufs, anc, dest, *, datagrams: int) -> int:
-        self.stats.send_calls += 1
-        self.stats.sent += datagrams
-        return datagrams
-
-    def _sendmmsg_raw(self, hdrs, m: int) -> int:
-        self.stats.send_calls += 1
-        return m
-
-    def _sendmmsg_prepared(self, hdrs, iov, n: int, keep: object) -> int:
-        self.stats.send_calls += 1
-        self.stats.sent += n
-        return n
-
-    def send_one(self, datagram, dest) -> int:
-        self.stats.send_calls += 1
-        self.stats.sent += 1
-        return 1
-
-
 def engine() -> tuple[Engine, SinkTun]:
     cfg = EngineConfig(encap="vxlan", mtu=1450, port=8472, vtep_mac=OUR_MAC, icmp_src_v4="198.19.1.0")
     tun = SinkTun()
-    pool = [SinkSock() for _ in range(4)]
+    pool = [SinkSocket(HEADROOM) for _ in range(4)]
     eng = Engine(cfg, tun, pool[0], pool, np.zeros(SLOTS, np.int64))
     eng.set_peers([Peer("198.19.2.0/24", "198.18.0.2", PEER_MAC)])
     return eng, tun
