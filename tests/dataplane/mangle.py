@@ -58,17 +58,21 @@ def flip(rng: random.Random, data: bytearray, start: int, span: int) -> None:
 
 
 def tun_reads(rng: random.Random, put: Callable[[bytes, VnetHdr], None]) -> None:
-    """1-4 outbound packets (superpackets of many sizes, bare ACKs), most of them damaged, to `put`."""
-    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+    """A TUN read's worth of outbound packets to `put`: mostly 1-4 (superpackets of many sizes, bare ACKs,
+    small data packets), sometimes a few dozen (the batch paths), most of them damaged."""
+    count = rng.choice([1, 1, 2, 3, 4, 4, 12, 30])
+    many = count > 4  # then mostly small packets, most of them sound: mixed batches
+    for _ in range(count):
         v6 = rng.random() < 0.3
-        if rng.random() < 0.6:
+        kind = rng.random()
+        if kind < (0.15 if many else 0.6):
             mss = rng.choice([1386, 1386, 500, 100, 1, 8, 1400, 1500])
             pkt, vh = tcp(rng, rng.randrange(0, 60000), mss, v6=v6, outbound=True)
-        else:  # a bare ACK: partial checksum, no GSO
-            pkt, vh = tcp(rng, 0, 0, v6=v6, outbound=True)
+        else:  # a bare ACK or a small data packet: partial checksum, no GSO
+            pkt, vh = tcp(rng, 0 if kind < 0.8 else rng.randrange(1, 1400), 0, v6=v6, outbound=True)
             vh = VnetHdr(vh.flags, 0, 0, 0, vh.csum_start, vh.csum_offset)
         data = bytearray(pkt)
-        if rng.random() < 0.7:
+        if rng.random() < (0.3 if many else 0.7):
             for _ in range(rng.randrange(1, 4)):
                 flip(rng, data, 0, 80)
         if rng.random() < 0.2:
