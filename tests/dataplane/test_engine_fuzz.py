@@ -66,7 +66,7 @@ class ArrivingSock(SinkSocket):
 
     def __init__(self) -> None:
         super().__init__(HEADROOM, max_segments=64)
-        self.arena = MmsgArena(8, 65536 + 4096)
+        self.arena = MmsgArena(24, 65536 + 4096)
         self.ready = 0
 
     def _recv(self, max_messages: int | None) -> tuple[MmsgArena, int]:
@@ -113,11 +113,17 @@ def encapsulate(encap: str, inner: bytes) -> bytes:
 
 
 def rx_trial(rng: random.Random, encap: str, rx: ArrivingSock) -> None:
+    """One receive: a few trains (a superpacket's, or ACKs), or a dozen or two lone datagrams (ACKs and
+    small data packets without GRO: the batch paths), most of them damaged."""
     arena = rx.arena
     m = 0
-    for _ in range(rng.choice([1, 1, 2, 3, 4])):
+    lone = rng.random() < 0.2
+    for _ in range(rng.randrange(8, 24) if lone else rng.choice([1, 1, 2, 3, 4])):
         v6 = rng.random() < 0.3
-        if rng.random() < 0.7:
+        if lone:
+            pkt, vh = tcp(rng, rng.choice([0, 0, rng.randrange(1, 1300)]), 0, v6=v6, outbound=False)
+            trains = [reference.split(pkt, VnetHdr(vh.flags, 0, 0, 0, vh.csum_start, vh.csum_offset))]
+        elif rng.random() < 0.7:
             mss = rng.choice([1386, 1386, 500, 100])
             pkt, vh = tcp(rng, rng.randrange(1, 44 * mss), mss, v6=v6, outbound=False)
             segments = reference.split(pkt, vh)
