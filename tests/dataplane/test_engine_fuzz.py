@@ -18,6 +18,7 @@ from udpflannel.codec import vxlan
 from udpflannel.dataplane.counters import INDEX, SLOTS
 from udpflannel.dataplane.engine import HEADROOM, Engine, EngineConfig
 from udpflannel.dataplane.spec import Peer
+from udpflannel.io import linux
 from udpflannel.io.mmsg import CMSG_SPACE, MmsgArena, encode_sockaddr
 from udpflannel.io.tun import TunRead
 from udpflannel.io.udp_sink import SinkSocket
@@ -100,7 +101,8 @@ def put_datagrams(arena: MmsgArena, j: int, datagrams: list[bytes]) -> int:
     arena.hdrs["len"][j] = len(raw)
     gro = len(datagrams) > 1
     arena.hdrs["controllen"][j] = CMSG_SPACE if gro else 0
-    arena.control[j, :20] = np.frombuffer(struct.pack("<Qiii", 20, 17, 104, seg), np.uint8)
+    cmsg = struct.pack("<Qiii", 20, linux.SOL_UDP, linux.UDP_GRO, seg)  # cmsghdr and the segment size
+    arena.control[j, :20] = np.frombuffer(cmsg, np.uint8)
     arena.names[j, :16] = np.frombuffer(encode_sockaddr(socket.AF_INET, PEER_PUBLIC, 40000)[:16], np.uint8)
     return seg
 

@@ -52,8 +52,8 @@ def stranger(rng: random.Random, to: Node) -> None:
         size = rng.choice([32, 48, 64, 1200, 1452])
         count = rng.choice([1, 2, 5, 20])
         msgs = b"".join(
-            struct.pack("<IIQ", wgm.MESSAGE_TRANSPORT_TYPE, receiver, rng.getrandbits(64))
-            + rng.randbytes(size - 16)
+            wgm.encode_transport_header(receiver, rng.getrandbits(64))
+            + rng.randbytes(size - wgm.MESSAGE_TRANSPORT_HEADER_SIZE)
             for _ in range(count)
         )
         if count == 1:
