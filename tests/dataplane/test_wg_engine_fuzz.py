@@ -20,6 +20,11 @@ from udpflannel.io import linux
 
 pytestmark = pytest.mark.usefixtures("private_net")  # the underlay in a namespace of the module's own
 TRIALS = 250  # ~2 s
+HANDSHAKES = [
+    (wgm.MESSAGE_INITIATION_TYPE, wgm.MESSAGE_INITIATION_SIZE),
+    (wgm.MESSAGE_RESPONSE_TYPE, wgm.MESSAGE_RESPONSE_SIZE),
+    (wgm.MESSAGE_COOKIE_REPLY_TYPE, wgm.MESSAGE_COOKIE_REPLY_SIZE),
+]
 
 
 def pump(nodes: list[Node], limit: int = 200) -> None:
@@ -40,12 +45,18 @@ def drain(node: Node) -> int:
 
 
 def stranger(rng: random.Random, to: Node) -> None:
-    """Datagrams no peer sent: random bytes, or transport messages under one of `to`'s receiver indexes
-    (or none) with random ciphertext, alone or as a UDP_SEGMENT train (opened as rows on arrival)."""
+    """Datagrams no peer sent: random bytes, handshake messages with random contents, or transport messages
+    under one of `to`'s receiver indexes (or none) with random ciphertext, alone or as a UDP_SEGMENT train
+    (opened as rows on arrival)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         dest = (ADDR, to.udp.address[1])
-        if rng.random() < 0.3:
+        r = rng.random()
+        if r < 0.2:
             s.sendto(rng.randbytes(rng.randrange(0, 200)), dest)
+            return
+        if r < 0.35:  # a handshake message of the right type and size, random inside
+            kind, size = rng.choice(HANDSHAKES)
+            s.sendto(bytes([kind, 0, 0, 0]) + rng.randbytes(size - 4), dest)
             return
         indexes = list(to.device.index_table.keys()) or [0]
         receiver = rng.choice(indexes) if rng.random() < 0.8 else rng.getrandbits(32)
