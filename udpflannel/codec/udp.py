@@ -30,10 +30,12 @@ def decode_batch(buf: np.ndarray, lengths: np.ndarray, offset: int) -> np.ndarra
     if n == 0:
         return codes
     lens = lengths[:n].astype(np.int64)
-    # Rows narrower than 8 bytes (a UDP_GRO train of tiny datagrams) read as zero-padded: all too short.
-    hdr = np.zeros((n, 8), np.int64)
-    width = min(max(buf.shape[1] - offset, 0), 8)
-    hdr[:, :width] = buf[:n, offset : offset + width]
+    width = buf.shape[1] - offset
+    if width >= 8:
+        hdr = buf[:n, offset : offset + 8].astype(np.int64)
+    else:  # a UDP_GRO train of tiny datagrams: rows read as zero-padded, all of them too short
+        hdr = np.zeros((n, 8), np.int64)
+        hdr[:, : max(width, 0)] = buf[:n, offset:]
     version = hdr[:, 0] >> 4
     is_v4 = version == 4
     is_v6 = version == 6
