@@ -61,8 +61,9 @@ class Node:
         return out
 
 
-def pump(nodes: list[Node], rounds: int = 20) -> None:
-    """Run every engine's TX, RX and timers until nothing moves (bounded)."""
+def pump(nodes: list[Node], rounds: int = 20, settle: float = 0.01) -> None:
+    """Run every engine's TX, RX and timers until nothing moves (bounded). When nothing moved, wait
+    `settle` seconds for stragglers before stopping (0: stop at once, loopback delivery being immediate)."""
     for _ in range(rounds):
         moved = 0
         for n in nodes:
@@ -70,6 +71,8 @@ def pump(nodes: list[Node], rounds: int = 20) -> None:
             moved += n.engine.tx_once(now) + n.engine.rx_once(now)
             n.engine.run_timers(now)
         if not moved:
-            time.sleep(0.01)
+            if not settle:
+                return
+            time.sleep(settle)
             if not any(n.engine.rx_once(time.monotonic()) for n in nodes):
                 return
