@@ -112,8 +112,8 @@ class VxlanBackend(TunnelBackend):
             try:
                 mac = format_mac(parse_mac(str(data["VtepMAC"])))
                 vni = int(data.get("VNI", self.vni))
-            except (TypeError, KeyError, ValueError, AttributeError):
-                log.warning("peer %s: BackendData %r has no usable VtepMAC: ignored", lease.key, data)
+            except (TypeError, KeyError, ValueError, AttributeError, OverflowError):  # int(inf)
+                log.warning("peer %s: BackendData %r has no usable VtepMAC or VNI: ignored", lease.key, data)
                 continue
             if vni != self.vni:
                 log.warning("peer %s uses VNI %d, we use %d: ignored", lease.key, vni, self.vni)

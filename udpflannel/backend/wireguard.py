@@ -383,7 +383,7 @@ def peer_config(
     try:
         public_key = base64.b64decode(str(data["PublicKey"]), validate=True)
         port = int(data.get("Port") or device.port)
-    except (TypeError, KeyError, ValueError, AttributeError, binascii.Error):
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError, binascii.Error):  # int(inf)
         log.warning("peer %s: BackendData %r has no usable PublicKey: ignored", lease.key, data)
         return None
     if len(public_key) != crypto.KEY_SIZE or not 0 < port < 65536:

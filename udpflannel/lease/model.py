@@ -49,6 +49,11 @@ class LeaseAttrs:
             raise ValueError("lease attributes must be a JSON object")
         ip = obj.get("PublicIP")
         ip6 = obj.get("PublicIPv6")
+        btype = obj.get("BackendType")
+        # As flannel's Go decoder: these are JSON strings (a number would otherwise make an address).
+        for name, value in (("PublicIP", ip), ("PublicIPv6", ip6), ("BackendType", btype)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"lease attributes: {name} must be a string, got {json.dumps(value)[:40]}")
         try:
             public_ip = ipaddress.IPv4Address(ip) if ip not in (None, "", "0.0.0.0") else None
             public_ipv6 = ipaddress.IPv6Address(ip6) if ip6 not in (None, "", "::") else None
@@ -57,7 +62,7 @@ class LeaseAttrs:
         return cls(
             public_ip=public_ip,
             public_ipv6=public_ipv6,
-            backend_type=str(obj.get("BackendType") or ""),
+            backend_type=btype or "",
             backend_data=obj.get("BackendData"),
             backend_v6_data=obj.get("BackendV6Data"),
         )
