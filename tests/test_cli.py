@@ -283,6 +283,13 @@ BAD_FLAGS = [
     (["--healthz-ip=localhost"], {}, "udpflannel: --healthz-ip 'localhost' is not an IP address"),
     (["--iface-regex=("], {}, "udpflannel: --iface-regex '(' is not a valid regex"),
     (["--etcd-endpoints="], {}, "udpflannel: --etcd-endpoints is empty"),
+    (["--etcd-endpoints=::::"], {}, "udpflannel: --etcd-endpoints: etcd endpoint '::::' is not http(s)://"),
+    (
+        [],
+        {"FLANNELD_ETCD_ENDPOINTS": "http://198.18.0.1:2379,http://198.18.0.2:99999"},
+        "udpflannel: --etcd-endpoints: etcd endpoint 'http://198.18.0.2:99999' is not http(s)://",
+    ),
+    (["--etcd-endpoints=ftp://198.18.0.1:2379"], {}, "udpflannel: --etcd-endpoints: etcd endpoint 'ftp:"),
     (["--sqlite-path=/x.db", "--kube-subnet-mgr"], {}, "udpflannel: --sqlite-path and --kube-subnet-mgr"),
     (
         ["--sqlite-path=/x.db"],

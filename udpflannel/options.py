@@ -349,6 +349,16 @@ def check_options(options: RunOptions) -> None:
         raise OptionsError("--sqlite-path and --etcd-endpoints both select the lease store: use one")
     if options.store_kind == "etcd" and not options.etcd_endpoint_list:
         raise OptionsError("--etcd-endpoints is empty: give at least one http(s)://host:port")
+    if options.store_kind == "etcd":
+        try:
+            from udpflannel.lease.etcd import parse_endpoint
+        except ModuleNotFoundError:
+            return  # a build without the etcd store: open_store says so
+        for url in options.etcd_endpoint_list:
+            try:
+                parse_endpoint(url)
+            except ValueError as exc:
+                raise OptionsError(f"--etcd-endpoints: {exc}") from None
 
 
 def option_fields() -> list[str]:

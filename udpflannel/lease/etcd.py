@@ -67,11 +67,17 @@ def _prefix_end(prefix: str) -> str:
     return _b64(bytes(raw))
 
 
-def _parse_endpoint(url: str) -> tuple[str, str, int]:
+def parse_endpoint(url: str) -> tuple[str, str, int]:
+    """An --etcd-endpoints entry as (scheme, host, port): http(s)://host[:port], or host[:port] (http);
+    the port defaults to 2379. ValueError, saying what is expected, for anything else."""
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"etcd endpoint {url!r}: expected http(s)://host:port")
-    return parts.scheme, parts.hostname, parts.port or 2379
+    try:
+        port = parts.port  # ValueError when not a number or over 65535
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0:
+        raise ValueError(f"etcd endpoint {url!r} is not http(s)://host:port, e.g. http://198.18.0.1:2379")
+    return parts.scheme, parts.hostname, port or 2379
 
 
 class EtcdStore:
@@ -103,7 +109,7 @@ class EtcdStore:
         self._endpoints = list(endpoints)
         self._clients = []
         for url in self._endpoints:
-            scheme, host, port = _parse_endpoint(url)
+            scheme, host, port = parse_endpoint(url)
             self._clients.append(
                 etcd3gw.Etcd3Client(
                     host=host,
