@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 UDPFLANNEL = str(Path(sys.executable).with_name("udpflannel"))
 
 
-def start_agent(ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan") -> subprocess.Popen:
+def start_agent(
+    ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan", subnet_file: Path | None = None, **popen
+) -> subprocess.Popen:
     (tmp / "net-conf.json").write_text(json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}}))
     return subprocess.Popen(
         ns.cmd(
@@ -28,7 +30,7 @@ def start_agent(ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan") -> su
             "--sqlite-path",
             str(tmp / "leases.db"),
             "--subnet-file",
-            str(tmp / "subnet.env"),
+            str(subnet_file or tmp / "subnet.env"),
             "--net-config-path",
             str(tmp / "net-conf.json"),
             *extra,
@@ -36,6 +38,7 @@ def start_agent(ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan") -> su
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
 
 
@@ -126,6 +129,23 @@ def test_bad_input_exits_2_with_nothing_created(
     assert "flannel" not in node.exec("ip", "-br", "link")
     if (tmp_path / "leases.db").exists():
         assert leases(tmp_path) == []
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "wireguard"])
+def test_ctrl_c_stops_quietly(node: Netns, tmp_path: Path, backend: str) -> None:
+    """Ctrl-C signals the terminal's whole process group, datapath workers included: the agent stops
+    them in order, and no worker prints a KeyboardInterrupt traceback."""
+    env = {**os.environ, "WIREGUARD_KEY_FILE": str(tmp_path / "wgkey")}
+    proc = start_agent(node, tmp_path, "--iface", "eth1", backend=backend, env=env, start_new_session=True)
+    try:
+        wait_for(tmp_path / "subnet.env")
+        time.sleep(0.5)  # the workers are polling
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "flannel" not in node.exec("ip", "-br", "link")
 
 
 def test_metrics_endpoint(node: Netns, tmp_path: Path) -> None:

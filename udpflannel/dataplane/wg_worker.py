@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, _term)
+    # Ctrl-C reaches the terminal's whole process group: the agent handles it and stops us in order
+    # (control socket), so here it would only print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     emit({"ready": True, "pid": os.getpid(), "tun_offloads": tun.offloads, "udp_offloads": udp.offloads})
     poller = select.poll()
     for fd in (ctrl.fd, tun.fileno(), udp.fileno()):

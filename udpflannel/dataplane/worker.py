@@ -93,6 +93,9 @@ def run(spec: dict) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, _term)
+    # Ctrl-C reaches the terminal's whole process group: the agent handles it and stops us in order
+    # (control socket), so here it would only print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     poller = select.poll()
     poller.register(ctrl.fileno(), select.POLLIN)
     if role in ("both", "tx"):
