@@ -131,6 +131,19 @@ def test_bad_input_exits_2_with_nothing_created(
         assert leases(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "a-directory"])
+def test_unwritable_subnet_file_exits_2_with_nothing_created(node: Netns, tmp_path: Path, where: str) -> None:
+    (tmp_path / "plain").write_text("")
+    path = tmp_path / "plain" / "subnet.env" if where == "under-a-file" else tmp_path
+    proc = start_agent(node, tmp_path, "--iface", "eth1", subnet_file=path)
+    _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    lines = [line for line in err.splitlines() if line.startswith("udpflannel:")]
+    assert len(lines) == 1 and f"cannot write --subnet-file '{path}'" in lines[0], err
+    assert "flannel" not in node.exec("ip", "-br", "link")
+    assert leases(tmp_path) == []
+
+
 @pytest.mark.parametrize("backend", ["vxlan", "wireguard"])
 def test_ctrl_c_stops_quietly(node: Netns, tmp_path: Path, backend: str) -> None:
     """Ctrl-C signals the terminal's whole process group, datapath workers included: the agent stops

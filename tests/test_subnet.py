@@ -21,6 +21,7 @@ from udpflannel.subnet import (
     iter_subnets,
     parse_env_lines,
     pod_mtu,
+    prepare_subnet_dir,
     read_subnet_env,
     subnet_at,
     write_subnet_env,
@@ -306,3 +307,18 @@ def test_parse_env_lines() -> None:
         "C": "3",
         "": "5",
     }
+
+
+def test_prepare_subnet_dir_makes_the_directory_and_leaves_no_file(tmp_path):
+    path = tmp_path / "run" / "flannel" / "subnet.env"
+    prepare_subnet_dir(path)
+    assert path.parent.is_dir() and list(path.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["", "dir/", "plain/subnet.env", "."])
+def test_prepare_subnet_dir_refuses_what_cannot_be_the_file(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain").write_text("")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OSError):
+        prepare_subnet_dir(name)

@@ -23,7 +23,7 @@ from udpflannel.lease.manager import LeaseManager
 from udpflannel.lease.model import Lease
 from udpflannel.lease.store import Store, StoreError
 from udpflannel.options import OptionsError, RunOptions, net_config_for, open_store
-from udpflannel.subnet import SubnetEnv, read_subnet_env, write_subnet_env
+from udpflannel.subnet import SubnetEnv, prepare_subnet_dir, read_subnet_env, write_subnet_env
 
 log = logging.getLogger("udpflannel.agent")
 
@@ -44,6 +44,10 @@ class AgentError(RuntimeError):
 def _fail(message: str, code: int) -> int:
     print(f"udpflannel: {message}", file=sys.stderr)
     return code
+
+
+def _subnet_file_error(path: str, exc: OSError) -> str:
+    return f"cannot write --subnet-file {path!r}: {exc.strerror or exc}: point it at a writable path"
 
 
 def _wait_for_config(options: RunOptions, store: Store, stop: threading.Event) -> NetworkConfig | None:
@@ -105,6 +109,10 @@ class Agent:
             raise AgentError(str(exc), EXIT_CONFIG) from None
         log.info("using interface %s (public IP %s, MTU %d)", iface.name, iface.public_ip, iface.mtu)
         try:
+            prepare_subnet_dir(opts.subnet_file)
+        except OSError as exc:
+            raise AgentError(_subnet_file_error(opts.subnet_file, exc), EXIT_CONFIG) from None
+        try:
             backend = create_backend(config, opts, iface)
         except BackendUnavailable as exc:
             raise AgentError(str(exc), EXIT_CONFIG) from None
@@ -125,15 +133,19 @@ class Agent:
         log.info("acquired lease %s", self.lease.key)
         try:
             backend.start(self.lease)
+            self.backend = backend
+            try:
+                self._write_subnet_env(iface.mtu)
+            except OSError as exc:
+                raise AgentError(_subnet_file_error(opts.subnet_file, exc)) from None
         except Exception:
             # Nothing half-done: undo the host changes and give the subnet back before reporting the failure.
+            self.backend = None
             with contextlib.suppress(Exception):
                 backend.stop()
             with contextlib.suppress(StoreError):
                 self.manager.release()
             raise
-        self.backend = backend
-        self._write_subnet_env(iface.mtu)
         if self._health is not None:
             self._health.ready.set()
         return True

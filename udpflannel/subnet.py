@@ -8,6 +8,7 @@ the same as a /16 of /24s: nothing is ever materialised.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import stat
@@ -178,6 +179,19 @@ class SubnetEnv:
             mtu=mtu,
             ipmasq=ipmasq,
         )
+
+
+def prepare_subnet_dir(path: str | os.PathLike[str]) -> None:
+    """Make the subnet file's directory (0755) and check that a file can be written there, before anything
+    is leased or set up; OSError when not (read-only, not a directory, an empty path)."""
+    path = os.fspath(path)
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file", path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=SUBNET_DIR_MODE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_subnet_env(path: str | os.PathLike[str], env: SubnetEnv) -> None:
