@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,37 @@ def test_every_truncation_dissects_without_raising(pcap: Path) -> None:
 def test_unknown_linktype_is_reported_not_raised() -> None:
     d = dissect(b"\x00" * 10, 9999)
     assert d.layers[0].name == "Raw" and "9999" in d.layers[0].summary
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_damaged_frames_dissect_without_raising(seed: int) -> None:
+    """Golden frames with bytes changed, cut short or replaced by noise, under every tunnel's ports and
+    several link types: a capture of a broken peer must still dissect (a damaged VXLAN flags byte once made
+    scapy's VXLAN ask for a GPE header's bytes and raise)."""
+    rng = random.Random(seed)
+    golden = frames(VXLAN_PCAP) + frames(WG_PCAP)
+    backends = [None, {"Type": "vxlan", "Port": 4789}, {"Type": "udp"}]
+    port_sets = [encap_ports(b) for b in backends]
+    for _ in range(1500):
+        data, linktype = rng.choice(golden)
+        b = bytearray(data)
+        op = rng.randrange(3)
+        if op == 0:
+            b = b[: rng.randrange(len(b) + 1)]
+        elif op == 1:
+            for _ in range(rng.randrange(1, 6)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        else:
+            b = bytearray(rng.randbytes(rng.randrange(200)))
+        if rng.random() < 0.1:
+            linktype = rng.choice([LINKTYPE_RAW, 113, 228])
+        d = dissect(bytes(b), linktype, rng.choice(port_sets))
+        assert d.length == len(b) and d.format()
+
+
+def test_vxlan_header_is_read_as_rfc_7348_whatever_its_flags() -> None:
+    data, linktype = frames(VXLAN_PCAP)[0]
+    odd = bytearray(data)
+    odd[42] = 0xFF  # the VXLAN flags byte (14 Ethernet + 20 IP + 8 UDP): every bit, GPE's included
+    vx = dissect(bytes(odd), linktype).find("VXLAN")
+    assert vx is not None and vx.fields == {"flags": 0xFF, "vni": 1}

@@ -22,7 +22,6 @@ from scapy.error import Scapy_Exception
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, CookedLinux, Ether
-from scapy.layers.vxlan import VXLAN
 from scapy.packet import NoPayload, Packet, Padding, Raw
 
 from udpflannel.codec.udp import UDP_PORT
@@ -149,9 +148,10 @@ def _tunnel(kind: str, payload: bytes, ports: dict[int, str], out: list[Layer]) 
         if len(payload) < 8:
             out.append(Layer("Malformed", f"VXLAN header needs 8 bytes, got {len(payload)}", {}, 0))
             return
-        vx = VXLAN(payload[:8])
-        fields = {"flags": int(vx.flags), "vni": int(vx.vni)}
-        out.append(Layer("VXLAN", f"flags 0x{int(vx.flags):02x}  vni {int(vx.vni)}", fields, 0))
+        # RFC 7348's 8 bytes read by hand: scapy's VXLAN reads GPE/GBP layouts from the flags, and damaged
+        # flags then ask for bytes that are not there.
+        flags, vni = payload[0], int.from_bytes(payload[4:7], "big")
+        out.append(Layer("VXLAN", f"flags 0x{flags:02x}  vni {vni}", {"flags": flags, "vni": vni}, 0))
         inner = _parse(Ether, payload[8:], 1, out)
     else:
         # flannel's udp backend: the payload is the inner IP packet itself, no header of its own.
