@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from udpflannel.lab.runtime import STATE_ROOT
@@ -22,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--from", dest="src", metavar="POD", help="source pod, e.g. node1-p0")
     parser.add_argument("--to", dest="dst", metavar="POD", help="destination pod on another node")
     parser.add_argument("--pcap", type=Path, help="dissect this capture file instead of tracing a lab")
-    parser.add_argument("--count", type=int, default=10, help="with --pcap: how many frames to show")
+    parser.add_argument("--count", type=_positive, default=10, help="with --pcap: how many frames to show")
     parser.add_argument(
         "--backend", help='with --pcap: net-conf Backend JSON, e.g. \'{"Type":"vxlan","Port":4789}\''
     )
@@ -30,12 +31,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} frames: show at least 1")
+    return value
+
+
+def _error(message: str, code: int) -> int:
+    print(f"udpflannel trace: {message}", file=sys.stderr)
+    return code
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     if args.pcap is not None:
         return dissect_pcap(args.pcap, args.count, args.backend)
     if os.geteuid() != 0:
-        print("udpflannel trace: needs root (it captures inside the lab's network namespaces)")
-        return 2
+        return _error("needs root (it captures inside the lab's network namespaces)", 2)
     from udpflannel.lab.netns import LabError
     from udpflannel.lab.runtime import LabState, find_labs
     from udpflannel.trace.capture import CaptureError
@@ -43,14 +55,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     labs = [args.state_root / args.lab] if args.lab else find_labs(args.state_root)
     if not labs:
-        print(f"udpflannel trace: no lab under {args.state_root}; start one with `udpflannel lab up`")
-        return 1
+        return _error(f"no lab under {args.state_root}; start one with `udpflannel lab up`", 1)
     try:
         state = LabState.load(labs[-1])
         result = trace(state, args.src, args.dst)
     except (LabError, ValueError, CaptureError) as exc:
-        print(f"udpflannel trace: {exc}")
-        return 1
+        return _error(str(exc), 1)
     print(result.format())
     print(f"pcaps: {result.hops[0].pcap.parent}")
     return 0 if result.ok else 1
@@ -59,6 +69,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def dissect_pcap(path: Path, count: int, backend: str | None) -> int:
     import json
 
+    from scapy.error import Scapy_Exception
     from scapy.utils import RawPcapReader
 
     from udpflannel.config import ConfigError
@@ -67,13 +78,13 @@ def dissect_pcap(path: Path, count: int, backend: str | None) -> int:
     try:
         ports = encap_ports(json.loads(backend) if backend else None)
     except (ValueError, ConfigError) as exc:
-        print(f"udpflannel trace: --backend: {exc}")
-        return 2
+        return _error(f"--backend: {exc}", 2)
     try:
         reader = RawPcapReader(str(path))
     except (OSError, EOFError) as exc:
-        print(f"udpflannel trace: cannot read {path}: {exc}")
-        return 1
+        return _error(f"cannot read {path}: {exc}", 1)
+    except Scapy_Exception as exc:
+        return _error(f"cannot read {path}: {exc}: give a pcap or pcapng file (tcpdump -w, tshark -w)", 1)
     with reader:
         start = None
         for i, (data, meta) in enumerate(reader):
