@@ -69,7 +69,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "etcd-password": ("s3cret", "s3cret"),
     "kube-subnet-mgr": ("true", True),
     "kube-api-url": ("https://198.18.0.10:6443", "https://198.18.0.10:6443"),
-    "kubeconfig-file": ("/kubeconfig", "/kubeconfig"),
+    "kubeconfig-file": (__file__, __file__),  # a file that exists: the agent checks the path
     "kube-annotation-prefix": ("example.com", "example.com"),
     "net-config-path": ("/etc/net-conf.json", "/etc/net-conf.json"),
     "iface": ("eth1", ("eth1",)),
@@ -291,6 +291,12 @@ BAD_FLAGS = [
     ),
     (["--etcd-endpoints=ftp://198.18.0.1:2379"], {}, "udpflannel: --etcd-endpoints: etcd endpoint 'ftp:"),
     (["--sqlite-path=/x.db", "--kube-subnet-mgr"], {}, "udpflannel: --sqlite-path and --kube-subnet-mgr"),
+    (
+        ["--kube-subnet-mgr", "--kubeconfig-file=/nonexistent/kubeconfig"],
+        {},
+        "udpflannel: --kubeconfig-file '/nonexistent/kubeconfig' is not a file",
+    ),
+    (["--etcd-endpoints=http://x y:2379"], {}, "udpflannel: --etcd-endpoints: etcd endpoint 'http://x y"),
     (
         ["--sqlite-path=/x.db"],
         {"FLANNELD_ETCD_ENDPOINTS": "http://127.0.0.1:1"},

@@ -349,6 +349,12 @@ def check_options(options: RunOptions) -> None:
         raise OptionsError("--sqlite-path and --etcd-endpoints both select the lease store: use one")
     if options.store_kind == "etcd" and not options.etcd_endpoint_list:
         raise OptionsError("--etcd-endpoints is empty: give at least one http(s)://host:port")
+    kubeconfig = options.kubeconfig_file
+    if options.store_kind == "kube" and kubeconfig and not os.path.isfile(kubeconfig):
+        raise OptionsError(
+            f"--kubeconfig-file {kubeconfig!r} is not a file: give the path of a kubeconfig, "
+            "or leave it out to use the pod's service account"
+        )
     if options.store_kind == "etcd":
         try:
             from udpflannel.lease.etcd import parse_endpoint

@@ -482,7 +482,9 @@ def test_endpoint_forms(url, parsed):
     assert parse_endpoint(url) == parsed
 
 
-@pytest.mark.parametrize("url", ["::::", "ftp://198.18.0.1:2379", "http://198.18.0.1:65536", "http://:2379"])
+@pytest.mark.parametrize(
+    "url", ["::::", "ftp://198.18.0.1:2379", "http://198.18.0.1:65536", "http://:2379", "\\", "http://x y:1"]
+)
 def test_bad_endpoint_says_what_is_expected(url):
     with pytest.raises(ValueError, match=r"is not http\(s\)://host:port"):
         parse_endpoint(url)

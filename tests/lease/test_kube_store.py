@@ -451,3 +451,12 @@ def test_in_cluster_config_over_https(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
         with pytest.raises(StoreError, match="kubeconfig-file or --kube-api-url"):
             KubeStore("node-1")
+
+
+@pytest.mark.parametrize("content", ["x\n", "", "[1, 2]\n", "clusters: 5\ncontexts: x\n", "\tno: yaml: here"])
+def test_a_malformed_kubeconfig_is_a_one_line_store_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(content)
+    with pytest.raises(StoreError, match=f"cannot load kubeconfig {path}: .*give a valid kubeconfig") as err:
+        KubeStore("node-1", kubeconfig=str(path))
+    assert "\n" not in str(err.value)

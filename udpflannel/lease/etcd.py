@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -67,6 +68,10 @@ def _prefix_end(prefix: str) -> str:
     return _b64(bytes(raw))
 
 
+# A DNS name, an IPv4 address or an IPv6 address (urlsplit has taken the brackets off).
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
+
+
 def parse_endpoint(url: str) -> tuple[str, str, int]:
     """An --etcd-endpoints entry as (scheme, host, port): http(s)://host[:port], or host[:port] (http);
     the port defaults to 2379. ValueError, saying what is expected, for anything else."""
@@ -75,7 +80,12 @@ def parse_endpoint(url: str) -> tuple[str, str, int]:
         port = parts.port  # ValueError when not a number or over 65535
     except ValueError:
         port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0:
+    if (
+        parts.scheme not in ("http", "https")
+        or not _HOST.fullmatch(parts.hostname or "")
+        or port == -1
+        or port == 0
+    ):
         raise ValueError(f"etcd endpoint {url!r} is not http(s)://host:port, e.g. http://198.18.0.1:2379")
     return parts.scheme, parts.hostname, port or 2379
 

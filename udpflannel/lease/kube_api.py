@@ -30,8 +30,11 @@ def make_api_client(kube_api_url: str | None, kubeconfig: str | None) -> Any:
         conf = client.Configuration()
         try:
             config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
-        except (config.ConfigException, OSError) as exc:
-            raise StoreError(f"cannot load kubeconfig {kubeconfig}: {exc}") from None
+        except Exception as exc:  # the client's parser raises TypeError and others on odd YAML
+            said = " ".join(str(exc).split())  # YAML errors span lines; the agent's error is one
+            raise StoreError(
+                f"cannot load kubeconfig {kubeconfig}: {type(exc).__name__}: {said}: give a valid kubeconfig"
+            ) from None
         if kube_api_url:
             # The kubeconfig loader re-applies its server before every request (refresh_api_key_hook).
             reload = conf.refresh_api_key_hook
