@@ -19,6 +19,7 @@ from udpflannel.codec.wire import (  # noqa: F401  (wire constants, re-exported 
     VNI_MAX,
     VXLAN_DEFAULT_VNI,
     VXLAN_FLAGS_I,
+    VXLAN_HEADER,
     VXLAN_HEADER_LEN,
     VXLAN_HEADROOM,
     VXLAN_OVERHEAD,
@@ -53,11 +54,7 @@ def encode_vxlan(inner: bytes, vni: int, src_mac: bytes, dst_mac: bytes) -> byte
         raise ValueError(f"VNI {vni} out of range")
     ethertype = ETHERTYPE_IPV6 if inner and inner[0] >> 4 == 6 else ETHERTYPE_IPV4
     return (
-        struct.pack("!B3xI", VXLAN_FLAGS_I, vni << 8)
-        + dst_mac
-        + src_mac
-        + struct.pack("!H", ethertype)
-        + inner
+        VXLAN_HEADER.pack(VXLAN_FLAGS_I, vni << 8) + dst_mac + src_mac + struct.pack("!H", ethertype) + inner
     )
 
 
@@ -65,7 +62,7 @@ def decode_vxlan(data: bytes, vni: int, our_mac: bytes) -> VxlanFrame | int:
     """Validate one UDP payload as flannel.1 would; returns the frame or a result code (BAD_HEADER, ...)."""
     if len(data) < VXLAN_HEADROOM + 1:
         return BAD_HEADER
-    flags, vni_field = struct.unpack_from("!B3xI", data)
+    flags, vni_field = VXLAN_HEADER.unpack_from(data)
     # RFC 7348 says receivers ignore reserved bits, but Linux drops frames with flags it does not know
     # (vxlan_rcv: unparsed flags -> drop); we match the kernel peer so both ends agree on what is accepted.
     if flags != VXLAN_FLAGS_I or vni_field & 0xFF:

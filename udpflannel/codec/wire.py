@@ -7,7 +7,10 @@ front of an inner IP packet is VXLAN_HEADROOM = 8 + 14 bytes; VXLAN_OVERHEAD (50
 
 from __future__ import annotations
 
+import struct
+
 # RFC 7348 section 5: flags byte with only the I bit set, 24 reserved bits, 24-bit VNI, 8 reserved bits.
+VXLAN_HEADER = struct.Struct("!B3xI")  # flags, then the VNI shifted left by 8 (its low byte reserved)
 VXLAN_FLAGS_I = 0x08
 VXLAN_PORT = 8472  # Linux's default VXLAN port, flannel's too (not IANA's 4789)
 VXLAN_DEFAULT_VNI = 1

@@ -25,7 +25,7 @@ from scapy.layers.l2 import ARP, CookedLinux, Ether
 from scapy.packet import NoPayload, Packet, Padding, Raw
 
 from udpflannel.codec.udp import UDP_PORT
-from udpflannel.codec.wire import VXLAN_PORT
+from udpflannel.codec.wire import VXLAN_HEADER, VXLAN_HEADER_LEN, VXLAN_PORT
 from udpflannel.config import BackendConfig, parse_backend
 
 # pcap link types (tcpdump's LINKTYPE_*): what a capture on each kind of hop gives us.
@@ -145,14 +145,15 @@ def _walk(pkt: Packet, depth: int, ports: dict[int, str], out: list[Layer]) -> s
 
 def _tunnel(kind: str, payload: bytes, ports: dict[int, str], out: list[Layer]) -> None:
     if kind == "vxlan":
-        if len(payload) < 8:
+        if len(payload) < VXLAN_HEADER_LEN:
             out.append(Layer("Malformed", f"VXLAN header needs 8 bytes, got {len(payload)}", {}, 0))
             return
-        # RFC 7348's 8 bytes read by hand: scapy's VXLAN reads GPE/GBP layouts from the flags, and damaged
+        # RFC 7348's layout, not scapy's VXLAN: that reads GPE/GBP layouts from the flags, and damaged
         # flags then ask for bytes that are not there.
-        flags, vni = payload[0], int.from_bytes(payload[4:7], "big")
+        flags, field = VXLAN_HEADER.unpack_from(payload)
+        vni = field >> 8
         out.append(Layer("VXLAN", f"flags 0x{flags:02x}  vni {vni}", {"flags": flags, "vni": vni}, 0))
-        inner = _parse(Ether, payload[8:], 1, out)
+        inner = _parse(Ether, payload[VXLAN_HEADER_LEN:], 1, out)
     else:
         # flannel's udp backend: the payload is the inner IP packet itself, no header of its own.
         if kind == "wireguard":
