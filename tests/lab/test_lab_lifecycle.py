@@ -162,3 +162,16 @@ def test_stuck_agent_is_reported_with_where_it_hangs(tmp_path: Path) -> None:
     finally:
         labrun.close()
     assert_nothing_left(state.prefix, state.path)
+
+
+@pytest.mark.parametrize("timeout", ["-5", "0", "nan", "inf", "x", "3601"])
+def test_cli_refuses_a_lease_timeout_that_is_no_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str
+) -> None:
+    """Before anything is built: a negative wait once built the lab, timed out at once and printed every
+    agent's stack."""
+    from udpflannel.lab.cli import main
+
+    assert main(["--state-root", str(tmp_path), "up", "--lease-timeout", timeout, str(THREE_NODE)]) == 2
+    assert "give a time between 0 and 3600" in capsys.readouterr().err
+    assert find_labs(tmp_path) == []

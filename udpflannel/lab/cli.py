@@ -12,6 +12,18 @@ from udpflannel.lab import topology
 from udpflannel.lab.netns import LabError, exit_on_sigterm
 from udpflannel.lab.runtime import STATE_ROOT, LabState, agent_alive, down, find_labs, tunnel_device, up
 
+LEASE_TIMEOUT_HELP = "seconds to wait for every lease"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:  # (nan fails this too)
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a time between 0 and 3600")
+    return value
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from udpflannel.lab.demo import DEFAULT_TOPOLOGY
@@ -27,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sub.required = True
     p_up = sub.add_parser("up", help="build the lab and start one agent per node")
     p_up.add_argument("topology", nargs="?", type=Path, default=DEFAULT_TOPOLOGY, help="containerlab file")
-    p_up.add_argument("--lease-timeout", type=float, default=20.0, help="seconds to wait for every lease")
+    p_up.add_argument("--lease-timeout", type=_seconds, default=20.0, help=LEASE_TIMEOUT_HELP)
     p_up.set_defaults(func=cmd_up)
     p_down = sub.add_parser("down", help="stop the agents and remove every namespace and file of the lab(s)")
     p_down.add_argument("prefix", nargs="?", help="the lab to remove (default: every lab under --state-root)")
@@ -36,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p_status.set_defaults(func=cmd_status)
     p_demo = sub.add_parser("demo", help="up, leases, ping matrix, iperf3, a packet trace, summary, down")
     p_demo.add_argument("topology", nargs="?", type=Path, default=DEFAULT_TOPOLOGY, help="containerlab file")
-    p_demo.add_argument("--lease-timeout", type=float, default=20.0, help="seconds to wait for every lease")
+    p_demo.add_argument("--lease-timeout", type=_seconds, default=20.0, help=LEASE_TIMEOUT_HELP)
     p_demo.set_defaults(func=cmd_demo)
     return parser
 
