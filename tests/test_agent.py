@@ -115,6 +115,10 @@ def test_restart_keeps_subnet(node: Netns, tmp_path: Path) -> None:
     [
         (("--iface", "nope0"), "no interface matches --iface nope0"),
         (("--iface", "eth1", "--public-ip", "not-an-ip"), "public-ip"),
+        (
+            ("--iface", "eth1", "--healthz-port", "9915", "--healthz-ip", "198.18.7.7"),
+            "cannot serve /healthz on 198.18.7.7 port 9915: Cannot assign requested address",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_nothing_created(

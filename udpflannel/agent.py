@@ -127,7 +127,14 @@ class Agent:
             from udpflannel.host.health import HealthServer
 
             views = {"/wireguard": backend.wg_stats} if hasattr(backend, "wg_stats") else {}
-            self._health = HealthServer(opts.healthz_ip, opts.healthz_port, self.counters, views)
+            try:
+                self._health = HealthServer(opts.healthz_ip, opts.healthz_port, self.counters, views)
+            except OSError as exc:
+                raise AgentError(
+                    f"cannot serve /healthz on {opts.healthz_ip} port {opts.healthz_port}: "
+                    f"{exc.strerror or exc}: choose another --healthz-port or --healthz-ip",
+                    EXIT_CONFIG,
+                ) from None
             self._health.start()
         self.lease = self.manager.acquire(time.time())
         log.info("acquired lease %s", self.lease.key)

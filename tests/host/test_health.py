@@ -3,6 +3,7 @@ makes (tests/conftest.py private_net)."""
 
 from __future__ import annotations
 
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -68,3 +69,30 @@ def test_json_views_and_a_failing_view() -> None:
         assert get(srv.port, "/healthz")[0] == 200
     finally:
         srv.stop()
+
+
+SERVICE_ADDR6 = "fd00:198::53"
+
+
+@pytest.fixture(scope="module")
+def service_addr6() -> str:
+    """An IPv6 address on the module namespace's loopback (nodad: usable at once)."""
+    subprocess.run(["ip", "addr", "add", f"{SERVICE_ADDR6}/128", "dev", "lo", "nodad"], check=True)
+    return SERVICE_ADDR6
+
+
+def test_an_ipv6_healthz_ip(service_addr6: str) -> None:
+    """--healthz-ip takes an IPv6 address, as flanneld's does (the server was IPv4-only: gaierror)."""
+    srv = HealthServer(service_addr6, 0, dict)
+    srv.start()
+    try:
+        with urllib.request.urlopen(f"http://[{service_addr6}]:{srv.port}/healthz", timeout=5) as resp:
+            assert (resp.status, resp.read()) == (200, b"ok\n")
+    finally:
+        srv.stop()
+
+
+def test_a_port_in_use_is_an_oserror_at_construction(server) -> None:
+    srv, _ = server
+    with pytest.raises(OSError):
+        HealthServer(SERVICE_ADDR, srv.port, dict)

@@ -5,6 +5,7 @@ for `udpflannel wg show`). Off unless --healthz-port is set."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,10 @@ def render_metrics(counters: Mapping[str, int]) -> str:
         lines.append(f"# TYPE {METRIC_PREFIX}drops_total counter")
         lines.extend(f'{METRIC_PREFIX}drops_total{{reason="{r}"}} {drops[r]}' for r in sorted(drops))
     return "\n".join(lines) + "\n"
+
+
+class _ServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # --healthz-ip may be an IPv6 address, as flanneld takes it
 
 
 class HealthServer:
@@ -71,7 +76,8 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:  # quiet by default
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        # Binds here, so a port in use or an address the node lacks is an OSError for the caller to report.
+        self._server = (_ServerV6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True)
 
