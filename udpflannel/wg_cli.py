@@ -4,6 +4,7 @@ read from the agent's /wireguard endpoint (the agent must run with --healthz-por
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--json", action="store_true", help="print the raw JSON")
     args = parser.parse_args(argv)
 
-    url = f"http://{args.healthz_ip}:{args.healthz_port}/wireguard"
+    host = f"[{args.healthz_ip}]" if ":" in args.healthz_ip else args.healthz_ip
+    url = f"http://{host}:{args.healthz_port}/wireguard"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             stats = json.load(resp)
@@ -29,9 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         reason = "the agent does not run the wireguard backend" if exc.code == 404 else f"HTTP {exc.code}"
         print(f"udpflannel: {url}: {reason}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         print(
             f"udpflannel: cannot read {url} ({exc}): is the agent running with --healthz-port?",
+            file=sys.stderr,
+        )
+        return 1
+    if not isinstance(stats, dict) or not all(isinstance(d, dict) and "peers" in d for d in stats.values()):
+        print(
+            f"udpflannel: {url} did not answer with WireGuard devices: is that port the agent's?",
             file=sys.stderr,
         )
         return 1
