@@ -20,9 +20,16 @@ UDPFLANNEL = str(Path(sys.executable).with_name("udpflannel"))
 
 
 def start_agent(
-    ns: Netns, tmp: Path, *extra: str, backend: str = "vxlan", subnet_file: Path | None = None, **popen
+    ns: Netns,
+    tmp: Path,
+    *extra: str,
+    backend: str = "vxlan",
+    subnet_file: Path | None = None,
+    conf: dict | None = None,
+    **popen,
 ) -> subprocess.Popen:
-    (tmp / "net-conf.json").write_text(json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}}))
+    net_conf = {"Network": "198.19.0.0/16", "Backend": {"Type": backend}, **(conf or {})}
+    (tmp / "net-conf.json").write_text(json.dumps(net_conf))
     return subprocess.Popen(
         ns.cmd(
             UDPFLANNEL,
@@ -165,6 +172,49 @@ def test_ctrl_c_stops_quietly(node: Netns, tmp_path: Path, backend: str) -> None
     assert "flannel" not in node.exec("ip", "-br", "link")
 
 
+def _wait_until(check, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_ip_masq_rules_are_kept_in_place(node: Netns, tmp_path: Path, nftables: bool) -> None:
+    """--ip-masq and the default --iptables-forward-rules install flanneld's rules for our lease; one that
+    someone deletes is back within --iptables-resync; a clean stop leaves them, as flanneld does."""
+    conf = {"EnableNFTables": True} if nftables else None
+    proc = start_agent(node, tmp_path, "--iface", "eth1", "--ip-masq", "--iptables-resync", "1", conf=conf)
+    try:
+        wait_for(tmp_path / "subnet.env")
+        [lease] = leases(tmp_path)
+        subnet = lease["Subnet"]
+        if nftables:
+            table = ["nft", "list", "table", "ip", "flannel-ipv4"]
+            masq = "ip saddr 198.19.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"
+            assert f"ip saddr {subnet} ip daddr 198.19.0.0/16 return" in node.exec(*table)
+            node.exec("nft", "delete", "chain", "ip", "flannel-ipv4", "postrtg")
+        else:
+            table = ["iptables-save"]
+            masq = "-A FLANNEL-POSTRTG -s 198.19.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully"
+            saved = node.exec(*table)
+            assert f"-A FLANNEL-POSTRTG -s {subnet} -d 198.19.0.0/16 -j RETURN" in saved
+            assert "-A FLANNEL-FWD -s 198.19.0.0/16 -j ACCEPT" in saved
+            node.exec("iptables", "-t", "nat", "-D", *masq.split()[1:])
+        assert masq not in node.exec(*table)
+        assert _wait_until(lambda: masq in node.exec(*table, check=False)), (
+            "the deleted rule did not come back"
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "put back" in err
+    assert masq in node.exec(*table)
+
+
 def test_metrics_endpoint(node: Netns, tmp_path: Path) -> None:
     proc = start_agent(node, tmp_path, "--iface", "eth1", "--healthz-port", "9912")
     try:
@@ -226,3 +276,22 @@ def test_two_wireguard_agents_handshake_and_wg_show(tmp_path: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
                 proc.communicate(timeout=15)
         assert all(proc.returncode == 0 for proc in procs)
+
+
+def test_ip_masq_without_the_tool_is_refused_before_leasing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from udpflannel import agent as agent_mod
+    from udpflannel.config import parse_net_conf
+    from udpflannel.options import build_options
+
+    monkeypatch.setattr(agent_mod, "missing_tools", lambda versions, nftables: ["iptables"])
+    conf = parse_net_conf('{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}')
+    masq = agent_mod.Agent(build_options({"ip-masq": True, "sqlite-path": "/x.db"}, {}), threading.Event())
+    with pytest.raises(agent_mod.AgentError, match=r"--ip-masq needs iptables, which this host lacks") as err:
+        masq._check_rule_tools(conf)
+    assert err.value.code == agent_mod.EXIT_CONFIG
+    # The forward rules are on by default: without the tool they are left out, with a warning.
+    plain = agent_mod.Agent(build_options({"sqlite-path": "/x.db"}, {}), threading.Event())
+    plain._check_rule_tools(conf)
+    assert plain._forward_ok is False

@@ -19,6 +19,7 @@ from types import FrameType
 from udpflannel.backend import Backend, BackendUnavailable, create_backend
 from udpflannel.config import ConfigError, NetworkConfig
 from udpflannel.host.iface import InterfaceError, select_interface
+from udpflannel.host.masq import Family, Rules, RulesError, missing_tools
 from udpflannel.lease.manager import LeaseManager
 from udpflannel.lease.model import Lease
 from udpflannel.lease.store import Store, StoreError
@@ -75,6 +76,9 @@ class Agent:
         self.lease: Lease | None = None
         self.config: NetworkConfig | None = None
         self._health = None
+        self.rules: Rules | None = None  # masquerade / forward rules (host/masq.py), once the lease is known
+        self._rules_due = 0.0
+        self._forward_ok = True
 
     def counters(self) -> dict[str, int]:
         backend = self.backend
@@ -112,6 +116,7 @@ class Agent:
             prepare_subnet_dir(opts.subnet_file)
         except OSError as exc:
             raise AgentError(_subnet_file_error(opts.subnet_file, exc), EXIT_CONFIG) from None
+        self._check_rule_tools(config)
         try:
             backend = create_backend(config, opts, iface)
         except BackendUnavailable as exc:
@@ -145,9 +150,13 @@ class Agent:
                 self._write_subnet_env(iface.mtu)
             except OSError as exc:
                 raise AgentError(_subnet_file_error(opts.subnet_file, exc)) from None
+            self._apply_rules(self.lease)
         except Exception:
             # Nothing half-done: undo the host changes and give the subnet back before reporting the failure.
             self.backend = None
+            if self.rules is not None:
+                with contextlib.suppress(Exception):
+                    self.rules.remove()
             with contextlib.suppress(Exception):
                 backend.stop()
             with contextlib.suppress(StoreError):
@@ -156,6 +165,61 @@ class Agent:
         if self._health is not None:
             self._health.ready.set()
         return True
+
+    def _check_rule_tools(self, config: NetworkConfig) -> None:
+        """Before leasing: --ip-masq without iptables (or nft) is an error; forward rules go, with a word."""
+        opts = self.options
+        if not (opts.ip_masq or opts.iptables_forward_rules):
+            return
+        versions = {v for v, on in ((4, config.enable_ipv4), (6, config.enable_ipv6)) if on}
+        lacking = missing_tools(versions, config.enable_nftables)
+        if lacking and opts.ip_masq:
+            raise AgentError(
+                f"--ip-masq needs {', '.join(lacking)}, which this host lacks: install it or drop --ip-masq",
+                EXIT_CONFIG,
+            )
+        self._forward_ok = not lacking
+        if lacking:
+            log.warning(
+                "%s not found: no FORWARD rules (install it or set --iptables-forward-rules=false)",
+                ", ".join(lacking),
+            )
+
+    def _apply_rules(self, lease: Lease) -> None:
+        """flanneld's masquerade and forward rules for this lease's subnets (re-checked in loop())."""
+        config, opts = self.config, self.options
+        assert config is not None
+        families = []
+        if config.enable_ipv4 and config.network is not None and lease.subnet is not None:
+            families.append(Family(config.network, lease.subnet))
+        if config.enable_ipv6 and config.ipv6_network is not None and lease.ipv6_subnet is not None:
+            families.append(Family(config.ipv6_network, lease.ipv6_subnet))
+        self.rules = Rules(
+            families,
+            masq=opts.ip_masq,
+            forward=opts.iptables_forward_rules and self._forward_ok,
+            nftables=config.enable_nftables,
+            fully_random=not opts.ip_masq_fully_random_disable,
+        )
+        if not self.rules.wanted:
+            return
+        try:
+            self.rules.ensure()
+        except RulesError as exc:
+            raise AgentError(
+                f"{exc}: the agent needs CAP_NET_ADMIN to change iptables/nftables rules"
+            ) from None
+        self._rules_due = time.time() + opts.iptables_resync
+
+    def _resync_rules(self, now: float) -> None:
+        if self.rules is None or not self.rules.wanted or now < self._rules_due:
+            return
+        self._rules_due = now + self.options.iptables_resync
+        try:
+            if self.rules.ensure():
+                log.warning("masquerade/forward rules were changed by someone else: put back")
+        except RulesError as exc:
+            log.warning("rules resync: %s", exc)
 
     def _write_subnet_env(self, iface_mtu: int) -> None:
         assert self.config is not None and self.lease is not None and self.backend is not None
@@ -189,7 +253,9 @@ class Agent:
                     self.lease = lease
                     backend.start(lease)
                     self._write_subnet_env(self._iface_mtu)
+                    self._apply_rules(lease)
                 self.lease = lease
+            self._resync_rules(now)
             backend.check()  # a crashed datapath worker is back within about a second
             events = manager.watch_peers(timeout=WATCH_TIMEOUT)
             if events:
