@@ -60,7 +60,7 @@ def forward_rules(f: Family) -> list[list[str]]:
 
 def nft_script(f: Family, *, masq: bool, forward: bool, fully_random: bool = True) -> str:
     """The same logic as one nftables table (created afresh: the script deletes an older one first)."""
-    ip = "ip" if f.version == 4 else "ip6"
+    ip = _nft_family(f)
     net, pod, table = str(f.network), str(f.pod_subnet), NFT_TABLE[f.version]
     how = "fully-random" if fully_random else "random"
     lines = [f"table {ip} {table} {{}}", f"delete table {ip} {table}", f"table {ip} {table} {{"]
