@@ -21,6 +21,7 @@ POSTROUTING_CHAIN = "FLANNEL-POSTRTG"
 FORWARD_CHAIN = "FLANNEL-FWD"
 MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
 NFT_TABLE = {4: "flannel-ipv4", 6: "flannel-ipv6"}
+IPTABLES = {4: "iptables", 6: "ip6tables"}
 TIMEOUT = 10.0
 
 
@@ -101,7 +102,7 @@ def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> bool:
 
 def missing_tools(versions: set[int], nftables: bool) -> list[str]:
     """The rule tools the families need that this host lacks (the agent says so before leasing)."""
-    tools = {"nft"} if nftables else {"iptables" if v == 4 else "ip6tables" for v in versions}
+    tools = {"nft"} if nftables else {IPTABLES[v] for v in versions}
     return sorted(t for t in tools if shutil.which(t) is None)
 
 
@@ -197,7 +198,7 @@ class Rules:
 
 
 def _tool(f: Family) -> str:
-    return "iptables" if f.version == 4 else "ip6tables"
+    return IPTABLES[f.version]
 
 
 def _nft_family(f: Family) -> str:
