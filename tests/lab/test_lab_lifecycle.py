@@ -175,3 +175,18 @@ def test_cli_refuses_a_lease_timeout_that_is_no_wait(
     assert main(["--state-root", str(tmp_path), "up", "--lease-timeout", timeout, str(THREE_NODE)]) == 2
     assert "give a time between 0 and 3600" in capsys.readouterr().err
     assert find_labs(tmp_path) == []
+
+
+def test_cli_says_when_the_state_root_cannot_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from udpflannel.lab.cli import main
+
+    (tmp_path / "plain").write_text("")
+    root = tmp_path / "plain" / "labs"  # under a regular file: no directory can be made there
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert main(["--state-root", str(root), "up", str(THREE_NODE)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("udpflannel lab up: ")
+    assert "give a writable --state-root" in err
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before

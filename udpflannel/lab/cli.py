@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,12 +67,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         topo = topology.load(args.topology)
         labrun = up(topo, root=args.state_root, lease_timeout=args.lease_timeout)
-    except (topology.TopologyError, LabError, OSError, subprocess.SubprocessError) as exc:
-        print(f"udpflannel lab up: {exc}")
+    except OSError as exc:
+        where = str(exc.filename or "")
+        hint = ": give a writable --state-root" if where.startswith(str(args.state_root)) else ""
+        print(f"udpflannel lab up: {exc.strerror or exc}: {where}{hint}", file=sys.stderr)
+        return 1
+    except (topology.TopologyError, LabError, subprocess.SubprocessError) as exc:
+        print(f"udpflannel lab up: {exc}", file=sys.stderr)
         return 1
     missing = [n.name for n in labrun.state.nodes.values() if n.subnet is None]
     if missing:
-        print(f"udpflannel lab up: no lease for {', '.join(missing)}; removing the lab again")
+        print(f"udpflannel lab up: no lease for {', '.join(missing)}; removing the lab", file=sys.stderr)
         labrun.close()
         return 1
     print(format_status(labrun.state))
@@ -86,7 +92,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         return code
     dirs = [args.state_root / args.prefix] if args.prefix else find_labs(args.state_root)
     if args.prefix and not dirs[0].exists():
-        print(f"udpflannel lab down: no lab {args.prefix} under {args.state_root}")
+        print(f"udpflannel lab down: no lab {args.prefix} under {args.state_root}", file=sys.stderr)
         return 1
     if not dirs:
         print(f"udpflannel lab down: no labs under {args.state_root}")
