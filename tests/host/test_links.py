@@ -80,3 +80,35 @@ def test_apply_and_undo_leave_nothing_behind():
         assert out["missing"]
         assert not out["pyroute2"]  # the agent's memory budget: netlink work runs in a child
         assert out["spawned"] == 1  # g's set-up only; its undo() had nothing left to do
+
+
+BLACKHOLE = r"""
+import json, subprocess
+from udpflannel.host.links import HostConfig
+def sh(*cmd):
+    return subprocess.run(list(cmd), capture_output=True, text=True).stdout
+h = HostConfig()
+added = [h.add_blackhole(c) for c in ("198.19.5.0/24", "fd00:198:0:5::/64", "198.19.5.0/24")]
+subprocess.run(["ip", "addr", "add", "198.19.5.1/24", "dev", "d0"], check=True)  # a cni0-like bridge comes up
+out = {"added": added, "routes": sh("ip", "route") + sh("ip", "-6", "route"),
+       "pod": sh("ip", "route", "get", "198.19.5.7"), "unleased": sh("ip", "route", "get", "198.19.6.7")}
+h.undo()
+out["after"] = sh("ip", "route") + sh("ip", "-6", "route")
+print(json.dumps(out))
+"""
+
+
+def test_blackhole_routes_lie_under_real_ones_and_go_with_undo():
+    """--ip-blackhole-route's routes: at a metric no real route is below, so a bridge's connected route for
+    the same prefix still wins; a second add is refused without change; undo() removes only ours."""
+    with Lab() as lab:
+        ns = lab.netns("bh")
+        ns.exec("ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        ns.exec("ip", "link", "set", "d0", "up")
+        ns.exec("ip", "link", "set", "d1", "up")
+        out = json.loads(ns.exec(sys.executable, "-c", BLACKHOLE, timeout=60))
+    assert out["added"] == [True, True, False]
+    assert "blackhole 198.19.5.0/24 proto static metric 65535" in out["routes"]
+    assert "blackhole fd00:198:0:5::/64" in out["routes"]
+    assert "dev d0" in out["pod"]  # the connected route, not the blackhole
+    assert "198.19.5.0/24 dev d0 proto kernel" in out["after"] and "blackhole" not in out["after"]

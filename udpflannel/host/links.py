@@ -38,6 +38,7 @@ class HostConfig:
 
     _addresses: list[tuple[str, str]] = field(default_factory=list)
     _routes: list[Route] = field(default_factory=list)
+    _blackholes: list[str] = field(default_factory=list)
     _netlink: Netlink | None = None
 
     def connect(self) -> None:
@@ -125,6 +126,18 @@ class HostConfig:
         if route in self._routes:
             self._routes.remove(route)
 
+    def add_blackhole(self, cidr: str) -> bool:
+        """A blackhole route for cidr (--ip-blackhole-route); False, changing nothing, when a route to that
+        prefix exists already (a cni0 bridge's own, or ours from before a restart)."""
+        try:
+            self._call("blackhole", cmd="add", dst=cidr)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise HostError(f"adding blackhole route {cidr}: {exc}") from exc
+            return False
+        self._blackholes.append(cidr)
+        return True
+
     def undo(self) -> None:
         """Remove every route and address we added, newest first. A link that is gone took its routes and
         addresses with it (as a TUN does when its last fd closes): nothing to ask netlink for those."""
@@ -135,6 +148,10 @@ class HostConfig:
                 self.del_route(route)
             except HostError:
                 self._routes.remove(route)
+        for cidr in reversed(self._blackholes):
+            with contextlib.suppress(NetlinkError):
+                self._call("blackhole", cmd="del", dst=cidr)
+        self._blackholes.clear()
         for dev, cidr in reversed(self._addresses):
             # A link that went away took its addresses with it: nothing left to remove.
             with contextlib.suppress(NetlinkError):

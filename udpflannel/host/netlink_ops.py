@@ -17,6 +17,8 @@ from typing import Any
 
 IFA_F_NODAD = 0x02  # linux/if_addr.h
 RTNH_F_ONLINK = 4  # as flanneld's `via <subnet>.0 onlink`
+RTN_BLACKHOLE = 6  # linux/rtnetlink.h
+BLACKHOLE_METRIC = 65535  # --ip-blackhole-route: the last resort for our pod subnet, never in a route's way
 AF_INET, AF_INET6 = 2, 10
 
 
@@ -111,8 +113,16 @@ def route(ipr: Any, cmd: str, dst: str, dev: str, gateway: str | None, onlink: b
     ipr.route(cmd, **args)
 
 
+def blackhole(ipr: Any, cmd: str, dst: str) -> None:
+    """cmd "add" (never "replace": that could swap out a bridge's connected route) or "del" a blackhole
+    route, at a metric below every real route to the prefix (a cni0 bridge's connected route still wins)."""
+    net = ipaddress.ip_network(dst)
+    family = AF_INET6 if net.version == 6 else AF_INET
+    ipr.route(cmd, dst=str(net), type=RTN_BLACKHOLE, priority=BLACKHOLE_METRIC, family=family)
+
+
 OPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (interfaces, route_oif, link_index, link_mtu, set_link, address, route)
+    f.__name__: f for f in (interfaces, route_oif, link_index, link_mtu, set_link, address, route, blackhole)
 }
 
 
