@@ -215,6 +215,19 @@ def test_ip_masq_rules_are_kept_in_place(node: Netns, tmp_path: Path, nftables: 
     assert masq in node.exec(*table)
 
 
+def test_ip_blackhole_route_for_the_lease(node: Netns, tmp_path: Path) -> None:
+    proc = start_agent(node, tmp_path, "--iface", "eth1", "--ip-blackhole-route")
+    try:
+        wait_for(tmp_path / "subnet.env")
+        [lease] = leases(tmp_path)
+        assert f"blackhole {lease['Subnet']} proto static metric 65535" in node.exec("ip", "route")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "blackhole" not in node.exec("ip", "route")
+
+
 def test_metrics_endpoint(node: Netns, tmp_path: Path) -> None:
     proc = start_agent(node, tmp_path, "--iface", "eth1", "--healthz-port", "9912")
     try:

@@ -19,6 +19,7 @@ from types import FrameType
 from udpflannel.backend import Backend, BackendUnavailable, create_backend
 from udpflannel.config import ConfigError, NetworkConfig
 from udpflannel.host.iface import InterfaceError, select_interface
+from udpflannel.host.links import HostConfig, HostError
 from udpflannel.host.masq import Family, Rules, RulesError, missing_tools
 from udpflannel.lease.manager import LeaseManager
 from udpflannel.lease.model import Lease
@@ -79,6 +80,7 @@ class Agent:
         self.rules: Rules | None = None  # masquerade / forward rules (host/masq.py), once the lease is known
         self._rules_due = 0.0
         self._forward_ok = True
+        self._blackholes: HostConfig | None = None  # --ip-blackhole-route's routes, removed by close()
 
     def counters(self) -> dict[str, int]:
         backend = self.backend
@@ -146,17 +148,20 @@ class Agent:
         try:
             backend.start(self.lease)
             self.backend = backend
+            self._apply_rules(self.lease)
+            self._add_blackholes(self.lease)
+            # subnet.env last: the CNI plugin takes it as the word that the node is ready for pods.
             try:
                 self._write_subnet_env(iface.mtu)
             except OSError as exc:
                 raise AgentError(_subnet_file_error(opts.subnet_file, exc)) from None
-            self._apply_rules(self.lease)
         except Exception:
             # Nothing half-done: undo the host changes and give the subnet back before reporting the failure.
             self.backend = None
             if self.rules is not None:
                 with contextlib.suppress(Exception):
                     self.rules.remove()
+            self._remove_blackholes()
             with contextlib.suppress(Exception):
                 backend.stop()
             with contextlib.suppress(StoreError):
@@ -211,6 +216,26 @@ class Agent:
             ) from None
         self._rules_due = time.time() + opts.iptables_resync
 
+    def _add_blackholes(self, lease: Lease) -> None:
+        """--ip-blackhole-route: our pod subnets end in a blackhole when no pod route (or bridge) has them."""
+        if not self.options.ip_blackhole_route:
+            return
+        self._blackholes = HostConfig()
+        try:
+            for subnet in (lease.subnet, lease.ipv6_subnet):
+                if subnet is not None and not self._blackholes.add_blackhole(str(subnet)):
+                    log.info("a route to %s exists already: no blackhole route added", subnet)
+        except HostError as exc:
+            raise AgentError(str(exc)) from None
+        finally:
+            self._blackholes.close()
+
+    def _remove_blackholes(self) -> None:
+        if self._blackholes is not None:
+            with contextlib.suppress(Exception):
+                self._blackholes.undo()
+            self._blackholes = None
+
     def _resync_rules(self, now: float) -> None:
         if self.rules is None or not self.rules.wanted or now < self._rules_due:
             return
@@ -252,8 +277,10 @@ class Agent:
                     backend.stop()
                     self.lease = lease
                     backend.start(lease)
-                    self._write_subnet_env(self._iface_mtu)
                     self._apply_rules(lease)
+                    self._remove_blackholes()
+                    self._add_blackholes(lease)
+                    self._write_subnet_env(self._iface_mtu)
                 self.lease = lease
             self._resync_rules(now)
             backend.check()  # a crashed datapath worker is back within about a second
@@ -270,6 +297,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 self.backend.stop()
             self.backend = None
+        self._remove_blackholes()
         if self._health is not None:
             self._health.stop()
             self._health = None

@@ -153,7 +153,7 @@ FLAGS: tuple[Flag, ...] = (
         "ip-blackhole-route",
         "bool",
         False,
-        "accepted for flanneld compatibility: blackhole route for our subnet",
+        "a blackhole route for our subnet, under any pod or bridge route (setups without cni0, as Canal)",
         AGENT,
     ),
     Flag(
