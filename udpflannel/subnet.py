@@ -187,11 +187,17 @@ def prepare_subnet_dir(path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     if not os.path.basename(path) or os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "a directory, not a file", path)
+    _, fd, tmp = _temp_beside(path)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _temp_beside(path: str) -> tuple[str, int, str]:
+    """The file's directory (made 0755 when missing) and a new temp file in it: (directory, fd, name)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=SUBNET_DIR_MODE, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
+    return directory, fd, tmp
 
 
 def write_subnet_env(path: str | os.PathLike[str], env: SubnetEnv) -> None:
@@ -202,13 +208,11 @@ def write_subnet_env(path: str | os.PathLike[str], env: SubnetEnv) -> None:
     """
     data = env.render()
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=SUBNET_DIR_MODE, exist_ok=True)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except FileNotFoundError:  # (its directory too, maybe: _temp_beside makes that)
         mode = SUBNET_ENV_MODE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    directory, fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
