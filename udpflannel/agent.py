@@ -148,8 +148,7 @@ class Agent:
         try:
             backend.start(self.lease)
             self.backend = backend
-            self._apply_rules(self.lease)
-            self._add_blackholes(self.lease)
+            self._set_up_host(self.lease)
             # subnet.env last: the CNI plugin takes it as the word that the node is ready for pods.
             try:
                 self._write_subnet_env(iface.mtu)
@@ -189,6 +188,13 @@ class Agent:
                 "%s not found: no FORWARD rules (install it or set --iptables-forward-rules=false)",
                 ", ".join(lacking),
             )
+
+    def _set_up_host(self, lease: Lease) -> None:
+        """What the node needs for this lease beyond the backend: rules and blackhole routes (a lease
+        that replaces another gets them anew)."""
+        self._apply_rules(lease)
+        self._remove_blackholes()
+        self._add_blackholes(lease)
 
     def _apply_rules(self, lease: Lease) -> None:
         """flanneld's masquerade and forward rules for this lease's subnets (re-checked in loop())."""
@@ -277,9 +283,7 @@ class Agent:
                     backend.stop()
                     self.lease = lease
                     backend.start(lease)
-                    self._apply_rules(lease)
-                    self._remove_blackholes()
-                    self._add_blackholes(lease)
+                    self._set_up_host(lease)
                     self._write_subnet_env(self._iface_mtu)
                 self.lease = lease
             self._resync_rules(now)

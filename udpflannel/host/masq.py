@@ -120,7 +120,7 @@ class Rules:
     ) -> None:
         self.families = families
         self.masq, self.forward, self.nftables, self.fully_random = masq, forward, nftables, fully_random
-        self.repairs = 0  # times ensure() found a rule missing and put the set back
+        self.repairs = 0  # times ensure() (re)applied the rules, the first time included
         # What the rule dump showed right after we applied, per (tool, table): a resync compares one dump.
         self._applied: dict[tuple[str, str], list[str]] = {}
 
