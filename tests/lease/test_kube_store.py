@@ -453,10 +453,23 @@ def test_in_cluster_config_over_https(tmp_path: Path, monkeypatch: pytest.Monkey
             KubeStore("node-1")
 
 
-@pytest.mark.parametrize("content", ["x\n", "", "[1, 2]\n", "clusters: 5\ncontexts: x\n", "\tno: yaml: here"])
-def test_a_malformed_kubeconfig_is_a_one_line_store_error(tmp_path: Path, content: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("x\n", "it is a YAML str, not a mapping"),
+        ("", "it is empty"),
+        ("[1, 2]\n", "it is a YAML list, not a mapping"),
+        ("clusters: 5\ncontexts: x\n", "its clusters is not a list of mappings"),
+        ("users: [a]\n", "its users is not a list of mappings"),
+        ("clusters: []\n", ""),  # the right shape, which the client's loader then refuses (no context)
+        ("\tno: yaml: here", "not YAML at line 1"),
+    ],
+)
+def test_a_malformed_kubeconfig_is_a_one_line_store_error(tmp_path: Path, content: str, said: str) -> None:
     path = tmp_path / "kubeconfig"
     path.write_text(content)
     with pytest.raises(StoreError, match=f"cannot load kubeconfig {path}: .*give a valid kubeconfig") as err:
         KubeStore("node-1", kubeconfig=str(path))
     assert "\n" not in str(err.value)
+    assert said in str(err.value)
+    assert "TypeError" not in str(err.value)

@@ -21,12 +21,45 @@ BACKOFF_MAX = 2.0
 RBAC_HINT = "the service account needs deploy/rbac.yaml (nodes get/list/watch, nodes/status patch, pods get)"
 
 
+def check_kubeconfig_shape(path: str) -> None:
+    """A kubeconfig is a YAML mapping whose clusters, contexts and users are lists of mappings; anything
+    else gets a StoreError saying so (the client's loader fails on it with a TypeError or AttributeError)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"cannot read kubeconfig {path}: {exc}: give a readable kubeconfig file") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        what = getattr(exc, "problem", None) or "unparsable"
+        raise StoreError(
+            f"cannot load kubeconfig {path}: not YAML{at} ({what}): give a valid kubeconfig"
+        ) from None
+    if not isinstance(doc, dict):
+        shape = "empty" if doc is None else f"a YAML {type(doc).__name__}"
+        raise StoreError(
+            f"cannot load kubeconfig {path}: it is {shape}, not a mapping with clusters, contexts and users: "
+            "give a valid kubeconfig"
+        )
+    for key in ("clusters", "contexts", "users"):
+        items = doc.get(key)
+        if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+            raise StoreError(
+                f"cannot load kubeconfig {path}: its {key} is not a list of mappings "
+                f"(each with name and {key[:-1]}): give a valid kubeconfig"
+            )
+
+
 def make_api_client(kube_api_url: str | None, kubeconfig: str | None) -> Any:
     """flannel's order: --kubeconfig-file, else the in-cluster service account; --kube-api-url overrides
     the server address of either."""
     from kubernetes import client, config
 
     if kubeconfig:
+        check_kubeconfig_shape(kubeconfig)
         conf = client.Configuration()
         try:
             config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
