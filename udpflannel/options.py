@@ -357,7 +357,7 @@ def check_options(options: RunOptions) -> None:
         )
     if options.store_kind == "etcd":
         try:
-            from udpflannel.lease.etcd import parse_endpoint
+            from udpflannel.lease.etcd_wire import parse_endpoint
         except ModuleNotFoundError:
             return  # a build without the etcd store: open_store says so
         for url in options.etcd_endpoint_list:

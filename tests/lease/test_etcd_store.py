@@ -16,7 +16,7 @@ import pytest
 from etcd_server import EtcdServer, etcd_available
 
 from udpflannel.lab.netns import SERVICE_ADDR
-from udpflannel.lease.etcd import EtcdStore, parse_endpoint
+from udpflannel.lease.etcd import EtcdStore
 from udpflannel.lease.model import EventType, LeaseAttrs
 from udpflannel.lease.store import Compacted, Conflict, NotFound, StoreError
 
@@ -467,24 +467,3 @@ def test_tls_with_client_certificates(tmp_path) -> None:
         finally:
             store.close()
             no_cert.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "parsed"),
-    [
-        ("http://198.18.0.1:2379", ("http", "198.18.0.1", 2379)),
-        ("https://198.18.0.1", ("https", "198.18.0.1", 2379)),
-        ("198.18.0.1:4001", ("http", "198.18.0.1", 4001)),
-        ("https://[fd00:198::1]:2380", ("https", "fd00:198::1", 2380)),
-    ],
-)
-def test_endpoint_forms(url, parsed):
-    assert parse_endpoint(url) == parsed
-
-
-@pytest.mark.parametrize(
-    "url", ["::::", "ftp://198.18.0.1:2379", "http://198.18.0.1:65536", "http://:2379", "\\", "http://x y:1"]
-)
-def test_bad_endpoint_says_what_is_expected(url):
-    with pytest.raises(ValueError, match=r"is not http\(s\)://host:port"):
-        parse_endpoint(url)

@@ -7,17 +7,15 @@ etcd lease is a reservation. Every call retries across the endpoints with backof
 
 from __future__ import annotations
 
-import base64
 import collections
 import json
 import logging
 import math
-import re
 import time
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from udpflannel.lease.etcd_wire import b64, flannel_value, parse_endpoint, prefix_end, unb64
 from udpflannel.lease.model import (
     Event,
     EventType,
@@ -42,52 +40,6 @@ BACKOFF_MAX = 1.0
 
 class _AuthExpired(Exception):
     """The watch stream refused our auth token (simple tokens expire): log in again and reconnect."""
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(data: str) -> bytes:
-    return base64.b64decode(data)
-
-
-def _flannel_value(attrs: LeaseAttrs) -> str:
-    """A lease value byte for byte as flanneld writes it: Go marshals LeaseAttrs.PublicIPv6 (an *ip.IP6
-    without omitempty) as null when unset, right after PublicIP (spec/flannel.md, etcd v3 layout)."""
-    obj = attrs.to_json()
-    ordered = {"PublicIP": obj.pop("PublicIP"), "PublicIPv6": obj.pop("PublicIPv6", None), **obj}
-    return json.dumps(ordered, separators=(",", ":"))
-
-
-def _prefix_end(prefix: str) -> str:
-    """etcd's range_end for "every key starting with prefix": the prefix with its last byte incremented."""
-    raw = bytearray(prefix.encode())
-    raw[-1] += 1
-    return _b64(bytes(raw))
-
-
-# A DNS name, an IPv4 address or an IPv6 address (urlsplit has taken the brackets off).
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*")
-
-
-def parse_endpoint(url: str) -> tuple[str, str, int]:
-    """An --etcd-endpoints entry as (scheme, host, port): http(s)://host[:port], or host[:port] (http);
-    the port defaults to 2379. ValueError, saying what is expected, for anything else."""
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    try:
-        port = parts.port  # ValueError when not a number or over 65535
-    except ValueError:
-        port = -1
-    if (
-        parts.scheme not in ("http", "https")
-        or not _HOST.fullmatch(parts.hostname or "")
-        or port == -1
-        or port == 0
-    ):
-        raise ValueError(f"etcd endpoint {url!r} is not http(s)://host:port, e.g. http://198.18.0.1:2379")
-    return parts.scheme, parts.hostname, port or 2379
 
 
 class EtcdStore:
@@ -218,7 +170,7 @@ class EtcdStore:
         return expiration
 
     def _range(self, key: str) -> dict[str, Any] | None:
-        kvs = self._post("kv/range", {"key": _b64(key)}).get("kvs") or []
+        kvs = self._post("kv/range", {"key": b64(key)}).get("kvs") or []
         return kvs[0] if kvs else None
 
     def _txn(self, compare: dict[str, Any], success: dict[str, Any], key: str) -> dict[str, Any]:
@@ -226,7 +178,7 @@ class EtcdStore:
         Conflict, and to recognise our own write when a retried request had in fact been applied)."""
         return self._post(
             "kv/txn",
-            {"compare": [compare], "success": [success], "failure": [{"request_range": {"key": _b64(key)}}]},
+            {"compare": [compare], "success": [success], "failure": [{"request_range": {"key": b64(key)}}]},
         )
 
     @staticmethod
@@ -243,7 +195,7 @@ class EtcdStore:
         return self._subnets + subnet_key(subnet, ipv6_subnet)
 
     def _decode_key(self, raw_key: str) -> tuple[IPv4Network | None, IPv6Network | None] | None:
-        key = _unb64(raw_key).decode(errors="replace")
+        key = unb64(raw_key).decode(errors="replace")
         try:
             return parse_subnet_key(key[len(self._subnets) :])
         except ValueError:
@@ -258,7 +210,7 @@ class EtcdStore:
         if nets is None:
             return None
         try:
-            attrs = LeaseAttrs.loads(_unb64(kv.get("value", "")))
+            attrs = LeaseAttrs.loads(unb64(kv.get("value", "")))
         except ValueError as exc:
             self.drops["bad_value"] += 1
             log.warning("etcd: skipping %s: %s", subnet_key(*nets), exc)
@@ -275,13 +227,13 @@ class EtcdStore:
 
     def network_config(self) -> str | None:
         kv = self._range(f"{self._prefix}/config")
-        return _unb64(kv.get("value", "")).decode() if kv else None
+        return unb64(kv.get("value", "")).decode() if kv else None
 
     def assigned_subnets(self) -> tuple[IPv4Network | None, IPv6Network | None] | None:
         return None  # with etcd every node picks its own subnet
 
     def list(self) -> LeaseSnapshot:
-        resp = self._post("kv/range", {"key": _b64(self._subnets), "range_end": _prefix_end(self._subnets)})
+        resp = self._post("kv/range", {"key": b64(self._subnets), "range_end": prefix_end(self._subnets)})
         cache: dict[int, float] = {}
         leases = [lease for kv in resp.get("kvs") or [] if (lease := self._decode_kv(kv, cache)) is not None]
         return LeaseSnapshot(leases=leases, revision=int(resp["header"]["revision"]))
@@ -293,8 +245,8 @@ class EtcdStore:
         lease_id, granted = self._grant(ttl)
         now = self._clock()
         resp = self._txn(
-            {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0},
-            {"request_put": {"key": _b64(key), "value": _b64(_flannel_value(attrs)), "lease": lease_id}},
+            {"key": b64(key), "result": "EQUAL", "target": "VERSION", "version": 0},
+            {"request_put": {"key": b64(key), "value": b64(flannel_value(attrs)), "lease": lease_id}},
             key,
         )
         if resp.get("succeeded"):
@@ -313,18 +265,18 @@ class EtcdStore:
         """A free key, or one held by the same PublicIP (its lease becomes a reservation), else Conflict."""
         key = self._key(subnet, ipv6_subnet)
         kv = self._range(key)
-        put = {"request_put": {"key": _b64(key), "value": _b64(_flannel_value(attrs))}}
+        put = {"request_put": {"key": b64(key), "value": b64(flannel_value(attrs))}}
         if kv is None:
-            compare = {"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": 0}
+            compare = {"key": b64(key), "result": "EQUAL", "target": "VERSION", "version": 0}
         else:
             try:
-                holder = LeaseAttrs.loads(_unb64(kv.get("value", ""))).public_ip
+                holder = LeaseAttrs.loads(unb64(kv.get("value", ""))).public_ip
             except ValueError:
                 holder = None
             if holder is None or holder != attrs.public_ip:
                 raise Conflict(f"{key} is held by {holder}")
             compare = {
-                "key": _b64(key),
+                "key": b64(key),
                 "result": "EQUAL",
                 "target": "MOD",
                 "mod_revision": int(kv["mod_revision"]),
@@ -346,7 +298,7 @@ class EtcdStore:
         old_lease_id = int(kv.get("lease", 0))
         if old_lease_id == 0:
             # A reservation stays one, and only the node with its PublicIP may take it (flannel #1329).
-            stored = LeaseAttrs.loads(_unb64(kv.get("value", "")))
+            stored = LeaseAttrs.loads(unb64(kv.get("value", "")))
             if stored.public_ip != attrs.public_ip:
                 raise Conflict(f"{key} is reserved for {stored.public_ip}")
             new_id, granted = 0, None
@@ -354,11 +306,11 @@ class EtcdStore:
             # A fresh etcd lease (rather than a keepalive) lets the TTL change and keeps the CAS a single txn.
             new_id, granted = self._grant(ttl)
         now = self._clock()
-        put: dict[str, Any] = {"key": _b64(key), "value": _b64(_flannel_value(attrs))}
+        put: dict[str, Any] = {"key": b64(key), "value": b64(flannel_value(attrs))}
         if new_id:
             put["lease"] = new_id
         resp = self._txn(
-            {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": lease.revision},
+            {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": lease.revision},
             {"request_put": put},
             key,
         )
@@ -381,8 +333,8 @@ class EtcdStore:
     def delete(self, lease: Lease) -> None:
         key = self._subnets + lease.key
         resp = self._txn(
-            {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": lease.revision},
-            {"request_delete_range": {"key": _b64(key), "prev_kv": True}},
+            {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": lease.revision},
+            {"request_delete_range": {"key": b64(key), "prev_kv": True}},
             key,
         )
         if not resp.get("succeeded"):
@@ -417,8 +369,8 @@ class EtcdStore:
         client = self._clients[self._current]
         request = {
             "create_request": {
-                "key": _b64(self._subnets),
-                "range_end": _prefix_end(self._subnets),
+                "key": b64(self._subnets),
+                "range_end": prefix_end(self._subnets),
                 "start_revision": after + 1,
                 "prev_kv": True,
             }
