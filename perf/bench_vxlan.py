@@ -9,7 +9,8 @@ All scenarios are set up first, then measured in rounds (each once a round, so a
 shared machine falls on all alike; ratios are per round). For each: iperf3 one TCP stream (A->B,
 10 s x 3 rounds, or --quick), 64-byte UDP packet rate (perf/udp_flood.py,
 sendmmsg: as fast as it goes, then offered rates above what that delivered; the best the receiver counted
-is the result, see pps_sweep), CPU-seconds per GiB of every agent process, RSS/PSS.
+is the result, see pps_sweep), CPU-seconds per GiB of every agent process and of the whole machine
+(host: iperf3 and the kernel's softirq work included, so kernel VXLAN is charged too), RSS/PSS.
 Extra: one vs two worker processes (UDPFLANNEL_WORKERS), one-direction and bidirectional. --profile runs
 py-spy on the vxlan workers during one TCP run and prints where the time goes.
 
@@ -128,6 +129,14 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
         user += int(fields[11])  # utime
         system += int(fields[12])  # stime
     return user / CLK_TCK, system / CLK_TCK
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds every CPU of the machine has spent busy so far (user, nice, system, irq, softirq: the
+    iperf3s and the kernel's packet work included, which a kernel VXLAN node is charged nowhere else)."""
+    fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 def memory(pids: list[int]) -> list[dict[str, float]]:
@@ -261,10 +270,14 @@ def measure_tcp(sc: Scenario, seconds: int) -> None:
     for client, server, name in sc.directions():
         u0, s0 = cpu_seconds(agents)
         a0, b0 = sum(cpu_seconds(sc.a.pids)), sum(cpu_seconds(sc.b.pids))
+        h0 = host_busy_seconds()
         g, moved, lost = iperf_tcp(client, server, seconds, bidir=sc.bidir)
+        h1 = host_busy_seconds()
         u1, s1 = cpu_seconds(agents)
         got = sc.samples[name]
         got.append({"gbps": g, "retransmits": lost})
+        if moved:
+            got[-1]["host"] = (h1 - h0) / (moved / GIB)
         if agents and moved and u1 + s1 > u0 + s0:
             gib = moved / GIB
             got[-1]["cpu"] = (u1 + s1 - u0 - s0) / gib
@@ -280,6 +293,9 @@ def summarize_tcp(sc: Scenario) -> None:
     for name, runs in sc.samples.items():
         sc.result[f"tcp_gbps_{name}"] = [r["gbps"] for r in runs]
         sc.result[f"retransmits_{name}"] = [r["retransmits"] for r in runs]
+        hosted = [r["host"] for r in runs if "host" in r]
+        if hosted:
+            sc.result[f"host_cpu_s_per_gib_{name}"] = statistics.median(hosted)
         timed = [r for r in runs if "cpu" in r]
         if timed:
             sc.result[f"cpu_s_per_gib_{name}"] = statistics.median(r["cpu"] for r in timed)
@@ -413,7 +429,7 @@ def report(results: list[dict]) -> None:
     k_pps = kernel.get("udp64_pps") if kernel else None
     print(
         "\nscenario                TCP Gbit/s: median (runs)   x kernel  retrans  64B kpps  x kernel"
-        "  CPU-s/GiB  (kernel)  PSS MB"
+        "  CPU-s/GiB  (kernel)  host  PSS MB"
     )
     for r in results:
         bidir = by.get("kernel-kernel bidir") if "bidir" in r["label"] else None
@@ -428,13 +444,19 @@ def report(results: list[dict]) -> None:
             pratio = f"{pps / k_pps:.2f}" if (pps and k_pps) else "-"
             cpu = r.get(key.replace("tcp_gbps_", "cpu_s_per_gib_"))
             share = r.get(key.replace("tcp_gbps_", "kernel_share_"))
+            host = r.get(key.replace("tcp_gbps_", "host_cpu_s_per_gib_"))
             pss = sum(m["pss_mb"] for m in r.get("memory", []))
             print(
                 f"{r['label'] + ' ' + key[9:]:22s} {g:6.2f} ({runs:>14s})  {ratio:>8s}  {lost:7d}"
                 f"  {(pps or 0) / 1e3:8.1f}  {pratio:>8s}  {'-' if cpu is None else f'{cpu:.2f}':>9s}"
-                f"  {'-' if share is None else f'{share:.0%}':>8s}  {pss:6.1f}"
+                f"  {'-' if share is None else f'{share:.0%}':>8s}"
+                f"  {'-' if host is None else f'{host:.2f}':>5s}  {pss:6.1f}"
             )
     print("x kernel: the median of each round's ratio to kernel VXLAN's run of that round (bidir to bidir)")
+    print(
+        "CPU-s/GiB: the agents' processes (kernel: their system-time share); host: every CPU's busy time"
+        " (iperf3 and softirq included), per GiB moved"
+    )
     print("\nCPU-s/GiB of each node's agent (A sends in A->B; a kernel VXLAN node has none):")
     for r in results:
         for key in [k for k in r if k.startswith("cpu_s_per_gib_by_node_")]:
