@@ -164,19 +164,22 @@ def test_each_flag_from_command_line_and_env(name: str) -> None:
     assert from_cli.explicit == from_env.explicit == frozenset({name})
 
 
-def test_full_flanneld_command_line(agent: FakeAgent, conf_file: Path) -> None:
+def test_full_flanneld_command_line(agent: FakeAgent, conf_file: Path, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"  # with --kube-subnet-mgr the agent reads it before starting
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
     argv = ["run"]
     for name, (text, _) in SAMPLES.items():
-        if name in ("sqlite-path", "net-config-path"):
+        if name in ("sqlite-path", "net-config-path", "kubeconfig-file"):
             continue  # --sqlite-path conflicts with --kube-subnet-mgr; net-conf comes from conf_file
         argv.append(f"--{name}={text}")
-    argv += ["--net-config-path", str(conf_file), "--iface", "198.18.0.3"]
+    argv += ["--net-config-path", str(conf_file), "--iface", "198.18.0.3", f"--kubeconfig-file={kubeconfig}"]
     assert main(argv, {}) == 0
     (opts,) = agent.calls
+    assert opts.kubeconfig_file == str(kubeconfig)
     for name, (_, value) in SAMPLES.items():
         if name == "iface":
             assert opts.iface == ("eth1", "198.18.0.3")  # repeatable, in order
-        elif name not in ("sqlite-path", "net-config-path"):
+        elif name not in ("sqlite-path", "net-config-path", "kubeconfig-file"):
             assert getattr(opts, field(name)) == value, name
     assert opts.store_kind == "kube"
     assert opts.net_config is not None and opts.net_config.backend.type == "vxlan"
@@ -312,6 +315,20 @@ def test_bad_flags(agent: FakeAgent, capsys: pytest.CaptureFixture[str], argv, e
     assert main(["run", *argv], env) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert agent.calls == []
+
+
+def test_a_malformed_kubeconfig_is_bad_config(
+    agent: FakeAgent, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Found before the agent starts: exit 2 and one line, as for any bad flag."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("- a\n- b\n")
+    assert main(["run", "--kube-subnet-mgr", f"--kubeconfig-file={kubeconfig}"], {}) == 2
+    err = capsys.readouterr().err
+    said = f"udpflannel: --kubeconfig-file: cannot load kubeconfig {kubeconfig}: it is a YAML list"
+    assert err.startswith(said)
+    assert err.count("\n") == 1
     assert agent.calls == []
 
 

@@ -355,6 +355,8 @@ def check_options(options: RunOptions) -> None:
             f"--kubeconfig-file {kubeconfig!r} is not a file: give the path of a kubeconfig, "
             "or leave it out to use the pod's service account"
         )
+    if options.store_kind == "kube" and kubeconfig:
+        _check_kubeconfig(kubeconfig)
     if options.store_kind == "etcd":
         try:
             from udpflannel.lease.etcd_wire import parse_endpoint
@@ -365,6 +367,20 @@ def check_options(options: RunOptions) -> None:
                 parse_endpoint(url)
             except ValueError as exc:
                 raise OptionsError(f"--etcd-endpoints: {exc}") from None
+
+
+def _check_kubeconfig(path: str) -> None:
+    """A malformed kubeconfig is bad configuration (exit 2), found before anything is set up."""
+    from udpflannel.lease.store import StoreError
+
+    try:
+        from udpflannel.lease.kube_api import check_kubeconfig_shape
+
+        check_kubeconfig_shape(path)
+    except ModuleNotFoundError:
+        return  # a build without the kube store (no PyYAML): open_store says so
+    except StoreError as exc:
+        raise OptionsError(f"--kubeconfig-file: {exc}") from None
 
 
 def option_fields() -> list[str]:
