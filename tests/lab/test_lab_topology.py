@@ -40,6 +40,7 @@ GOOD = textwrap.dedent(
         ("three-node.clab.yml", "vxlan"),
         ("three-node-udp.clab.yml", "udp"),
         ("three-node-wireguard.clab.yml", "wireguard"),
+        ("three-node-host-gw.clab.yml", "host-gw"),
     ],
 )
 def test_shipped_topologies_parse(file: str, backend: str) -> None:

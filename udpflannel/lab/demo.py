@@ -19,7 +19,7 @@ from pathlib import Path
 
 from udpflannel.backend import REGISTRY
 from udpflannel.lab import topology
-from udpflannel.lab.netns import LabError
+from udpflannel.lab.netns import LabError, run
 from udpflannel.lab.runtime import (
     HEALTHZ_PORT,
     STATE_ROOT,
@@ -113,15 +113,18 @@ def check_lab(labrun: LabRun, report: DemoReport, out: Callable[[str], None], de
     # An agent may write subnet.env a moment before its TUN exists: give the devices a bounded moment.
     expect = backend_in_build(state.backend)
     settle = time.monotonic() + (TUNNEL_WAIT if expect else 0)
+    # host-gw has no tunnel device: its routes to the other nodes' subnets stand for it.
+    carrier = _host_gw_routes if state.backend == "host-gw" else (lambda _state, node: tunnel_device(node.ns))
     while True:
         for node in state.nodes.values():
-            report.tunnels[node.name] = tunnel_device(node.ns)
+            report.tunnels[node.name] = carrier(state, node)
         if all(report.tunnels.values()) or time.monotonic() >= settle:
             break
         time.sleep(0.2)
     missing = [n for n, dev in report.tunnels.items() if dev is None]
     if missing:
-        why = f"no tunnel device on {', '.join(missing)}"
+        what = "routes to every other node's subnet" if state.backend == "host-gw" else "tunnel device"
+        why = f"no {what} on {', '.join(missing)}"
         if expect:
             report.failed.append(f"dataplane: {why} although this build has the {state.backend} backend")
         else:
@@ -130,7 +133,8 @@ def check_lab(labrun: LabRun, report: DemoReport, out: Callable[[str], None], de
             )
         return
     out("")
-    out("tunnel devices: " + ", ".join(f"{n} {d}" for n, d in report.tunnels.items()))
+    label = "host-gw routes" if state.backend == "host-gw" else "tunnel devices"
+    out(f"{label}: " + ", ".join(f"{n} {d}" for n, d in report.tunnels.items()))
     _ping_matrix(state, report, out)
     if time.monotonic() + IPERF_SECONDS + 10 < deadline:
         _iperf(state, report, out)
@@ -141,6 +145,19 @@ def check_lab(labrun: LabRun, report: DemoReport, out: Callable[[str], None], de
     else:
         report.skipped.append("trace: the demo's time budget is used up")
     _drops(state, report)
+
+
+def _host_gw_routes(state: LabState, node: NodeState) -> str | None:
+    """host-gw's stand-in for a tunnel device: "via <iface>" once `node` routes every other node's subnet
+    via that node's public IP; None before."""
+    try:
+        routes = run(["ip", "netns", "exec", node.ns, "ip", "route"], timeout=5)
+    except (LabError, subprocess.TimeoutExpired):
+        return None
+    others = [n for n in state.nodes.values() if n is not node]
+    if all(f"{n.subnet} via {n.public_ip} dev {node.iface}" in routes for n in others):
+        return f"via {node.iface}"
+    return None
 
 
 def _lease_table(state: LabState, report: DemoReport, out: Callable[[str], None]) -> None:

@@ -85,7 +85,8 @@ class TraceResult:
         ttls = [(h.hop.where, _inner_ttl(h.dissection)) for h in self.hops if h.dissection is not None]
         ttl_text = " → ".join(f"{ttl} at {where}" for where, ttl in ttls if ttl is not None)
         if ttl_text:
-            lines.append(f"inner TTL: {ttl_text} (each node that routes the packet takes one)")
+            label = "TTL" if self.backend == "host-gw" else "inner TTL"  # (host-gw: nothing is inside)
+            lines.append(f"{label}: {ttl_text} (each node that routes the packet takes one)")
         reply = "received" if self.replied else "NOT received"
         lines.append(f"seen at {self.seen}/{len(self.hops)} hops; echo reply {reply}")
         return "\n".join(lines)
@@ -117,7 +118,8 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             snode.ns,
             CNI_BRIDGE,
             "icmp",
-            f"{snode.name} receives it on its bridge and routes {dpod.ip}: not local, so the cluster route",
+            f"{snode.name} receives it on its bridge and routes {dpod.ip}: not local, so "
+            + (f"the route via {dnode.public_ip}" if backend == "host-gw" else "the cluster route"),
         ),
     ]
     stun, skind = tunnel_link(snode.ns) or (None, None)
@@ -130,27 +132,10 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
     dtun, dkind = tunnel_link(dnode.ns) or (None, None)
     dactor = "udpflannel" if dkind in (None, "tun") else f"the kernel's {dkind} device"
     outer = f"outer {snode.public_ip} → {dnode.public_ip}"
-    hops.append(
-        Hop(
-            f"{snode.name} {snode.iface}",
-            snode.ns,
-            snode.iface,
-            "udp",
-            f"{sactor} wrapped it for {dnode.name} ({backend}): {outer}"
-            # spec/flannel.md: flannel's udp proxy routes like a hop, so it decrements the inner TTL too.
-            + ("; like flannel's udp proxy it also takes one from the inner TTL" if backend == "udp" else ""),
-        )
-    )
-    hops.append(
-        Hop(
-            f"{dnode.name} {dnode.iface}",
-            dnode.ns,
-            dnode.iface,
-            "udp",
-            f"the same datagram arrives at {dnode.name}; its kernel hands it to "
-            + ("udpflannel's UDP socket" if dactor == "udpflannel" else f"its {dkind} device {dtun}"),
-        )
-    )
+    if backend == "host-gw":
+        hops += _host_gw_underlay(snode, dnode, dpod)
+    else:
+        hops += _tunnel_underlay(snode, dnode, sactor, dactor, dkind, dtun, outer, backend)
     if dtun is not None:
         explain = (
             f"{dactor} took the encapsulation off; the inner packet leaves {dtun} into {dnode.name}'s stack"
@@ -175,6 +160,59 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
         )
     )
     return hops
+
+
+def _tunnel_underlay(
+    snode: NodeState,
+    dnode: NodeState,
+    sactor: str,
+    dactor: str,
+    dkind: str | None,
+    dtun: str | None,
+    outer: str,
+    backend: str,
+) -> list[Hop]:
+    """An encapsulating backend's two underlay hops: the datagram leaves one node, arrives at the other."""
+    return [
+        Hop(
+            f"{snode.name} {snode.iface}",
+            snode.ns,
+            snode.iface,
+            "udp",
+            f"{sactor} wrapped it for {dnode.name} ({backend}): {outer}"
+            # spec/flannel.md: flannel's udp proxy routes like a hop, so it decrements the inner TTL too.
+            + ("; like flannel's udp proxy it also takes one from the inner TTL" if backend == "udp" else ""),
+        ),
+        Hop(
+            f"{dnode.name} {dnode.iface}",
+            dnode.ns,
+            dnode.iface,
+            "udp",
+            f"the same datagram arrives at {dnode.name}; its kernel hands it to "
+            + ("udpflannel's UDP socket" if dactor == "udpflannel" else f"its {dkind} device {dtun}"),
+        ),
+    ]
+
+
+def _host_gw_underlay(snode: NodeState, dnode: NodeState, dpod: PodState) -> list[Hop]:
+    """host-gw: the pod's packet itself crosses the underlay, routed by the kernel, no encapsulation."""
+    return [
+        Hop(
+            f"{snode.name} {snode.iface}",
+            snode.ns,
+            snode.iface,
+            "icmp",
+            f"the host-gw route udpflannel set ({dnode.subnet} via {dnode.public_ip}) sends the packet as"
+            f" it is, in an Ethernet frame to {dnode.name}: no encapsulation",
+        ),
+        Hop(
+            f"{dnode.name} {dnode.iface}",
+            dnode.ns,
+            dnode.iface,
+            "icmp",
+            f"{dnode.name}'s kernel receives it for {dpod.ip} and routes it on, as any router would",
+        ),
+    ]
 
 
 def pick_pods(state: LabState, src: str | None, dst: str | None) -> tuple[tuple[NodeState, PodState], ...]:
