@@ -1,7 +1,8 @@
 """The host-gw backend through the real agent: two `udpflannel run` processes in two namespaces on one
 underlay share an embedded lease store and route each other's subnets via the peer's public IP; routes
 follow peers that join and leave, come back when removed by hand, and go when the agents stop. A public IP
-that is not the interface's own is refused before anything is leased."""
+that is not the interface's own is refused before anything is leased. Dual-stack routes each family via
+the peer's address of that family."""
 
 from __future__ import annotations
 
@@ -147,3 +148,43 @@ def test_a_public_ip_that_is_not_the_interfaces_is_refused() -> None:
         finally:
             store.close()
         assert "via" not in a.exec("ip", "route")
+
+
+def test_dual_stack_routes_each_family_via_the_peers_address_of_that_family() -> None:
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-hostgw-") as tmp, ExitStack() as stack:
+        root = pathlib.Path(tmp)
+        conf = {**NET_CONF, "EnableIPv6": True, "IPv6Network": "fd00:198:100::/56"}
+        (root / "net-conf.json").write_text(json.dumps(conf))
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.veth(a, b, "198.18.0.1/16", "198.18.0.2/16")
+        for ns, ip6 in ((a, "fd00:198::1/64"), (b, "fd00:198::2/64")):
+            ns.exec("ip", "-6", "addr", "add", ip6, "dev", "eth0", "nodad")
+        logs = {n: stack.enter_context(open(root / f"{n}.log", "w")) for n in ("a", "b")}
+        procs = [_agent(a, root, "a", log=logs["a"]), _agent(b, root, "b", log=logs["b"])]
+        try:
+            deadline = time.monotonic() + 30
+            env_a = _env_file(root / "a" / "subnet.env", deadline)
+            env_b = _env_file(root / "b" / "subnet.env", deadline)
+            for ns, env in ((a, env_a), (b, env_b)):
+                ns.exec("ip", "link", "add", "cni0", "type", "bridge")
+                ns.exec("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", "cni0")
+                ns.exec("ip", "-6", "addr", "add", env["FLANNEL_IPV6_SUBNET"], "dev", "cni0", "nodad")
+                ns.exec("ip", "link", "set", "cni0", "up")
+            net6_b = ipaddress.ip_interface(env_b["FLANNEL_IPV6_SUBNET"]).network
+            net6_a = ipaddress.ip_interface(env_a["FLANNEL_IPV6_SUBNET"]).network
+            for ns, net, gw in ((a, net6_b, "fd00:198::2"), (b, net6_a, "fd00:198::1")):
+                deadline = time.monotonic() + 15
+                while f"{net} via {gw} dev eth0" not in ns.exec("ip", "-6", "route"):
+                    assert time.monotonic() < deadline, ns.exec("ip", "-6", "route")
+                    time.sleep(0.2)
+            net_b = ipaddress.ip_interface(env_b["FLANNEL_SUBNET"]).network
+            _wait_route(a, f"{net_b} via 198.18.0.2 dev eth0")
+            src6 = env_a["FLANNEL_IPV6_SUBNET"].split("/")[0]
+            dst6 = env_b["FLANNEL_IPV6_SUBNET"].split("/")[0]
+            a.exec("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-I", src6, dst6, timeout=20)
+        finally:
+            for p in procs:
+                p.terminate()
+            codes = [p.wait(timeout=20) for p in procs]
+        assert codes == [0, 0], (root / "a.log").read_text()[-2000:]
+        assert "via fd00:198::" not in a.exec("ip", "-6", "route")
