@@ -33,23 +33,40 @@ def lease(
     )
 
 
+NET4, NET6 = ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("fd00:198:100::/56")
+OURS = [ipaddress.IPv4Network("198.19.1.0/24")]
+
+
 def test_a_peer_lease_is_a_route_per_family_via_its_public_address() -> None:
-    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:2::/64", ip6="fd00:198::2")
-    assert peer_routes(peer, "eth0", ipv4=True, ipv6=False) == [Route("198.19.2.0/24", "eth0", "198.18.0.2")]
-    assert peer_routes(peer, "eth0", ipv4=True, ipv6=True) == [
+    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:100:2::/64", ip6="fd00:198::2")
+    assert peer_routes(peer, "eth0", [NET4], OURS) == [Route("198.19.2.0/24", "eth0", "198.18.0.2")]
+    assert peer_routes(peer, "eth0", [NET4, NET6], OURS) == [
         Route("198.19.2.0/24", "eth0", "198.18.0.2"),
-        Route("fd00:198:2::/64", "eth0", "fd00:198::2"),
+        Route("fd00:198:100:2::/64", "eth0", "fd00:198::2"),
     ]
 
 
 @pytest.mark.parametrize("backend", ["vxlan", "", "wireguard"])
 def test_peers_of_other_backends_get_no_route(backend: str) -> None:
-    assert peer_routes(lease("198.19.2.0/24", "198.18.0.2", backend), "eth0", ipv4=True, ipv6=True) == []
+    assert peer_routes(lease("198.19.2.0/24", "198.18.0.2", backend), "eth0", [NET4, NET6], OURS) == []
 
 
 def test_an_ipv6_subnet_without_a_public_ipv6_gets_no_route() -> None:
-    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:2::/64")
-    assert [r.dst for r in peer_routes(peer, "eth0", ipv4=True, ipv6=True)] == ["198.19.2.0/24"]
+    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:100:2::/64")
+    assert [r.dst for r in peer_routes(peer, "eth0", [NET4, NET6], OURS)] == ["198.19.2.0/24"]
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    [
+        "0.0.0.0/0",  # would replace the node's default route
+        "198.18.0.0/16",  # the underlay itself
+        "198.19.0.0/16",  # the whole cluster network, ours included
+        "198.19.1.0/25",  # inside our own subnet
+    ],
+)
+def test_a_peer_subnet_outside_the_network_or_over_ours_is_never_routed(subnet: str) -> None:
+    assert peer_routes(lease(subnet, "198.18.0.2"), "eth0", [NET4], OURS) == []
 
 
 def _config(v6: bool = False):

@@ -25,16 +25,28 @@ PROC_ROUTE = "/proc/net/route"
 PROC_ROUTE_V6 = "/proc/net/ipv6_route"
 
 
-def peer_routes(lease: Lease, dev: str, *, ipv4: bool, ipv6: bool) -> list[Route]:
-    """The routes to one peer lease's subnets; [] for a lease of another backend type or without the public
-    address a family needs (flannel ignores those peers too)."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def peer_routes(lease: Lease, dev: str, networks: list[Network], own: list[Network]) -> list[Route]:
+    """The routes to one peer lease's subnets; [] for a lease of another backend type, and none for a family
+    without its public address (flannel ignores those too) or for a subnet outside the cluster networks or
+    overlapping our own: a store entry must never take over a host route such as the default route."""
     if lease.attrs.backend_type != BACKEND_TYPE:
         return []
     routes = []
-    if ipv4 and lease.subnet is not None and lease.attrs.public_ip is not None:
-        routes.append(Route(str(lease.subnet), dev, gateway=str(lease.attrs.public_ip)))
-    if ipv6 and lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None:
-        routes.append(Route(str(lease.ipv6_subnet), dev, gateway=str(lease.attrs.public_ipv6)))
+    for subnet, gateway in (
+        (lease.subnet, lease.attrs.public_ip),
+        (lease.ipv6_subnet, lease.attrs.public_ipv6),
+    ):
+        if subnet is None or gateway is None:
+            continue
+        if any(subnet.subnet_of(n) for n in networks if n.version == subnet.version) and not any(
+            subnet.overlaps(o) for o in own if o.version == subnet.version
+        ):
+            routes.append(Route(str(subnet), dev, gateway=str(gateway)))
+        else:
+            log.warning("ignoring peer subnet %s: outside the cluster network or overlapping ours", subnet)
     return routes
 
 
@@ -97,6 +109,9 @@ class HostGwBackend:
                     f"route to it directly, so NAT is not supported; drop {flag} or use the vxlan backend"
                 )
         self.mtu = int(iface.mtu)
+        # The families we route: a peer's IPv6 subnet only when IPv6 is on, as flannel.
+        v4net, v6net = getattr(config, "network", None), getattr(config, "ipv6_network", None)
+        self.networks: list[Network] = [n for n, on in ((v4net, self.ipv4), (v6net, self.ipv6)) if on and n]
         self.lease: Lease | None = None
         self.peers: dict[str, Lease] = {}
         self.host: HostConfig | None = None
@@ -168,8 +183,9 @@ class HostGwBackend:
         removed."""
         assert self.host is not None
         wanted: dict[str, Route] = {}
+        own = [n for n in (self.lease.subnet, self.lease.ipv6_subnet) if n is not None] if self.lease else []
         for lease in self.peers.values():
-            routes = peer_routes(lease, self.iface.name, ipv4=self.ipv4, ipv6=self.ipv6)
+            routes = peer_routes(lease, self.iface.name, self.networks, own)
             if not routes and lease.attrs.backend_type != BACKEND_TYPE:
                 log.warning(
                     "ignoring peer %s: its backend is %r, not host-gw",
