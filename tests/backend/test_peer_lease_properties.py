@@ -1,6 +1,7 @@
 """Hypothesis properties of peer leases as any store may hand them over: whatever JSON another node (or
 anyone with write access to etcd or a Node's annotations) publishes, parsing it raises ValueError or
-nothing, and turning it into peer-table rows (vxlan, udp) or WireGuard peers never raises: an unusable
+nothing, and turning it into peer-table rows (vxlan, udp), WireGuard peers or host-gw routes (only inside
+the cluster network, never over our own subnet) never raises: an unusable
 lease is logged and skipped, and the agent keeps running for the peers that are fine."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from udpflannel.backend import ExternalInterface
+from udpflannel.backend.hostgw import peer_routes
 from udpflannel.backend.udp import UdpBackend
 from udpflannel.backend.vxlan import VxlanBackend
 from udpflannel.backend.wireguard import WgDevice, peer_config
@@ -77,8 +79,12 @@ subnets = st.sampled_from(
         (ipaddress.IPv4Network("198.19.5.0/24"), None),
         (None, ipaddress.IPv6Network("fd00:198:0:5::/64")),
         (ipaddress.IPv4Network("198.19.5.0/24"), ipaddress.IPv6Network("fd00:198:0:5::/64")),
+        (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")),  # a host route taken over
+        (ipaddress.IPv4Network("198.19.1.0/24"), None),  # ours (host-gw: never routed to a peer)
     ]
 )
+NETWORKS = [ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("fd00:198::/48")]
+OURS = [ipaddress.IPv4Network("198.19.1.0/24")]
 
 
 class Opts:
@@ -124,7 +130,7 @@ def test_lease_attrs_parse_or_say_value_error(obj):
 peer_attrs_json = st.fixed_dictionaries(
     {
         "PublicIP": st.sampled_from(["198.18.0.2", "0.0.0.0"]),
-        "BackendType": st.sampled_from(["vxlan", "udp", "wireguard"]),
+        "BackendType": st.sampled_from(["vxlan", "udp", "wireguard", "host-gw"]),
         "BackendData": backend_data,
     },
     optional={"PublicIPv6": st.just("fd00:198::2"), "BackendV6Data": backend_data},
@@ -142,6 +148,11 @@ def test_any_peer_lease_gives_rows_or_is_skipped(backends, obj, nets):
         assert ipaddress.ip_network(row.subnet) in (lease.subnet, lease.ipv6_subnet)
     for row in udp.peer_rows(lease):
         assert ipaddress.ip_network(row.subnet) in (lease.subnet, lease.ipv6_subnet)
+    for route in peer_routes(lease, "eth0", NETWORKS, OURS):
+        net = ipaddress.ip_network(route.dst)
+        assert net in (lease.subnet, lease.ipv6_subnet)
+        assert any(net.subnet_of(n) for n in NETWORKS if n.version == net.version)
+        assert not any(net.overlaps(o) for o in OURS if o.version == net.version) and route.gateway
     for device in DEVICES:
         peer = peer_config(lease, device, None, 0, have_ipv4=True)
         if peer is not None:
