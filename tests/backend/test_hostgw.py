@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from udpflannel.backend import BackendUnavailable, ExternalInterface, create_backend
-from udpflannel.backend.hostgw import HostGwBackend, kernel_gateways, peer_routes
+from udpflannel.backend.hostgw import HostGwBackend, peer_routes
 from udpflannel.config import parse_net_conf
 from udpflannel.host.links import Route
 from udpflannel.lease.model import Lease, LeaseAttrs
@@ -109,25 +108,3 @@ def test_a_public_address_behind_nat_is_refused(
 def test_an_ipv6_public_address_is_not_checked_when_ipv6_is_off() -> None:
     iface = ExternalInterface("eth0", 2, 1500, "198.18.0.1", "fd00:198::1", "198.18.0.1", "fd00:198::9")
     create_backend(_config(), SimpleNamespace(), iface)
-
-
-def test_kernel_routes_are_read_back_from_proc(tmp_path: Path) -> None:
-    route = tmp_path / "route"
-    route.write_text(
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-        "eth0\t000213C6\t020012C6\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 198.19.2.0/24 via 198.18.0.2
-        "eth0\t000012C6\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"  # connected: no gateway
-        "cni0\t000313C6\t030012C6\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # another device
-    )
-    route6 = tmp_path / "ipv6_route"
-    route6.write_text(
-        "fd000198000200000000000000000000 40 00000000000000000000000000000000 00 "
-        "fd000198000000000000000000000002 00000400 00000001 00000000 00000003     eth0\n"
-        "fd000198000000000000000000000000 30 00000000000000000000000000000000 00 "
-        "00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n"
-    )
-    assert kernel_gateways("eth0", str(route), str(route6)) == {
-        "198.19.2.0/24": "198.18.0.2",
-        "fd00:198:2::/64": "fd00:198::2",
-    }
-    assert kernel_gateways("eth0", str(tmp_path / "none"), str(tmp_path / "none")) == {}

@@ -70,6 +70,20 @@ class HostConfig:
         except NetlinkError as exc:
             raise HostError(f"reading the MTU of {name}: {exc}") from exc
 
+    def route_to(self, ip: str) -> dict[str, str | None]:
+        """How the kernel reaches `ip`: {"dev": link name, "gateway": address or None}; {} without a route."""
+        try:
+            got = self._call("route_via", dst=ip)
+        except NetlinkError as exc:
+            raise HostError(f"looking up the route to {ip}: {exc}") from exc
+        if not isinstance(got, dict) or got.get("oif") is None:
+            return {}
+        try:
+            dev: str | None = socket.if_indextoname(int(got["oif"]))
+        except OSError:
+            dev = None
+        return {"dev": dev, "gateway": got.get("gateway")}
+
     def set_link(
         self,
         name: str,

@@ -63,6 +63,19 @@ def route_oif(ipr: Any, dst: str) -> int | None:
     return int(routes[0].get_attr("RTA_OIF")) if routes else None
 
 
+def route_via(ipr: Any, dst: str) -> dict[str, Any]:
+    """How the kernel reaches `dst`: {"oif": link index, "gateway": address or None}; {} without a route."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        routes = ipr.route("get", dst=dst)
+    except NetlinkError:
+        return {}
+    if not routes:
+        return {}
+    return {"oif": routes[0].get_attr("RTA_OIF"), "gateway": routes[0].get_attr("RTA_GATEWAY")}
+
+
 def link_index(ipr: Any, name: str, wait: float = 0.0) -> int:
     """Index of link `name`, waiting up to `wait` seconds for it to appear (a TUN a worker opens)."""
     deadline = time.monotonic() + wait
@@ -122,7 +135,8 @@ def blackhole(ipr: Any, cmd: str, dst: str) -> None:
 
 
 OPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (interfaces, route_oif, link_index, link_mtu, set_link, address, route, blackhole)
+    f.__name__: f
+    for f in (interfaces, route_oif, route_via, link_index, link_mtu, set_link, address, route, blackhole)
 }
 
 

@@ -1,0 +1,142 @@
+"""Routes to peers' subnets via their addresses on the underlay (`<subnet> via <ip> dev <iface>`), kept in
+the kernel: host-gw's routes, and vxlan's with DirectRouting. set() makes the kernel match a wanted set,
+check() puts back what someone removed, as flannel's route check does every 10 s; undo() removes them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from udpflannel.host.links import HostConfig, HostError, Route
+from udpflannel.host.netlink import NetlinkError
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 10.0  # seconds between looks at the routing table (flannel's routeCheck period)
+PROC_ROUTE = "/proc/net/route"
+PROC_ROUTE_V6 = "/proc/net/ipv6_route"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def safe_peer_subnet(subnet: Network, networks: list[Network], own: list[Network]) -> bool:
+    """A peer's subnet may be routed: inside a cluster network and clear of our own subnets, so a store entry
+    can never take over a host route (the default route, the underlay, our pods)."""
+    inside = any(subnet.subnet_of(n) for n in networks if n.version == subnet.version)  # type: ignore[arg-type]
+    return inside and not any(subnet.overlaps(o) for o in own if o.version == subnet.version)
+
+
+def kernel_gateways(
+    dev: str, route_file: str = PROC_ROUTE, route6_file: str = PROC_ROUTE_V6
+) -> dict[str, str]:
+    """Main-table routes through `dev` that have a gateway, as {dst CIDR: gateway}, read from /proc (no
+    netlink child needed for a periodic look)."""
+    found: dict[str, str] = {}
+    try:
+        with open(route_file, encoding="ascii") as f:
+            next(f, None)  # the header line
+            for line in f:
+                cols = line.split()
+                if len(cols) < 8 or cols[0] != dev or int(cols[2], 16) == 0:
+                    continue
+                dst, gw, mask = (_proc_ipv4(c) for c in (cols[1], cols[2], cols[7]))
+                found[str(ipaddress.IPv4Network(f"{dst}/{mask}", strict=False))] = str(gw)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(route6_file, encoding="ascii") as f:
+            for line in f:
+                cols = line.split()
+                if len(cols) < 10 or cols[9] != dev or int(cols[4], 16) == 0:
+                    continue
+                net6 = ipaddress.IPv6Network(
+                    (ipaddress.IPv6Address(bytes.fromhex(cols[0])), int(cols[1], 16)), strict=False
+                )
+                found[str(net6)] = str(ipaddress.IPv6Address(bytes.fromhex(cols[4])))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _proc_ipv4(hex_le: str) -> ipaddress.IPv4Address:
+    """/proc/net/route prints addresses as the hex of their network-order bytes read little-endian."""
+    return ipaddress.IPv4Address(int(hex_le, 16).to_bytes(4, "little"))
+
+
+class PeerRoutes:
+    """The routes we keep to peers through one underlay device."""
+
+    def __init__(self, dev: str) -> None:
+        self.dev = dev
+        self.host = HostConfig()
+        self.wanted: dict[str, Route] = {}  # dst -> the route we keep there
+        self.failed: dict[str, str] = {}  # dst -> why the kernel refused it (logged once per reason)
+        self.errors = 0
+        self.repairs = 0
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+
+    def set(self, routes: list[Route]) -> None:
+        """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
+        wanted = {r.dst: r for r in routes}
+        for dst, route in list(self.wanted.items()):
+            if wanted.get(dst) != route:
+                self.failed.pop(dst, None)
+                try:
+                    self.host.del_route(route)
+                except HostError as exc:
+                    log.warning("%s", exc)
+        for dst, route in wanted.items():
+            if self.wanted.get(dst) != route or dst in self.failed:
+                self._add(route)
+        self.wanted = wanted
+        self.host.close()  # the netlink child goes until the next change (the agent's memory)
+
+    def is_direct(self, ip: str) -> bool:
+        """flannel's DirectRouting test: the kernel reaches `ip` through our device with no gateway."""
+        try:
+            got = self.host.route_to(ip)
+        except (HostError, NetlinkError):
+            return False
+        return got.get("dev") == self.dev and not got.get("gateway")
+
+    def check(self) -> None:
+        """Every CHECK_INTERVAL: routes of ours that are gone or changed are put back."""
+        now = time.monotonic()
+        if now < self._next_check or not self.wanted:
+            return
+        self._next_check = now + CHECK_INTERVAL
+        have = kernel_gateways(self.dev)
+        for dst, route in self.wanted.items():
+            if have.get(dst) == route.gateway:
+                continue
+            if dst not in self.failed:  # (a refused one is simply tried again)
+                log.warning("route to %s via %s was removed or changed: put back", dst, route.gateway)
+                self.repairs += 1
+            self._add(route)
+        self.host.close()
+
+    def counts(self, prefix: str) -> dict[str, int]:
+        return {
+            f"{prefix}_routes": len(self.wanted) - len(self.failed),
+            f"{prefix}_route_errors": self.errors,
+            f"{prefix}_route_repairs": self.repairs,
+        }
+
+    def undo(self) -> None:
+        self.host.undo()
+        self.wanted.clear()
+        self.failed.clear()
+
+    def _add(self, route: Route) -> None:
+        try:
+            self.host.add_route(route)
+        except HostError as exc:
+            self.errors += 1
+            if self.failed.get(route.dst) != str(exc):
+                log.warning("%s: is %s on %s's network?", exc, route.gateway, self.dev)
+            self.failed[route.dst] = str(exc)
+            return
+        self.failed.pop(route.dst, None)
+        log.info("route to %s via %s dev %s", route.dst, route.gateway, route.dev)
