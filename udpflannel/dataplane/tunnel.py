@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from udpflannel.backend import update_peer_map
 from udpflannel.dataplane.process import Dataplane
 from udpflannel.dataplane.spec import EngineConfig, Peer
+from udpflannel.host.links import Route
+from udpflannel.host.peer_routes import PeerRoutes, safe_peer_subnet
 from udpflannel.lease.model import Event, Lease
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ class TunnelBackend:
         self.peers: dict[str, Lease] = {}
         self.dataplane: Dataplane | None = None
         self.host: HostConfig | None = None
+        # vxlan's DirectRouting: peers the kernel reaches with no gateway get a plain route instead.
+        self.direct_routing = bool(getattr(config.backend, "direct_routing", False))
+        self.direct: PeerRoutes | None = None
 
     # --- hooks ----------------------------------------------------------------------------------------------
 
@@ -99,13 +104,18 @@ class TunnelBackend:
             self.host.set_link(self.tun_name, mtu=self.mtu, up=True, txqlen=TUN_TXQUEUELEN)
             self.configure_tun(self.host, lease)
             self.host.close()  # the netlink child exits; undo() starts another if there is work left
+            if self.direct_routing:
+                self.direct = PeerRoutes(self.iface.name)
             self._push_peers()
         except BaseException:
             self.stop()
             raise
 
     def check(self) -> bool:
-        """Restart a datapath worker that died (see Dataplane.check); True if all were running."""
+        """Restart a datapath worker that died (see Dataplane.check); True if all were running. Direct
+        routes someone removed are put back."""
+        if self.direct is not None:
+            self.direct.check()
         return self.dataplane.check() if self.dataplane is not None else True
 
     def apply(self, events: list[Event]) -> None:
@@ -119,13 +129,37 @@ class TunnelBackend:
         for lease in self.peers.values():
             rows.extend(self.peer_rows(lease))
         assert self.dataplane is not None
-        self.dataplane.set_peers(rows)
+        self.dataplane.set_peers(rows)  # direct peers too: the TUN still carries them if their route fails
+        if self.direct is not None:
+            self.direct.set(self._direct_routes())
+
+    def _direct_routes(self) -> list[Route]:
+        """flannel's DirectRouting: a peer of our type whose public address the kernel reaches through our
+        interface with no gateway (one layer-2 network) gets `<subnet> via <address>`, no encapsulation."""
+        assert self.direct is not None and self.lease is not None
+        networks = [n for n in (self.config.network, getattr(self.config, "ipv6_network", None)) if n]
+        own = subnets_of(self.lease)
+        routes = []
+        for lease in self.peers.values():
+            if lease.attrs.backend_type != self.type:
+                continue
+            for subnet in subnets_of(lease):
+                ip = lease.attrs.public_ip if subnet.version == 4 else lease.attrs.public_ipv6
+                if ip is None or not safe_peer_subnet(subnet, networks, own):
+                    continue
+                if self.direct.is_direct(str(ip)):
+                    routes.append(Route(str(subnet), self.iface.name, gateway=str(ip)))
+        return routes
 
     def stats(self) -> dict[str, int]:
         self.check()
-        return self.dataplane.stats() if self.dataplane is not None else {}
+        out = self.dataplane.stats() if self.dataplane is not None else {}
+        return out | self.direct.counts("direct") if self.direct is not None else out
 
     def stop(self) -> None:
+        if self.direct is not None:
+            self.direct.undo()
+            self.direct = None
         # The datapath first: its TUN goes, and with it the addresses and routes through it, so undo()
         # usually has nothing left to ask netlink for.
         if self.dataplane is not None:

@@ -1,8 +1,8 @@
-"""The host-gw backend through the real agent: two `udpflannel run` processes in two namespaces on one
-underlay share an embedded lease store and route each other's subnets via the peer's public IP; routes
-follow peers that join and leave, come back when removed by hand, and go when the agents stop. A public IP
-that is not the interface's own is refused before anything is leased. Dual-stack routes each family via
-the peer's address of that family."""
+"""Routes to peers via their underlay addresses, through the real agent: host-gw (two `udpflannel run`
+processes in two namespaces on one underlay share an embedded lease store and route each other's subnets via
+the peer's public IP; routes follow peers that join and leave, come back when removed by hand, and go when
+the agents stop; a public IP that is not the interface's own is refused before anything is leased;
+dual-stack routes each family via the peer's address of that family), and vxlan's DirectRouting."""
 
 from __future__ import annotations
 
@@ -188,3 +188,53 @@ def test_dual_stack_routes_each_family_via_the_peers_address_of_that_family() ->
             codes = [p.wait(timeout=20) for p in procs]
         assert codes == [0, 0], (root / "a.log").read_text()[-2000:]
         assert "via fd00:198::" not in a.exec("ip", "-6", "route")
+
+
+def test_vxlan_direct_routing_routes_peers_on_the_link_and_tunnels_the_rest() -> None:
+    """flannel's vxlan DirectRouting: a peer the kernel reaches with no gateway gets `<subnet> via <its IP>`
+    (no encapsulation); a peer behind a router keeps the tunnel."""
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-direct-") as tmp, ExitStack() as stack:
+        root = pathlib.Path(tmp)
+        conf = {"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}
+        (root / "net-conf.json").write_text(json.dumps(conf))
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.veth(a, b, "198.18.0.1/16", "198.18.0.2/16")
+        a.exec("ip", "route", "add", "198.18.250.0/24", "via", "198.18.0.2")  # the far peer's network
+        logs = {n: stack.enter_context(open(root / f"{n}.log", "w")) for n in ("a", "b")}
+        procs = [_agent(a, root, "a", log=logs["a"]), _agent(b, root, "b", log=logs["b"])]
+        try:
+            deadline = time.monotonic() + 30
+            env_a = _env_file(root / "a" / "subnet.env", deadline)
+            env_b = _env_file(root / "b" / "subnet.env", deadline)
+            assert env_a["FLANNEL_MTU"] == "1450"  # still vxlan's: the tunnel carries the other peers
+            for ns, env in ((a, env_a), (b, env_b)):
+                ns.exec("ip", "link", "add", "cni0", "type", "bridge")
+                ns.exec("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", "cni0")
+                ns.exec("ip", "link", "set", "cni0", "up")
+            net_a = ipaddress.ip_interface(env_a["FLANNEL_SUBNET"]).network
+            net_b = ipaddress.ip_interface(env_b["FLANNEL_SUBNET"]).network
+            _wait_route(a, f"{net_b} via 198.18.0.2 dev eth0")
+            _wait_route(b, f"{net_a} via 198.18.0.1 dev eth0")
+            gw_a, gw_b = env_a["FLANNEL_SUBNET"].split("/")[0], env_b["FLANNEL_SUBNET"].split("/")[0]
+            a.exec("ping", "-c", "3", "-i", "0.2", "-W", "2", "-I", gw_a, gw_b, timeout=20)
+            assert "dev eth0" in a.exec("ip", "route", "get", gw_b)  # the kernel's route, not flannel.1
+            store = SqliteStore(root / "leases.db")
+            try:
+                far = LeaseAttrs(
+                    public_ip=ipaddress.IPv4Address("198.18.250.9"),
+                    backend_type="vxlan",
+                    backend_data={"VNI": 1, "VtepMAC": "02:00:00:00:00:09"},
+                )
+                store.create(ipaddress.IPv4Network("198.19.200.0/24"), None, far, ttl=600)
+                time.sleep(2)  # the agent's watch delivers it within about a second
+            finally:
+                store.close()
+            routes = a.exec("ip", "route")
+            assert "198.19.200.0/24" not in routes and f"{net_b} via 198.18.0.2" in routes
+            assert "dev flannel.1" in a.exec("ip", "route", "get", "198.19.200.5")  # tunnelled
+        finally:
+            for p in procs:
+                p.terminate()
+            codes = [p.wait(timeout=20) for p in procs]
+        assert codes == [0, 0], (root / "a.log").read_text()[-2000:]
+        assert f"{net_b} via" not in a.exec("ip", "route")
