@@ -72,7 +72,8 @@ def test_demo_reports_agents_that_cannot_start_and_cleans_up(tmp_path: Path) -> 
 
 @needs_agent
 @pytest.mark.parametrize(
-    "topology", ["three-node", "three-node-udp", "three-node-wireguard", "three-node-host-gw"]
+    "topology",
+    ["three-node", "three-node-udp", "three-node-wireguard", "three-node-host-gw", "three-node-direct"],
 )
 def test_demo_end_to_end_with_real_agents(tmp_path: Path, topology: str) -> None:
     lines: list[str] = []
@@ -91,14 +92,19 @@ def test_demo_end_to_end_with_real_agents(tmp_path: Path, topology: str) -> None
         assert report.failed == [], text
         assert len(report.matrix) == 6 and all(report.matrix.values())
         assert report.throughput_bps is not None and report.throughput_bps > 0
-        hops = 6 if topology == "three-node-host-gw" else 8  # host-gw: no tunnel device on either node
+        routed = topology in ("three-node-host-gw", "three-node-direct")  # no tunnel between the pods
+        hops = 6 if routed else 8
         assert report.trace_text is not None
         assert f"seen at {hops}/{hops} hops; echo reply received" in report.trace_text
-        if topology == "three-node-host-gw":
+        if routed:
             # Routes, not a tunnel: the pod's own packet crosses the underlay, one TTL less per node.
-            assert report.tunnels == {n: "via eth1" for n in ("node1", "node2", "node3")}
+            if topology == "three-node-host-gw":
+                assert report.tunnels == {n: "via eth1" for n in ("node1", "node2", "node3")}
+            else:  # DirectRouting keeps the TUN for peers behind a router
+                assert report.tunnels == {n: "flannel.1" for n in ("node1", "node2", "node3")}
+                assert "vxlan DirectRouting: node2 is on the link" in report.trace_text
             assert "no encapsulation" in report.trace_text and "VXLAN" not in report.trace_text
-            assert "TTL: 64 at node1-p0 eth0" in report.trace_text
+            assert "\nTTL: 64 at node1-p0 eth0" in report.trace_text
             return
         if topology != "three-node-wireguard":
             # Pod TCP comes to the TUN as superpackets (~45 datagrams each); a TUN gso_max_size below the

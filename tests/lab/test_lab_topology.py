@@ -41,6 +41,7 @@ GOOD = textwrap.dedent(
         ("three-node-udp.clab.yml", "udp"),
         ("three-node-wireguard.clab.yml", "wireguard"),
         ("three-node-host-gw.clab.yml", "host-gw"),
+        ("three-node-direct.clab.yml", "vxlan"),
     ],
 )
 def test_shipped_topologies_parse(file: str, backend: str) -> None:

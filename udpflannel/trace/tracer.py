@@ -8,6 +8,7 @@ payload pattern so the same packet is recognised at every hop where it is visibl
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import time
@@ -85,7 +86,8 @@ class TraceResult:
         ttls = [(h.hop.where, _inner_ttl(h.dissection)) for h in self.hops if h.dissection is not None]
         ttl_text = " → ".join(f"{ttl} at {where}" for where, ttl in ttls if ttl is not None)
         if ttl_text:
-            label = "TTL" if self.backend == "host-gw" else "inner TTL"  # (host-gw: nothing is inside)
+            tunnelled = any(h.dissection is not None and h.dissection.encapsulation for h in self.hops)
+            label = "inner TTL" if tunnelled else "TTL"  # (host-gw, DirectRouting: nothing is inside)
             lines.append(f"{label}: {ttl_text} (each node that routes the packet takes one)")
         reply = "received" if self.replied else "NOT received"
         lines.append(f"seen at {self.seen}/{len(self.hops)} hops; echo reply {reply}")
@@ -105,6 +107,8 @@ def _inner_ttl(d: Dissection | None) -> int | None:
 def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeState, PodState]) -> list[Hop]:
     (snode, spod), (dnode, dpod) = src, dst
     backend = state.backend
+    # host-gw, or vxlan's DirectRouting to a peer on the link: the pod's packet leaves by the underlay itself.
+    direct = backend == "host-gw" or _leaves_by(snode, dpod.ip) == snode.iface
     hops = [
         Hop(
             f"{spod.name} {POD_IFACE}",
@@ -119,9 +123,11 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
             CNI_BRIDGE,
             "icmp",
             f"{snode.name} receives it on its bridge and routes {dpod.ip}: not local, so "
-            + (f"the route via {dnode.public_ip}" if backend == "host-gw" else "the cluster route"),
+            + (f"the route via {dnode.public_ip}" if direct else "the cluster route"),
         ),
     ]
+    if direct:
+        return [*hops, *_direct_underlay(snode, dnode, dpod, backend), *_delivery(dnode, dpod)]
     stun, skind = tunnel_link(snode.ns) or (None, None)
     sactor = "udpflannel" if skind in (None, "tun") else f"the kernel's {skind} device"
     if stun is not None:
@@ -132,34 +138,47 @@ def plan_hops(state: LabState, src: tuple[NodeState, PodState], dst: tuple[NodeS
     dtun, dkind = tunnel_link(dnode.ns) or (None, None)
     dactor = "udpflannel" if dkind in (None, "tun") else f"the kernel's {dkind} device"
     outer = f"outer {snode.public_ip} → {dnode.public_ip}"
-    if backend == "host-gw":
-        hops += _host_gw_underlay(snode, dnode, dpod)
-    else:
-        hops += _tunnel_underlay(snode, dnode, sactor, dactor, dkind, dtun, outer, backend)
+    hops += _tunnel_underlay(snode, dnode, sactor, dactor, dkind, dtun, outer, backend)
     if dtun is not None:
         explain = (
             f"{dactor} took the encapsulation off; the inner packet leaves {dtun} into {dnode.name}'s stack"
         )
         hops.append(Hop(f"{dnode.name} {dtun}", dnode.ns, dtun, "icmp", explain))
-    hops.append(
+    return hops + _delivery(dnode, dpod)
+
+
+def _delivery(dnode: NodeState, dpod: PodState) -> list[Hop]:
+    """The last two hops: the destination node's bridge and the pod."""
+    return [
         Hop(
             f"{dnode.name} {CNI_BRIDGE}",
             dnode.ns,
             CNI_BRIDGE,
             "icmp",
             f"{dnode.name} routes {dpod.ip} to its own subnet on cni0, Ethernet to the pod's MAC",
-        )
-    )
-    hops.append(
+        ),
         Hop(
             f"{dpod.name} {POD_IFACE}",
             dpod.ns,
             POD_IFACE,
             "icmp",
             "delivered: the pod answers with an echo reply that travels back the same way",
-        )
-    )
-    return hops
+        ),
+    ]
+
+
+def _leaves_by(node: NodeState, ip: str) -> str | None:
+    """The device a packet from `node` to `ip` leaves by (`ip route get`); None if there is no route."""
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", node.ns, "ip", "-j", "route", "get", ip],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return json.loads(out)[0].get("dev")
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError, AttributeError):
+        return None
 
 
 def _tunnel_underlay(
@@ -194,15 +213,16 @@ def _tunnel_underlay(
     ]
 
 
-def _host_gw_underlay(snode: NodeState, dnode: NodeState, dpod: PodState) -> list[Hop]:
-    """host-gw: the pod's packet itself crosses the underlay, routed by the kernel, no encapsulation."""
+def _direct_underlay(snode: NodeState, dnode: NodeState, dpod: PodState, backend: str) -> list[Hop]:
+    """host-gw and DirectRouting: the pod's packet itself crosses the underlay, routed by the kernel."""
+    why = "host-gw" if backend == "host-gw" else f"{backend} DirectRouting: {dnode.name} is on the link"
     return [
         Hop(
             f"{snode.name} {snode.iface}",
             snode.ns,
             snode.iface,
             "icmp",
-            f"the host-gw route udpflannel set ({dnode.subnet} via {dnode.public_ip}) sends the packet as"
+            f"the route udpflannel set ({dnode.subnet} via {dnode.public_ip}; {why}) sends the packet as"
             f" it is, in an Ethernet frame to {dnode.name}: no encapsulation",
         ),
         Hop(
