@@ -226,3 +226,23 @@ def test_vxlan_direct_routing_routes_peers_on_the_link_and_tunnels_the_rest() ->
         assert "198.19.200.0/24" not in routes and f"{net_b} via 198.18.0.2" in routes
         assert "dev flannel.1" in a.exec("ip", "route", "get", "198.19.200.5")  # tunnelled
     assert f"{net_b} via" not in pair.routes_after and "flannel.1" not in pair.routes_after
+
+
+def test_vxlan_direct_routing_dual_stack_routes_ipv6_subnets_via_the_peers_ipv6() -> None:
+    conf = {
+        "Network": "198.19.0.0/16",
+        "EnableIPv6": True,
+        "IPv6Network": "fd00:198:100::/56",
+        "Backend": {"Type": "vxlan", "DirectRouting": True},
+    }
+    with agent_pair(conf, "udpflannel-direct-", ipv6=True) as pair:
+        a, env_a, env_b = pair.a, pair.env_a, pair.env_b
+        v6 = "FLANNEL_IPV6_SUBNET"
+        want = f"{pair.net(env_b, v6)} via fd00:198::2 dev eth0"
+        deadline = time.monotonic() + 15
+        while want not in a.exec("ip", "-6", "route"):
+            assert time.monotonic() < deadline, a.exec("ip", "-6", "route")
+            time.sleep(0.2)
+        a.exec("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-I", pair.gw(env_a, v6), pair.gw(env_b, v6))
+        assert "dev eth0" in a.exec("ip", "-6", "route", "get", pair.gw(env_b, v6))
+    assert "via fd00:198::2" not in pair.routes_after
