@@ -108,3 +108,10 @@ def test_a_public_address_behind_nat_is_refused(
 def test_an_ipv6_public_address_is_not_checked_when_ipv6_is_off() -> None:
     iface = ExternalInterface("eth0", 2, 1500, "198.18.0.1", "fd00:198::1", "198.18.0.1", "fd00:198::9")
     create_backend(_config(), SimpleNamespace(), iface)
+
+
+def test_a_lease_with_one_of_our_addresses_is_not_routed() -> None:
+    """A stale lease of this very node (another subnet, our public IP): a route via ourselves would loop."""
+    ours = frozenset({"198.18.0.1"})
+    assert peer_routes(lease("198.19.2.0/24", "198.18.0.1"), "eth0", [NET4], OURS, ours) == []
+    assert peer_routes(lease("198.19.2.0/24", "198.18.0.2"), "eth0", [NET4], OURS, ours) != []

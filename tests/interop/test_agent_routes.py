@@ -148,6 +148,15 @@ def test_two_agents_route_each_others_subnets_via_their_public_ips() -> None:
             routes = _wait_route(a, None, "198.19.200.0/24")
             assert "198.19.201.0/24" not in routes
             store.delete(other)
+            # Leases no route can be made of: via our own address (a stale lease of ours) is skipped, the
+            # kernel refuses the others; the agent says so and keeps going.
+            for third, gateway in ((210, "0.0.0.0"), (211, "198.18.0.1"), (212, "224.0.0.1")):
+                attrs = LeaseAttrs(public_ip=ipaddress.IPv4Address(gateway), backend_type="host-gw")
+                store.create(ipaddress.IPv4Network(f"198.19.{third}.0/24"), None, attrs, ttl=600)
+            time.sleep(2)  # the agent's watch delivers them within about a second
+            routes = a.exec("ip", "route")
+            assert not any(f"198.19.{third}.0/24" in routes for third in (210, 211, 212)), routes
+            a.exec("ping", "-c", "1", "-W", "2", "-I", pair.gw(env_a), pair.gw(env_b), timeout=10)
         finally:
             store.close()
 

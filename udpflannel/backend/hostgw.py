@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 BACKEND_TYPE = "host-gw"
 
 
-def peer_routes(lease: Lease, dev: str, networks: list[Network], own: list[Network]) -> list[Route]:
+def peer_routes(
+    lease: Lease, dev: str, networks: list[Network], own: list[Network], own_ips: frozenset[str] = frozenset()
+) -> list[Route]:
     """The routes to one peer lease's subnets; [] for a lease of another backend type, and none for a family
-    without its public address (flannel ignores those too) or for a subnet outside the cluster networks or
-    overlapping our own: a store entry must never take over a host route such as the default route."""
+    without its public address (flannel ignores those too), for a subnet outside the cluster networks or
+    overlapping our own (a store entry must never take over a host route such as the default route), or via
+    an address of ours (a stale lease of this node: the kernel would take the route and loop it)."""
     if lease.attrs.backend_type != BACKEND_TYPE:
         return []
     routes = []
@@ -33,7 +36,7 @@ def peer_routes(lease: Lease, dev: str, networks: list[Network], own: list[Netwo
         (lease.subnet, lease.attrs.public_ip),
         (lease.ipv6_subnet, lease.attrs.public_ipv6),
     ):
-        if subnet is None or gateway is None:
+        if subnet is None or gateway is None or str(gateway) in own_ips:
             continue
         if safe_peer_subnet(subnet, networks, own):
             routes.append(Route(str(subnet), dev, gateway=str(gateway)))
@@ -66,6 +69,8 @@ class HostGwBackend:
         # The families we route: a peer's IPv6 subnet only when IPv6 is on, as flannel.
         v4net, v6net = getattr(config, "network", None), getattr(config, "ipv6_network", None)
         self.networks: list[Network] = [n for n, on in ((v4net, self.ipv4), (v6net, self.ipv6)) if on and n]
+        addresses = (iface.address, iface.address_v6, iface.public_ip, iface.public_ipv6)
+        self.own_ips = frozenset(a for a in addresses if a)
         self.lease: Lease | None = None
         self.peers: dict[str, Lease] = {}
         self.routes: PeerRoutes | None = None
@@ -119,5 +124,5 @@ class HostGwBackend:
                     lease.key,
                     lease.attrs.backend_type or "udp",
                 )
-            wanted += peer_routes(lease, self.iface.name, self.networks, own)
+            wanted += peer_routes(lease, self.iface.name, self.networks, own, self.own_ips)
         self.routes.set(wanted)
