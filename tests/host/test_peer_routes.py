@@ -4,11 +4,12 @@ back from /proc for the periodic check."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
 
-from udpflannel.host.peer_routes import kernel_gateways, safe_peer_subnet
+from udpflannel.host.peer_routes import DIRECT_TTL, PeerRoutes, kernel_gateways, safe_peer_subnet
 
 NETS = [ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("fd00:198:100::/56")]
 OURS = [ipaddress.IPv4Network("198.19.1.0/24"), ipaddress.IPv6Network("fd00:198:100:1::/64")]
@@ -51,3 +52,26 @@ def test_kernel_routes_are_read_back_from_proc(tmp_path: Path) -> None:
         "fd00:198:2::/64": "fd00:198::2",
     }
     assert kernel_gateways("eth0", str(tmp_path / "none"), str(tmp_path / "none")) == {}
+
+
+def test_is_direct_asks_the_kernel_once_a_minute_per_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = PeerRoutes("eth0")
+    asked: list[str] = []
+    answers = {
+        "198.18.0.2": {"dev": "eth0", "gateway": None},
+        "198.18.250.9": {"dev": "eth0", "gateway": "198.18.0.2"},
+    }
+
+    def route_to(ip: str) -> dict:
+        asked.append(ip)
+        return answers.get(ip, {})
+
+    monkeypatch.setattr(routes.host, "route_to", route_to)
+    assert routes.is_direct("198.18.0.2") and routes.is_direct("198.18.0.2")
+    assert not routes.is_direct("198.18.250.9")  # behind a router
+    assert not routes.is_direct("198.18.0.7")  # no route at all
+    assert asked == ["198.18.0.2", "198.18.250.9", "198.18.0.7"]
+    clock = time.monotonic() + DIRECT_TTL + 1
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    routes.is_direct("198.18.0.2")
+    assert asked[-1] == "198.18.0.2" and len(asked) == 4

@@ -15,6 +15,7 @@ from udpflannel.host.netlink import NetlinkError
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 10.0  # seconds between looks at the routing table (flannel's routeCheck period)
+DIRECT_TTL = 60.0  # seconds an answer of is_direct() is reused
 PROC_ROUTE = "/proc/net/route"
 PROC_ROUTE_V6 = "/proc/net/ipv6_route"
 
@@ -76,6 +77,7 @@ class PeerRoutes:
         self.errors = 0
         self.repairs = 0
         self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._direct: dict[str, tuple[float, bool]] = {}  # ip -> (when asked, on the link)
 
     def set(self, routes: list[Route]) -> None:
         """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
@@ -94,12 +96,19 @@ class PeerRoutes:
         self.host.close()  # the netlink child goes until the next change (the agent's memory)
 
     def is_direct(self, ip: str) -> bool:
-        """flannel's DirectRouting test: the kernel reaches `ip` through our device with no gateway."""
+        """flannel's DirectRouting test: the kernel reaches `ip` through our device with no gateway. Answers
+        are kept DIRECT_TTL seconds, so a busy lease store does not start the netlink child at every event."""
+        now = time.monotonic()
+        known = self._direct.get(ip)
+        if known is not None and now - known[0] < DIRECT_TTL:
+            return known[1]
         try:
             got = self.host.route_to(ip)
         except (HostError, NetlinkError):
             return False
-        return got.get("dev") == self.dev and not got.get("gateway")
+        direct = got.get("dev") == self.dev and not got.get("gateway")
+        self._direct[ip] = (now, direct)
+        return direct
 
     def check(self) -> None:
         """Every CHECK_INTERVAL: routes of ours that are gone or changed are put back."""
