@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from udpflannel.backend import ExternalInterface
-from udpflannel.backend.hostgw import peer_routes
 from udpflannel.backend.udp import UdpBackend
 from udpflannel.backend.vxlan import VxlanBackend
 from udpflannel.backend.wireguard import WgDevice, peer_config
 from udpflannel.codec.vxlan import parse_mac
 from udpflannel.codec.wireguard import crypto
 from udpflannel.config import parse_net_conf
+from udpflannel.host.peer_routes import peer_routes
 from udpflannel.lease.model import Lease, LeaseAttrs
 
 IFACE = ExternalInterface("eth0", 2, 1500, "198.18.0.1", "fd00:198::1", "198.18.0.1", "fd00:198::1")
@@ -148,7 +148,7 @@ def test_any_peer_lease_gives_rows_or_is_skipped(backends, obj, nets):
         assert ipaddress.ip_network(row.subnet) in (lease.subnet, lease.ipv6_subnet)
     for row in udp.peer_rows(lease):
         assert ipaddress.ip_network(row.subnet) in (lease.subnet, lease.ipv6_subnet)
-    for route in peer_routes(lease, "eth0", NETWORKS, OURS):
+    for route in peer_routes(lease, "host-gw", "eth0", NETWORKS, OURS):
         net = ipaddress.ip_network(route.dst)
         assert net in (lease.subnet, lease.ipv6_subnet)
         assert any(net.subnet_of(n) for n in NETWORKS if n.version == net.version)

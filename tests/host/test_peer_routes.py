@@ -1,5 +1,5 @@
-"""Routes to peers kept in the kernel: which subnets may be routed at all, and reading the kernel's routes
-back from /proc for the periodic check."""
+"""Routes to peers kept in the kernel: which peer leases become which routes, which subnets may be routed at
+all, reading the kernel's routes back from /proc for the periodic check, DirectRouting's cached answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from udpflannel.host.peer_routes import DIRECT_TTL, PeerRoutes, kernel_gateways, safe_peer_subnet
+from udpflannel.host.links import Route
+from udpflannel.host.peer_routes import DIRECT_TTL, PeerRoutes, kernel_gateways, peer_routes, safe_peer_subnet
+from udpflannel.lease.model import Lease, LeaseAttrs
 
 NETS = [ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("fd00:198:100::/56")]
 OURS = [ipaddress.IPv4Network("198.19.1.0/24"), ipaddress.IPv6Network("fd00:198:100:1::/64")]
@@ -75,3 +77,64 @@ def test_is_direct_asks_the_kernel_once_a_minute_per_address(monkeypatch: pytest
     monkeypatch.setattr(time, "monotonic", lambda: clock)
     routes.is_direct("198.18.0.2")
     assert asked[-1] == "198.18.0.2" and len(asked) == 4
+
+
+def lease(
+    subnet: str, public_ip: str, backend: str = "host-gw", v6: str | None = None, ip6: str | None = None
+):
+    return Lease(
+        ipaddress.IPv4Network(subnet),
+        LeaseAttrs(
+            public_ip=ipaddress.IPv4Address(public_ip),
+            public_ipv6=ipaddress.IPv6Address(ip6) if ip6 else None,
+            backend_type=backend,
+        ),
+        ipv6_subnet=ipaddress.IPv6Network(v6) if v6 else None,
+    )
+
+
+NET4, NET6 = NETS
+
+
+def test_a_peer_lease_is_a_route_per_family_via_its_public_address() -> None:
+    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:100:2::/64", ip6="fd00:198::2")
+    assert peer_routes(peer, "host-gw", "eth0", [NET4], OURS) == [
+        Route("198.19.2.0/24", "eth0", "198.18.0.2")
+    ]
+    assert peer_routes(peer, "host-gw", "eth0", [NET4, NET6], OURS) == [
+        Route("198.19.2.0/24", "eth0", "198.18.0.2"),
+        Route("fd00:198:100:2::/64", "eth0", "fd00:198::2"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "", "wireguard"])
+def test_peers_of_other_backends_get_no_route(backend: str) -> None:
+    assert (
+        peer_routes(lease("198.19.2.0/24", "198.18.0.2", backend), "host-gw", "eth0", [NET4, NET6], OURS)
+        == []
+    )
+
+
+def test_an_ipv6_subnet_without_a_public_ipv6_gets_no_route() -> None:
+    peer = lease("198.19.2.0/24", "198.18.0.2", v6="fd00:198:100:2::/64")
+    assert [r.dst for r in peer_routes(peer, "host-gw", "eth0", [NET4, NET6], OURS)] == ["198.19.2.0/24"]
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    [
+        "0.0.0.0/0",  # would replace the node's default route
+        "198.18.0.0/16",  # the underlay itself
+        "198.19.0.0/16",  # the whole cluster network, ours included
+        "198.19.1.0/25",  # inside our own subnet
+    ],
+)
+def test_a_peer_subnet_outside_the_network_or_over_ours_is_never_routed(subnet: str) -> None:
+    assert peer_routes(lease(subnet, "198.18.0.2"), "host-gw", "eth0", [NET4], OURS) == []
+
+
+def test_a_lease_with_one_of_our_addresses_is_not_routed() -> None:
+    """A stale lease of this very node (another subnet, our public IP): a route via ourselves would loop."""
+    ours = frozenset({"198.18.0.1"})
+    assert peer_routes(lease("198.19.2.0/24", "198.18.0.1"), "host-gw", "eth0", [NET4], OURS, ours) == []
+    assert peer_routes(lease("198.19.2.0/24", "198.18.0.2"), "host-gw", "eth0", [NET4], OURS, ours) != []

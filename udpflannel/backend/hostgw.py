@@ -14,35 +14,12 @@ from typing import Any
 
 from udpflannel.backend import BackendUnavailable, ExternalInterface, update_peer_map
 from udpflannel.host.links import Route
-from udpflannel.host.peer_routes import Network, PeerRoutes, safe_peer_subnet
+from udpflannel.host.peer_routes import Network, PeerRoutes, peer_routes
 from udpflannel.lease.model import Event, Lease, LeaseAttrs
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPE = "host-gw"
-
-
-def peer_routes(
-    lease: Lease, dev: str, networks: list[Network], own: list[Network], own_ips: frozenset[str] = frozenset()
-) -> list[Route]:
-    """The routes to one peer lease's subnets; [] for a lease of another backend type, and none for a family
-    without its public address (flannel ignores those too), for a subnet outside the cluster networks or
-    overlapping our own (a store entry must never take over a host route such as the default route), or via
-    an address of ours (a stale lease of this node: the kernel would take the route and loop it)."""
-    if lease.attrs.backend_type != BACKEND_TYPE:
-        return []
-    routes = []
-    for subnet, gateway in (
-        (lease.subnet, lease.attrs.public_ip),
-        (lease.ipv6_subnet, lease.attrs.public_ipv6),
-    ):
-        if subnet is None or gateway is None or str(gateway) in own_ips:
-            continue
-        if safe_peer_subnet(subnet, networks, own):
-            routes.append(Route(str(subnet), dev, gateway=str(gateway)))
-        else:
-            log.warning("ignoring peer subnet %s: outside the cluster network or overlapping ours", subnet)
-    return routes
 
 
 class HostGwBackend:
@@ -115,7 +92,7 @@ class HostGwBackend:
     def _sync(self) -> None:
         """The kernel's routes made to match the peer map."""
         assert self.routes is not None
-        own = [n for n in (self.lease.subnet, self.lease.ipv6_subnet) if n is not None] if self.lease else []
+        own = self.lease.subnets if self.lease else []
         wanted: list[Route] = []
         for lease in self.peers.values():
             if lease.attrs.backend_type != BACKEND_TYPE:
@@ -124,5 +101,5 @@ class HostGwBackend:
                     lease.key,
                     lease.attrs.backend_type or "udp",
                 )
-            wanted += peer_routes(lease, self.iface.name, self.networks, own, self.own_ips)
+            wanted += peer_routes(lease, BACKEND_TYPE, self.iface.name, self.networks, own, self.own_ips)
         self.routes.set(wanted)

@@ -5,7 +5,6 @@ stop(). Subclasses say how a peer lease becomes a Peer (which BackendData they n
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +12,7 @@ from udpflannel.backend import update_peer_map
 from udpflannel.dataplane.process import Dataplane
 from udpflannel.dataplane.spec import EngineConfig, Peer
 from udpflannel.host.links import Route
-from udpflannel.host.peer_routes import PeerRoutes, safe_peer_subnet
+from udpflannel.host.peer_routes import PeerRoutes, peer_routes
 from udpflannel.lease.model import Event, Lease
 
 if TYPE_CHECKING:
@@ -138,18 +137,13 @@ class TunnelBackend:
         interface with no gateway (one layer-2 network) gets `<subnet> via <address>`, no encapsulation."""
         assert self.direct is not None and self.lease is not None
         networks = [n for n in (self.config.network, getattr(self.config, "ipv6_network", None)) if n]
-        own = subnets_of(self.lease)
-        routes = []
-        for lease in self.peers.values():
-            if lease.attrs.backend_type != self.type:
-                continue
-            for subnet in subnets_of(lease):
-                ip = lease.attrs.public_ip if subnet.version == 4 else lease.attrs.public_ipv6
-                if ip is None or not safe_peer_subnet(subnet, networks, own):
-                    continue
-                if self.direct.is_direct(str(ip)):
-                    routes.append(Route(str(subnet), self.iface.name, gateway=str(ip)))
-        return routes
+        own_ips = frozenset(a for a in (self.iface.address, self.iface.address_v6) if a)
+        return [
+            route
+            for lease in self.peers.values()
+            for route in peer_routes(lease, self.type, self.iface.name, networks, self.lease.subnets, own_ips)
+            if route.gateway is not None and self.direct.is_direct(route.gateway)
+        ]
 
     def stats(self) -> dict[str, int]:
         self.check()
@@ -201,7 +195,3 @@ def peer_public_ip(lease: Lease, family: int, v6_underlay: bool = False) -> str 
         return str(lease.attrs.public_ipv6)
     ip = lease.attrs.public_ip
     return str(ip) if ip is not None else None
-
-
-def subnets_of(lease: Lease) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [s for s in (lease.subnet, lease.ipv6_subnet) if s is not None]

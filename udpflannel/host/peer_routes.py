@@ -11,6 +11,7 @@ import time
 
 from udpflannel.host.links import HostConfig, HostError, Route
 from udpflannel.host.netlink import NetlinkError
+from udpflannel.lease.model import Lease
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,34 @@ def safe_peer_subnet(subnet: Network, networks: list[Network], own: list[Network
     can never take over a host route (the default route, the underlay, our pods)."""
     inside = any(subnet.subnet_of(n) for n in networks if n.version == subnet.version)  # type: ignore[arg-type]
     return inside and not any(subnet.overlaps(o) for o in own if o.version == subnet.version)
+
+
+def peer_routes(
+    lease: Lease,
+    backend_type: str,
+    dev: str,
+    networks: list[Network],
+    own: list[Network],
+    own_ips: frozenset[str] = frozenset(),
+) -> list[Route]:
+    """The routes to one peer lease's subnets via its public addresses; [] for a lease of another backend
+    type, and none for a family without its public address (flannel ignores those too), for a subnet that is
+    not safe_peer_subnet, or via an address of ours (a stale lease of this node: the kernel would take a
+    route via ourselves)."""
+    if lease.attrs.backend_type != backend_type:
+        return []
+    routes = []
+    for subnet, gateway in (
+        (lease.subnet, lease.attrs.public_ip),
+        (lease.ipv6_subnet, lease.attrs.public_ipv6),
+    ):
+        if subnet is None or gateway is None or str(gateway) in own_ips:
+            continue
+        if safe_peer_subnet(subnet, networks, own):
+            routes.append(Route(str(subnet), dev, gateway=str(gateway)))
+        else:
+            log.warning("ignoring peer subnet %s: outside the cluster network or overlapping ours", subnet)
+    return routes
 
 
 def kernel_gateways(

@@ -128,6 +128,11 @@ class Lease:
     def is_reservation(self) -> bool:
         return self.expiration is None
 
+    @property
+    def subnets(self) -> list[IPv4Network | IPv6Network]:
+        """The subnets this lease holds, IPv4 first."""
+        return [s for s in (self.subnet, self.ipv6_subnet) if s is not None]
+
     def to_json(self) -> dict[str, Any]:
         """The flannel lease object plus its subnet(s), as `udpflannel leases --json` prints it."""
         out: dict[str, Any] = {
