@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
+from agent_run import env_file
 
 from udpflannel.lab.netns import Lab, Netns
 from udpflannel.lease.model import LeaseAttrs
@@ -44,15 +45,6 @@ def _agent(ns: Netns, root: pathlib.Path, name: str, *extra: str, log=None) -> s
     return ns.popen(
         *cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=log or subprocess.PIPE, text=True
     )
-
-
-def _env_file(path: pathlib.Path, deadline: float) -> dict[str, str]:
-    while time.monotonic() < deadline:
-        if path.exists():
-            return dict(line.split("=", 1) for line in path.read_text().split())
-        time.sleep(0.1)
-    logs = "\n".join(p.read_text()[-1500:] for p in path.parents[1].glob("*.log"))
-    raise AssertionError(f"{path} never appeared; agent logs:\n{logs}")
 
 
 def _wait_route(ns: Netns, present: str | None, absent: str | None = None, seconds: float = 15) -> str:
@@ -101,7 +93,7 @@ def agent_pair(conf: dict, tmp_prefix: str, ipv6: bool = False) -> Iterator[Pair
         procs = [_agent(a, root, "a", log=logs["a"]), _agent(b, root, "b", log=logs["b"])]
         try:
             deadline = time.monotonic() + 30
-            envs = [_env_file(root / n / "subnet.env", deadline) for n in ("a", "b")]
+            envs = [env_file(root / n / "subnet.env", deadline) for n in ("a", "b")]
             for ns, env in zip((a, b), envs, strict=True):
                 ns.exec("ip", "link", "add", "cni0", "type", "bridge")
                 ns.exec("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", "cni0")

@@ -14,6 +14,7 @@ import time
 from contextlib import ExitStack
 
 import pytest
+from agent_run import env_file
 
 from udpflannel.lab.netns import Lab
 from udpflannel.lab.transfer import SINK, SOURCE
@@ -38,15 +39,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _env_file(path: pathlib.Path, deadline: float) -> dict[str, str]:
-    while time.monotonic() < deadline:
-        if path.exists():
-            return dict(line.split("=", 1) for line in path.read_text().split())
-        time.sleep(0.1)
-    logs = "\n".join(p.read_text()[-1500:] for p in path.parents[1].glob("*.log"))
-    raise AssertionError(f"{path} never appeared; agent logs:\n{logs}")
-
-
 @pytest.mark.parametrize(("kind", "mtu"), [("vxlan", "1450"), ("udp", "1472")])
 def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="udpflannel-agent-") as tmp, ExitStack() as stack:
@@ -68,8 +60,8 @@ def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
             ]  # fmt: skip
             procs.append(ns.popen(*cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=log))
         deadline = time.monotonic() + 30
-        env_a = _env_file(root / "a" / "subnet.env", deadline)
-        env_b = _env_file(root / "b" / "subnet.env", deadline)
+        env_a = env_file(root / "a" / "subnet.env", deadline)
+        env_b = env_file(root / "b" / "subnet.env", deadline)
         assert env_a["FLANNEL_MTU"] == env_b["FLANNEL_MTU"] == mtu
         ip_a = env_a["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0"
         ip_b = env_b["FLANNEL_SUBNET"].split("/")[0].rsplit(".", 1)[0] + ".0"
