@@ -55,7 +55,8 @@ def select_interface(
     try:
         with Netlink() as netlink:
             every, default_oif = _links(netlink)
-            reach_oif = netlink.call("route_oif", dst=iface_can_reach) if iface_can_reach else None
+            reach = netlink.call("route_via", dst=iface_can_reach) if iface_can_reach else {}
+            reach_oif = reach.get("oif") if isinstance(reach, dict) else None
     except NetlinkError as exc:
         raise InterfaceError(f"cannot read this host's interfaces over netlink: {exc}") from None
     links = [link for link in every if link.name != "lo"]

@@ -52,17 +52,6 @@ def _default_oif(ipr: Any) -> int | None:
     return None
 
 
-def route_oif(ipr: Any, dst: str) -> int | None:
-    """The link a packet to `dst` would leave by; None without a route."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        routes = ipr.route("get", dst=dst)
-    except NetlinkError:
-        return None
-    return int(routes[0].get_attr("RTA_OIF")) if routes else None
-
-
 def route_via(ipr: Any, dst: str) -> dict[str, Any]:
     """How the kernel reaches `dst`: {"oif": link index, "gateway": address or None}; {} without a route."""
     from pyroute2.netlink.exceptions import NetlinkError
@@ -135,8 +124,7 @@ def blackhole(ipr: Any, cmd: str, dst: str) -> None:
 
 
 OPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f
-    for f in (interfaces, route_oif, route_via, link_index, link_mtu, set_link, address, route, blackhole)
+    f.__name__: f for f in (interfaces, route_via, link_index, link_mtu, set_link, address, route, blackhole)
 }
 
 
