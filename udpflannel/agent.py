@@ -228,8 +228,8 @@ class Agent:
             return
         self._blackholes = HostConfig()
         try:
-            for subnet in (lease.subnet, lease.ipv6_subnet):
-                if subnet is not None and not self._blackholes.add_blackhole(str(subnet)):
+            for subnet in lease.subnets:
+                if not self._blackholes.add_blackhole(str(subnet)):
                     log.info("a route to %s exists already: no blackhole route added", subnet)
         except HostError as exc:
             raise AgentError(str(exc)) from None

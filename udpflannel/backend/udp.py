@@ -41,9 +41,9 @@ class UdpBackend(TunnelBackend):
 
     def peer_rows(self, lease: Lease) -> list[Peer]:
         rows = []
-        for subnet in (lease.subnet, lease.ipv6_subnet):
-            public_ip = peer_public_ip(lease, subnet.version) if subnet is not None else None
-            if subnet is not None and public_ip is not None:
+        for subnet in lease.subnets:
+            public_ip = peer_public_ip(lease, subnet.version)
+            if public_ip is not None:
                 rows.append(Peer(str(subnet), public_ip))
         return rows
 
