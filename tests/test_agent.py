@@ -118,20 +118,22 @@ def test_restart_keeps_subnet(node: Netns, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "env", "needle"),
     [
-        (("--iface", "nope0"), "no interface matches --iface nope0"),
-        (("--iface", "eth1", "--public-ip", "not-an-ip"), "public-ip"),
+        (("--iface", "nope0"), {}, "no interface matches --iface nope0"),
+        (("--iface", "eth1", "--public-ip", "not-an-ip"), {}, "public-ip"),
         (
             ("--iface", "eth1", "--healthz-port", "9915", "--healthz-ip", "198.18.7.7"),
+            {},
             "cannot serve /healthz on 198.18.7.7 port 9915: Cannot assign requested address",
         ),
+        (("--iface", "eth1"), {"UDPFLANNEL_WORKERS": "3"}, "UDPFLANNEL_WORKERS must be 1 or 2, not '3'"),
     ],
 )
 def test_bad_input_exits_2_with_nothing_created(
-    node: Netns, tmp_path: Path, args: tuple, needle: str
+    node: Netns, tmp_path: Path, args: tuple, env: dict, needle: str
 ) -> None:
-    proc = start_agent(node, tmp_path, *args)
+    proc = start_agent(node, tmp_path, *args, env={**os.environ, **env})
     _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     lines = [line for line in err.splitlines() if line.startswith("udpflannel:")]

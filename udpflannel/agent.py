@@ -18,6 +18,7 @@ from types import FrameType
 
 from udpflannel.backend import Backend, BackendUnavailable, create_backend
 from udpflannel.config import ConfigError, NetworkConfig
+from udpflannel.dataplane.process import check_environment
 from udpflannel.host.iface import InterfaceError, select_interface
 from udpflannel.host.links import HostConfig, HostError
 from udpflannel.host.masq import Family, Rules, RulesError, missing_tools
@@ -119,6 +120,10 @@ class Agent:
         except OSError as exc:
             raise AgentError(_subnet_file_error(opts.subnet_file, exc), EXIT_CONFIG) from None
         self._check_rule_tools(config)
+        try:
+            check_environment()
+        except ValueError as exc:
+            raise AgentError(str(exc), EXIT_CONFIG) from None
         try:
             backend = create_backend(config, opts, iface)
         except BackendUnavailable as exc:

@@ -44,6 +44,20 @@ WORKERS_ENV = "UDPFLANNEL_WORKERS"
 DEFAULT_WORKERS = 1
 
 
+def check_environment() -> None:
+    """Raise ValueError (one line: the variable and what it takes) for a bad UDPFLANNEL_WORKERS, so the
+    agent refuses it before it takes a lease."""
+    workers(0)
+
+
+def workers(configured: int) -> int:
+    """Worker processes: `configured`, else UDPFLANNEL_WORKERS, else the default; 1 or 2."""
+    raw = str(configured) if configured else os.environ.get(WORKERS_ENV, "").strip() or str(DEFAULT_WORKERS)
+    if raw not in ("1", "2"):
+        raise ValueError(f"{WORKERS_ENV} must be 1 or 2, not {raw!r}")
+    return int(raw)
+
+
 def open_udp6(bind_ip: str, port: int, *, gro: bool = True, recv_slots: int = RECV_SLOTS) -> UdpEndpoint:
     """An IPv6-only UDP socket (so it never competes with the IPv4 one on the same port), with the same
     probed offloads UdpEndpoint.open gives an IPv4 one."""
@@ -98,10 +112,7 @@ class Dataplane:
     restarts: int = 0
 
     def start(self) -> None:
-        if not self.workers:
-            self.workers = int(os.environ.get(WORKERS_ENV, DEFAULT_WORKERS))
-        if self.workers not in (1, 2):
-            raise ValueError(f"{WORKERS_ENV} must be 1 or 2, not {self.workers}")
+        self.workers = workers(self.workers)
         try:
             self._tun = TunDevice.open(self.tun_name)
             self._rx = UdpEndpoint.open(
