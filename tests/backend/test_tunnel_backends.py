@@ -164,3 +164,31 @@ def test_update_peer_map_skips_own_lease_and_reports_changes() -> None:
     assert not update_peer_map(peers, [Event(EventType.REMOVED, b)], own.key)  # unknown peer: no change
     assert not update_peer_map(peers, [Event(EventType.REMOVED, own)], own.key)
     assert update_peer_map(peers, [Event(EventType.REMOVED, a)], own.key) and peers == {}
+
+
+def test_direct_routing_judges_peers_again_without_a_lease_event(tmp_path, monkeypatch):
+    """A peer that moves behind a router keeps no direct route: the backend's periodic check judges every
+    peer again a minute on (with the kernel's fresh answer), and the peer goes back to the tunnel."""
+    import time
+
+    from udpflannel.host.peer_routes import DIRECT_TTL, PeerRoutes
+
+    b = VxlanBackend(_conf({"Type": "vxlan", "DirectRouting": True}), Opts(str(tmp_path / "s")), IFACE)
+    b.lease = _lease("198.19.1.0/24", "198.18.0.1", "vxlan", {"VNI": 1, "VtepMAC": "02:00:00:00:00:01"})
+    peer = _lease("198.19.2.0/24", "198.18.0.2", "vxlan", {"VNI": 1, "VtepMAC": "02:00:00:00:00:02"})
+    b.peers = {peer.key: peer}
+    b.direct = PeerRoutes("eth0")
+    answer = {"dev": "eth0", "gateway": None}
+    monkeypatch.setattr(b.direct.host, "route_to", lambda ip: dict(answer))
+    kept: list[list] = []
+    monkeypatch.setattr(b.direct, "set", lambda routes: kept.append(routes))
+    monkeypatch.setattr(b.direct, "check", lambda: None)
+    b.direct.set(b._direct_routes())
+    assert [(r.dst, r.gateway) for r in kept[-1]] == [("198.19.2.0/24", "198.18.0.2")]
+    answer["gateway"] = "198.18.0.9"  # the underlay changed; no lease event follows
+    b.check()
+    assert len(kept) == 1  # not yet: judged once a minute
+    clock = time.monotonic() + DIRECT_TTL + 1
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    b.check()
+    assert kept[-1] == []

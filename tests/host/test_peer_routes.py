@@ -79,6 +79,23 @@ def test_is_direct_asks_the_kernel_once_a_minute_per_address(monkeypatch: pytest
     assert asked[-1] == "198.18.0.2" and len(asked) == 4
 
 
+def test_directness_is_judged_again_once_a_minute_with_fresh_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that moves behind a router (or back) with no lease event: the periodic judgement asks the
+    kernel again instead of trusting the cached answer."""
+    routes = PeerRoutes("eth0")
+    answer = {"dev": "eth0", "gateway": None}
+    monkeypatch.setattr(routes.host, "route_to", lambda ip: dict(answer))
+    assert routes.is_direct("198.18.0.2")
+    assert not routes.judgement_due()
+    answer["gateway"] = "198.18.0.9"  # the underlay changed: the peer is now behind a router
+    assert routes.is_direct("198.18.0.2")  # cached until the next judgement
+    clock = time.monotonic() + DIRECT_TTL + 1
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    assert routes.judgement_due()
+    assert not routes.is_direct("198.18.0.2")
+    assert not routes.judgement_due()  # the next one a minute later
+
+
 def lease(
     subnet: str, public_ip: str, backend: str = "host-gw", v6: str | None = None, ip6: str | None = None
 ):

@@ -112,8 +112,11 @@ class TunnelBackend:
 
     def check(self) -> bool:
         """Restart a datapath worker that died (see Dataplane.check); True if all were running. Direct
-        routes someone removed are put back."""
+        routes someone removed are put back, and once a minute every peer's directness is judged again
+        (flanneld judges only at lease events, so a peer that moved behind a router kept a dead route)."""
         if self.direct is not None:
+            if self.lease is not None and self.direct.judgement_due():
+                self.direct.set(self._direct_routes())
             self.direct.check()
         return self.dataplane.check() if self.dataplane is not None else True
 

@@ -107,6 +107,7 @@ class PeerRoutes:
         self.repairs = 0
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._direct: dict[str, tuple[float, bool]] = {}  # ip -> (when asked, on the link)
+        self._next_judgement = time.monotonic() + DIRECT_TTL
 
     def set(self, routes: list[Route]) -> None:
         """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
@@ -138,6 +139,16 @@ class PeerRoutes:
         direct = got.get("dev") == self.dev and not got.get("gateway")
         self._direct[ip] = (now, direct)
         return direct
+
+    def judgement_due(self) -> bool:
+        """True once every DIRECT_TTL: time to judge again which peers are direct, since the underlay's
+        routes may have changed with no lease event (a peer moved behind a router, or back)."""
+        now = time.monotonic()
+        if now < self._next_judgement:
+            return False
+        self._next_judgement = now + DIRECT_TTL
+        self._direct.clear()  # the judgement asks the kernel afresh
+        return True
 
     def check(self) -> None:
         """Every CHECK_INTERVAL: routes of ours that are gone or changed are put back."""
