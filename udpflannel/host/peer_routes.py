@@ -106,8 +106,8 @@ class PeerRoutes:
         self.errors = 0
         self.repairs = 0
         self._next_check = time.monotonic() + CHECK_INTERVAL
-        self._direct: dict[str, tuple[float, bool]] = {}  # ip -> (when asked, on the link)
-        self._next_judgement = time.monotonic() + DIRECT_TTL
+        self._direct: dict[str, bool] = {}  # ip -> on the link, as the kernel answered since _direct_since
+        self._direct_since = time.monotonic()
 
     def set(self, routes: list[Route]) -> None:
         """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
@@ -127,27 +127,29 @@ class PeerRoutes:
 
     def is_direct(self, ip: str) -> bool:
         """flannel's DirectRouting test: the kernel reaches `ip` through our device with no gateway. Answers
-        are kept DIRECT_TTL seconds, so a busy lease store does not start the netlink child at every event."""
-        now = time.monotonic()
+        are kept up to DIRECT_TTL seconds, so a busy lease store does not start the netlink child at every
+        event."""
+        self.judgement_due()
         known = self._direct.get(ip)
-        if known is not None and now - known[0] < DIRECT_TTL:
-            return known[1]
+        if known is not None:
+            return known
         try:
             got = self.host.route_to(ip)
         except (HostError, NetlinkError):
             return False
         direct = got.get("dev") == self.dev and not got.get("gateway")
-        self._direct[ip] = (now, direct)
+        self._direct[ip] = direct
         return direct
 
     def judgement_due(self) -> bool:
-        """True once every DIRECT_TTL: time to judge again which peers are direct, since the underlay's
-        routes may have changed with no lease event (a peer moved behind a router, or back)."""
+        """True once every DIRECT_TTL, when the kept answers are let go: time to judge again which peers are
+        direct, since the underlay's routes may have changed with no lease event (a peer moved behind a
+        router, or back). is_direct() lets them go too when they are that old."""
         now = time.monotonic()
-        if now < self._next_judgement:
+        if now - self._direct_since < DIRECT_TTL:
             return False
-        self._next_judgement = now + DIRECT_TTL
-        self._direct.clear()  # the judgement asks the kernel afresh
+        self._direct_since = now
+        self._direct.clear()
         return True
 
     def check(self) -> None:
