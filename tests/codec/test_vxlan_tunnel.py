@@ -1,0 +1,83 @@
+"""codec/vxlan_tunnel.py: the headers of a UDP-tunnel GSO write, read back by scapy and checked by hand."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+
+from udpflannel.codec import vxlan_tunnel as vt
+
+TAP_MAC = bytes.fromhex("4a5d8c4b0a49")
+OUR_MAC, PEER_MAC = bytes.fromhex("025a00000001"), bytes.fromhex("025a00000002")
+SRC, DST = "198.18.0.1", "198.18.0.2"
+# A TCP superpacket's virtio header as the TUN hands it out: NEEDS_CSUM, TCPV4, hdr_len, gso_size 1398,
+# csum_start 20 (after the IPv4 header), csum_offset 16.
+TUN_VNET = (1, vt.VNET_GSO_TCPV4, 52, 1398, 20, 16)
+
+
+def _headers() -> vt.TunnelHeaders:
+    return vt.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC, src_ip=SRC, dst_ip=DST, dst_port=8472, vni=1, our_mac=OUR_MAC, peer_mac=PEER_MAC
+    )
+
+
+def _sum16(data: bytes) -> int:
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def test_outer_headers_are_a_vxlan_frame_from_us_to_the_peer():
+    inner_len = 20 + 32 + 46 * 1398
+    prefix = _headers().build(inner_len, TUN_VNET, 32777, 5)
+    assert len(prefix) == vt.PREFIX_LEN == 88
+    frame = Ether(bytes(prefix[vt.VNET_TNL_HDR_LEN :]) + bytes(64))
+    assert (frame.dst, frame.src) == ("4a:5d:8c:4b:0a:49", "02:5a:00:00:00:01")
+    ip = frame[IP]
+    assert (ip.src, ip.dst, ip.ttl, ip.proto, ip.id, str(ip.flags)) == (SRC, DST, 65, 17, 5, "DF")
+    assert ip.len == 20 + 8 + 8 + 14 + inner_len
+    # a valid header checksum: the whole header sums to 0xFFFF
+    assert _sum16(bytes(prefix[38:58])) == 0xFFFF
+    udp = frame[UDP]
+    assert (udp.sport, udp.dport, udp.len) == (32777, 8472, 8 + 8 + 14 + inner_len)
+    # UDP_TUNNEL_CSUM wants the pseudo-header sum, length included, not complemented
+    pseudo = socket.inet_aton(SRC) + socket.inet_aton(DST) + struct.pack("!HH", 17, udp.len)
+    assert udp.chksum == _sum16(pseudo)
+    vx = frame[VXLAN]
+    assert vx.vni == 1 and vx.flags == 0x08
+    inner = vx.payload
+    assert (inner.dst, inner.src, inner.type) == ("02:5a:00:00:00:02", "02:5a:00:00:00:01", 0x0800)
+
+
+def test_virtio_header_asks_for_udp_tunnel_gso_with_outer_checksums():
+    prefix = _headers().build(1000, TUN_VNET, 40000, 0)
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, nbuf = struct.unpack_from("<BBHHHHH", prefix)
+    outer_th, inner_nh = struct.unpack_from("<HH", prefix, 20)
+    assert flags == vt.VNET_F_NEEDS_CSUM | vt.VNET_F_UDP_TUNNEL_CSUM
+    assert gso_type == vt.VNET_GSO_TCPV4 | vt.VNET_GSO_UDP_TUNNEL_IPV4
+    assert (hdr_len, gso_size, csum_start, csum_offset, nbuf) == (52 + 64, 1398, 20 + 64, 16, 0)
+    assert (outer_th, inner_nh) == (34, 64)
+    assert prefix[12:20] == bytes(8)  # the hash fields
+
+
+@pytest.mark.parametrize(
+    ("gso_type", "ethertype"),
+    [(vt.VNET_GSO_TCPV6, 0x86DD), (vt.VNET_GSO_TCPV6 | vt.VNET_GSO_ECN, 0x86DD), (vt.VNET_GSO_TCPV4, 0x0800)],
+)
+def test_inner_ethertype_and_ecn_follow_the_superpacket(gso_type, ethertype):
+    prefix = _headers().build(1000, (1, gso_type, 72, 1378, 40, 16), 40000, 0)
+    assert struct.unpack_from("!H", prefix, vt.PREFIX_LEN - 2)[0] == ethertype
+    assert prefix[1] == gso_type | vt.VNET_GSO_UDP_TUNNEL_IPV4
+
+
+def test_each_build_is_a_fresh_copy_of_the_template():
+    h = _headers()
+    a = h.build(1000, TUN_VNET, 40000, 1)
+    b = h.build(2000, TUN_VNET, 40001, 2)
+    assert a != b and h.template[vt.VNET_TNL_HDR_LEN + 14 + 2 : vt.VNET_TNL_HDR_LEN + 14 + 4] == b"\0\0"
