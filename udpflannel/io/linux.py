@@ -15,6 +15,12 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 
+# The TX tunnel TAP (io/tunnel_tap.py): UDP-tunnel GSO on TAP devices, Linux 6.17+
+IFF_TAP = 0x0002
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_UDP_TUNNEL_GSO = 0x080
+TUN_F_UDP_TUNNEL_GSO_CSUM = 0x100
+
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -54,11 +60,17 @@ UDP_MAX_PAYLOAD_V6 = 65527  # 65535 payload length - 8 (UDP)
 UDP_MAX_SEGMENTS_CANDIDATES = (128, 64)  # UDP_MAX_SEGMENTS: 128 since Linux 6.10 (probed), 64 before
 
 NO_OFFLOAD_ENV = "UDPFLANNEL_NO_OFFLOAD"
+TX_TUNNEL_ENV = "UDPFLANNEL_TX_TUNNEL"
 
 
 def offload_disabled() -> bool:
     """UDPFLANNEL_NO_OFFLOAD=1 forces the per-packet path everywhere (no vnet header, no GSO/GRO)."""
     return os.environ.get(NO_OFFLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def tx_tunnel_disabled() -> bool:
+    """UDPFLANNEL_TX_TUNNEL=0 keeps superpackets on the userspace split path (io/tunnel_tap.py)."""
+    return os.environ.get(TX_TUNNEL_ENV, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def offload_names(flags: int) -> list[str]:

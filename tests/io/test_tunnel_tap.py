@@ -1,0 +1,111 @@
+"""io/tunnel_tap.py with the real kernel: one VXLAN-wrapped TCP superpacket written to the TAP leaves the
+underlay as wire-size VXLAN frames with every checksum right, and a kernel VXLAN peer (set up as flanneld
+does) takes them in. Plus the cases where the path must stay off."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.io import tunnel_tap
+from udpflannel.io.tunnel_tap import TunnelTap, tap_name
+from udpflannel.lab import kernel_vxlan
+from udpflannel.lab.netns import call_in_netns
+
+A_MAC, K_MAC = bytes.fromhex("025a00000001"), bytes.fromhex("025a00000002")
+MSS = 1398
+
+
+def _sum16(data: bytes) -> int:
+    data += b"\0" * (len(data) & 1)
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _superpacket(segments: int) -> bytes:
+    """A TCP superpacket 198.19.1.0 -> 198.19.2.0 as the TUN hands it out: the TCP checksum field holds
+    the pseudo-header sum (NEEDS_CSUM), the payload a counting pattern."""
+    payload = bytes(i & 0xFF for i in range(MSS * segments - 100))
+    src, dst = socket.inet_aton("198.19.1.0"), socket.inet_aton("198.19.2.0")
+    total = 20 + 20 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 7, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _sum16(ip)) + ip[12:]
+    pseudo = _sum16(src + dst + struct.pack("!HH", 6, 20 + len(payload)))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5999, 1000, 1, 0x50, 0x18, 512, pseudo, 0)
+    return ip + tcp + payload
+
+
+def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(lab, tmp_path):
+    if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
+        pytest.skip("needs tcpdump and tshark")
+    a, k = lab.netns("ta"), lab.netns("tk")
+    lab.veth(a, k, "198.18.0.1/16", "198.18.0.2/16")
+    kernel_vxlan.add_device(k, mac="02:5a:00:00:00:02", local="198.18.0.2", address="198.19.2.0/32")
+    kernel_vxlan.add_peer(k, subnet="198.19.1.0/24", vtep="198.19.1.0", mac="02:5a:00:00:00:01",
+                          public_ip="198.18.0.1")  # fmt: skip
+    tap, why = call_in_netns(a.name, lambda: TunnelTap.open(tap_name("flannel.1")))
+    if tap is None:
+        pytest.skip(f"tunnel TAP unavailable here: {why}")
+    try:
+        assert tap.name == "flannel.1-tx"
+        pcap_path = str(tmp_path / "tap.pcap")
+        cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "udp")
+        time.sleep(1)
+        packet = _superpacket(46)
+        headers = vt.TunnelHeaders.for_peer(
+            tap_mac=tap.mac, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8472, vni=1, our_mac=A_MAC,
+            peer_mac=K_MAC,
+        )  # fmt: skip
+        prefix = headers.build(len(packet), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16), 32768, 100)
+        assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
+        cap.wait(timeout=10)
+        fields = subprocess.run(
+            ["tshark", "-r", pcap_path, "-d", "udp.port==8472,vxlan", "-o", "udp.check_checksum:TRUE",
+             "-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE", "-T", "fields",
+             "-e", "frame.len", "-e", "udp.checksum.status", "-e", "ip.checksum.status",
+             "-e", "tcp.checksum.status", "-e", "vxlan.vni", "-e", "tcp.seq_raw", "-e", "ip.ttl"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.split("\n")  # fmt: skip
+        rows = [line.split("\t") for line in fields if line.strip()]
+        assert len(rows) == 46
+        seqs = []
+        for length, udp_ok, ip_ok, tcp_ok, vni, seq, ttl in rows:
+            assert int(length) <= 1514 and vni == "1" and udp_ok == "1" and tcp_ok == "1"
+            assert ip_ok == "1,1" and ttl.split(",")[0] == "64"  # forwarded once: 65 -> 64
+            seqs.append(int(seq))
+        assert seqs == [1000 + i * MSS for i in range(46)]
+        # The kernel peer took them in: no checksum errors, the inner bytes through its VXLAN device.
+        nstat = k.exec("nstat", "-az", "UdpInCsumErrors").split()
+        assert nstat[nstat.index("UdpInCsumErrors") + 1] == "0"
+        (link,) = json.loads(k.exec("ip", "-s", "-j", "link", "show", "flannel.1"))
+        assert link["stats64"]["rx"]["bytes"] >= len(packet)
+    finally:
+        tap.close()
+    assert tap_name("flannel.1") not in a.exec("ip", "link")  # not persistent: gone with its fd
+
+
+def test_the_path_stays_off_when_turned_off_or_filtered(monkeypatch, tmp_path):
+    monkeypatch.setenv("UDPFLANNEL_TX_TUNNEL", "0")
+    tap, why = TunnelTap.open("x-tx")
+    assert tap is None and "UDPFLANNEL_TX_TUNNEL" in why
+    monkeypatch.delenv("UDPFLANNEL_TX_TUNNEL")
+    (tmp_path / "ipv4/conf/all").mkdir(parents=True)
+    (tmp_path / "ipv4/conf/all/rp_filter").write_text("2\n")
+    monkeypatch.setattr(tunnel_tap, "PROC_CONF", tmp_path)
+    tap, why = TunnelTap.open("x-tx")
+    assert tap is None and "rp_filter=2" in why
+
+
+def test_tap_names_fit_ifnamsiz():
+    assert tap_name("flannel.1") == "flannel.1-tx"
+    assert tap_name("a-very-long-name") == "a-very-long--tx"  # 15 bytes: IFNAMSIZ with its NUL
