@@ -68,17 +68,27 @@ def _capture(node, seconds_max: float = 30):
     )
 
 
-@pytest.mark.parametrize("no_offload", [False, True], ids=["default", "no_offload"])
-def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
-    env = {"UDPFLANNEL_NO_OFFLOAD": "1"} if no_offload else {}
+MODES = {
+    "default": {},  # superpackets segmented by the kernel from the tunnel TAP (io/tunnel_tap.py)
+    "split": {"UDPFLANNEL_TX_TUNNEL": "0"},  # split in userspace (kernels before 6.17)
+    "no_offload": {"UDPFLANNEL_NO_OFFLOAD": "1"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_udpflannel_vxlan_with_kernel_vxlan_node(mode):
+    no_offload = mode == "no_offload"
     with TunnelLab() as lab:
-        a = lab.node(1, "vxlan", env=env)
+        a = lab.node(1, "vxlan", env=MODES[mode])
         k = lab.node(2, "kernel")
         # The mode under test is really the one running: offloads on by default, all off when disabled.
         if no_offload:
             assert a.offloads == {"tun": [], "rx": [], "tx": []}, a.offloads
         else:
             assert "vnet_hdr" in a.offloads["tun"] and "gro" in a.offloads["rx"] and "gso" in a.offloads["tx"]
+        tunnel = "udp_tunnel_tap" in a.offloads["tx"]
+        # (the kernel has the TAP offload from 6.17)
+        assert tunnel is (mode == "default" and tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17))
         lab.connect(a, k)
         lab.connect(k, a)
         cap = _capture(a)
@@ -91,6 +101,7 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
         stats = a.stats()
         assert stats["rx_packets"] > 1000 and stats["tx_packets"] > 1000
         assert (stats["tx_superpackets"] > 0) is not no_offload
+        assert (stats["tx_tunnel_writes"] > 0) is tunnel
         _no_drops(stats)
         # Our sends are never reordered (a's TCP, the sender of the first transfer, counts none). The kernel
         # node's counters are not ours to hold: in about 1 run in 4 on two cores k counts TCPSACKReorder,
@@ -123,6 +134,10 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
                 "eth.src",
                 "-e",
                 "eth.dst",
+                "-e",
+                "udp.checksum.status",
+                "-o",
+                "udp.check_checksum:TRUE",
                 "-c",
                 "500",
             ],
@@ -133,9 +148,11 @@ def test_udpflannel_vxlan_with_kernel_vxlan_node(no_offload):
         ).stdout.split("\n")
         rows = [line.split("\t") for line in fields if line.strip()]
         assert len(rows) > 20
-        for ip_src, vni, eth_src, eth_dst in rows:
+        for ip_src, vni, eth_src, eth_dst, udp_sum in rows:
             outer = ip_src.split(",")[0]
             assert vni == "1"
+            # ours carry a UDP checksum tshark verifies (1: good)
+            assert outer != a.public_ip or udp_sum == "1"
             # tshark lists the inner Ethernet after the (absent) outer one: take the last value.
             src, dst = eth_src.split(",")[-1], eth_dst.split(",")[-1]
             if outer == a.public_ip:

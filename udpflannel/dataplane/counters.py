@@ -24,6 +24,7 @@ TRAFFIC_NAMES: tuple[str, ...] = (
     "icmp_sent",  # frag-needed / packet-too-big / unreachable / time-exceeded written back to the TUN
     "peer_updates",
     "rx_joined_runs",  # superpackets that came as two trains (the UDP GSO limit) and went as one write
+    "tx_tunnel_writes",  # superpackets the kernel segmented from the tunnel TAP (dataplane/tx_tunnel.py)
 )
 DROP_NAMES: dict[DropReason, str] = {r: f"drop_{r.label}" for r in DropReason if r is not DropReason.NONE}
 COUNTER_NAMES: tuple[str, ...] = TRAFFIC_NAMES + tuple(DROP_NAMES.values())

@@ -23,6 +23,7 @@ from udpflannel.dataplane.rowpath import RowPaths
 from udpflannel.dataplane.rx_hold import HeldRun
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig
 from udpflannel.dataplane.tx_super import SuperpacketTx
+from udpflannel.dataplane.tx_tunnel import TunnelTx
 from udpflannel.dataplane.txprep import (
     FLOW_HASH_BYTES,
     finish_partial_checksums,
@@ -68,7 +69,7 @@ for _reason, _name in DROP_NAMES.items():
     _DROP_SLOT[_reason] = INDEX[_name]
 
 
-class Engine(RowPaths, HeldRun, SuperpacketTx):
+class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
     """Owns the peer table and the per-batch pipelines. tun: io.tun.Tun; rx: the UdpSocket on our port;
     pool: UdpSockets to send from (one per outer source port; udp backend: [rx])."""
 
@@ -138,6 +139,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx):
         self._headers[:, 8:14] = self.table.macs[: len(self._headers)]
         self._header_bytes = [row.tobytes() for row in self._headers]
         self._outer_v6 = self.table.outer_v6.tolist()
+        self._tunnel_peers()
         self._count("peer_updates")
 
     # --- TX -----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from udpflannel.dataplane.counters import Counters
 from udpflannel.dataplane.spec import HEADROOM, EngineConfig, Peer
 from udpflannel.io import linux
 from udpflannel.io.tun_device import TunDevice
+from udpflannel.io.tunnel_tap import TunnelTap, tap_name
 from udpflannel.io.udp_endpoint import (
     UdpEndpoint,
     _probe_gso,
@@ -100,6 +101,10 @@ class Dataplane:
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
     bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
+    # vxlan: TCP superpackets to IPv4 peers leave through a TAP the kernel segments from (io/tunnel_tap.py),
+    # when the kernel has the offload; the agent asks for it only when it keeps the FORWARD chain open.
+    tx_tunnel: bool = True
+    _tap: TunnelTap | None = None
     _tun: TunDevice | None = None
     _rx: UdpEndpoint | None = None
     _pool: list[UdpEndpoint] = field(default_factory=list)
@@ -124,6 +129,7 @@ class Dataplane:
             )
             if self.cfg.encap == "vxlan":
                 self._pool = self._open_pool(socket.AF_INET, self.bind_ip)
+                self._open_tap()
             if self.bind_ip6 is not None:
                 self._rx6 = open_udp6("::", self.rx_port, recv_slots=RECV_SLOTS)
                 if self.cfg.encap == "vxlan":
@@ -157,6 +163,19 @@ class Dataplane:
             port += 1
         return pool
 
+    def _open_tap(self) -> None:
+        """The tunnel TAP when asked for and possible; why not is logged once (the split path works)."""
+        if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0"):
+            return
+        self._tap, why = TunnelTap.open(tap_name(self.tun_name))
+        if self._tap is None:
+            log.info("superpackets are split in userspace: the tunnel TAP is off (%s)", why)
+
+    @property
+    def tunnel_iif(self) -> str | None:
+        """The tunnel TAP's name while it is in use: the FORWARD chain must accept what comes in on it."""
+        return self._tap.name if self._tap is not None else None
+
     def offloads(self) -> dict[str, list[str]]:
         """Active offloads, for the agent's start-up log line."""
         out: dict[str, list[str]] = {}
@@ -165,7 +184,7 @@ class Dataplane:
         if self._rx is not None:
             out["rx"] = self._rx.offloads
         if self._pool:
-            out["tx"] = self._pool[0].offloads
+            out["tx"] = self._pool[0].offloads + (["udp_tunnel_tap"] if self._tap is not None else [])
         if self._rx6 is not None:
             out["rx6"] = self._rx6.offloads
         return out
@@ -204,8 +223,17 @@ class Dataplane:
             },
             "ctrl_fd": theirs.fileno(),
             "counters_fd": self._counters.fd,
+            "tap": None,
         }
-        fds = (self._tun.fd, theirs.fileno(), self._counters.fd, *(s.fileno() for s in socks))
+        fds = [self._tun.fd, theirs.fileno(), self._counters.fd, *(s.fileno() for s in socks)]
+        if self._tap is not None:
+            spec["tap"] = {
+                "fd": self._tap.fd,
+                "mac": self._tap.mac.hex(),
+                "src_ip": self.bind_ip,
+                "ports": [s.address[1] for s in self._pool],
+            }
+            fds.append(self._tap.fd)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "udpflannel.dataplane.worker", json.dumps(spec)],
@@ -307,6 +335,9 @@ class Dataplane:
         if self._tun is not None:
             self._tun.close()
             self._tun = None
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
         if self._counters is not None:
             self._counters.close()
             self._counters = None

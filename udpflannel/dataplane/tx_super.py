@@ -4,7 +4,8 @@ send them as UDP_SEGMENT messages: one sendmmsg for a whole read when its superp
 Anything unusual (no peer, over the MTU, a TTL about to expire) takes the engine's general path.
 
 SuperpacketTx is a mixin of dataplane.engine.Engine and uses its attributes: cfg, head, is_vxlan, table,
-_pools, _dsts, _headers, counters, _count, _count_drops, _flow (rowpath), send_batch."""
+_pools, _dsts, _headers, counters, _count, _count_drops, _flow (rowpath), send_batch, and _tap_fd and
+send_tunnel (dataplane/tx_tunnel.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ class SuperpacketTx:
     def _send_superpackets(
         self, batch: PacketBatch, headers: np.ndarray, hd: list, gso_list: list[int], ttl_done: dict
     ) -> None:
-        """Split and send the superpackets in rows `gso_list` (hd: their virtio headers as tuples)."""
+        """Split and send the superpackets in rows `gso_list` (hd: their virtio headers as tuples), or hand
+        them to the tunnel TAP (dataplane/tx_tunnel.py), row by row in the order read."""
+        if self._tap_fd >= 0:
+            for i in gso_list:
+                if not self.send_tunnel(batch, i, hd[i]):
+                    self._split_one(batch, i, hd[i], ttl_done.get(i, False))
+            return
         if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.
             many = split_many(batch, headers, np.array(gso_list), self.head)
@@ -41,22 +48,26 @@ class SuperpacketTx:
                         self.send_superpacket(segs, ttl_done=ttl)
                 return
         for i in gso_list:
-            ln = int(batch.lengths[i])
-            vh = VnetHdr(*hd[i])
-            # Packed rows (end to end) go out as one buffer; tiny segments keep the padded layout, whose
-            # rows are wide enough for every header column the general path reads.
-            packed = vh.gso_size >= PACKED_MIN_SEGMENT
-            segs = split_superpacket(
-                batch.buf[i, batch.offset : batch.offset + ln],
-                vh,
-                self.head if packed else HEADROOM,
-                packed=packed,
-            )
-            if segs.drop:
-                self._count_drops(np.array([segs.drop], dtype=np.uint8))
-                continue
-            self._count("tx_superpackets")
-            self.send_superpacket(segs, ttl_done=ttl_done.get(i, False))
+            self._split_one(batch, i, hd[i], ttl_done.get(i, False))
+
+    def _split_one(self, batch: PacketBatch, i: int, vnet: tuple, ttl_done: bool) -> None:
+        """Split the superpacket in row i (virtio header `vnet`) and send its segments."""
+        ln = int(batch.lengths[i])
+        vh = VnetHdr(*vnet)
+        # Packed rows (end to end) go out as one buffer; tiny segments keep the padded layout, whose
+        # rows are wide enough for every header column the general path reads.
+        packed = vh.gso_size >= PACKED_MIN_SEGMENT
+        segs = split_superpacket(
+            batch.buf[i, batch.offset : batch.offset + ln],
+            vh,
+            self.head if packed else HEADROOM,
+            packed=packed,
+        )
+        if segs.drop:
+            self._count_drops(np.array([segs.drop], dtype=np.uint8))
+            return
+        self._count("tx_superpackets")
+        self.send_superpacket(segs, ttl_done=ttl_done)
 
     def _send_together(self, many: ManySplit, ttl_done: list[bool]) -> bool:
         """The superpackets of one read, split together, as one sendmmsg when they are one flow's (one

@@ -85,6 +85,9 @@ def run(spec: dict) -> int:
     ctrl.setblocking(False)
     engine = Engine(cfg, tun, rx, pool, counters.row(spec["index"]), rx6=rx6, pool6=pool6)
     engine.hold_runs = True  # a superpacket's two trains as one TUN write (dataplane/rx_hold.py)
+    tap = spec.get("tap")
+    if tap and role in ("both", "tx"):
+        engine.use_tunnel(tap["fd"], bytes.fromhex(tap["mac"]), tap["src_ip"], tap["ports"])
 
     stopping = False
 
