@@ -128,6 +128,8 @@ class Agent:
             backend = create_backend(config, opts, iface)
         except BackendUnavailable as exc:
             raise AgentError(str(exc), EXIT_CONFIG) from None
+        if hasattr(backend, "tx_tunnel"):  # its frames need our FORWARD rules (dataplane/tunnel.py)
+            backend.tx_tunnel = opts.iptables_forward_rules and self._forward_ok
         self.manager = LeaseManager(
             self.store,
             config,
@@ -216,6 +218,7 @@ class Agent:
             forward=opts.iptables_forward_rules and self._forward_ok,
             nftables=config.enable_nftables,
             fully_random=not opts.ip_masq_fully_random_disable,
+            accept_iif=getattr(getattr(self.backend, "dataplane", None), "tunnel_iif", None),
         )
         if not self.rules.wanted:
             return

@@ -38,6 +38,14 @@ def test_postrouting_rules_return_inside_the_network_and_masquerade_what_leaves(
     ]
 
 
+def test_forward_rules_accept_the_tunnel_tap_over_ipv4_only() -> None:
+    assert forward_rules(V4, "flannel.1-tx")[-1] == ["-i", "flannel.1-tx", "-j", "ACCEPT"]
+    assert forward_rules(V6, "flannel.1-tx") == forward_rules(V6)
+    tap = 'iifname "flannel.1-tx" accept'
+    assert tap in nft_script(V4, masq=False, forward=True, accept_iif="flannel.1-tx")
+    assert "iifname" not in nft_script(V6, masq=False, forward=True, accept_iif="flannel.1-tx")
+
+
 def test_nft_script_holds_the_same_logic() -> None:
     script = nft_script(V6, masq=True, forward=False)
     assert "table ip6 flannel-ipv6 {" in script and "chain forward" not in script
@@ -60,7 +68,7 @@ def dump():
         return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     return "".join(subprocess.run([t, "-t", tb], capture_output=True, text=True).stdout
                    for t in ("iptables-save", "ip6tables-save") for tb in ("nat", "filter"))
-r = Rules(fams, masq=True, forward=True, nftables=nft)
+r = Rules(fams, masq=True, forward=True, nftables=nft, accept_iif="flannel.1-tx")
 out = {"first": r.ensure(), "again": r.ensure(), "applied": dump()}
 if nft:
     subprocess.run(["nft", "delete", "chain", "ip", "flannel-ipv4", "postrtg"], check=True)
@@ -97,6 +105,9 @@ def test_rules_applied_repaired_and_removed(kind: str) -> None:
         '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD' if kind == "iptables" else ""
     )
     assert forward in out["applied"]
+    # the vxlan datapath's tunnel TAP: its forwarded frames are accepted (IPv4 only, as the TAP is)
+    tap = 'iifname "flannel.1-tx" accept' if kind == "nft" else "-A FLANNEL-FWD -i flannel.1-tx -j ACCEPT"
+    assert out["applied"].count(tap) == 1
     assert masq4 not in out["damaged"]
     assert out["repaired"] is True and out["repairs"] == 2
 

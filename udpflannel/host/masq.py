@@ -55,11 +55,18 @@ def postrouting_rules(f: Family, fully_random: bool = True) -> list[list[str]]:
     ]
 
 
-def forward_rules(f: Family) -> list[list[str]]:
-    return [["-s", str(f.network), "-j", "ACCEPT"], ["-d", str(f.network), "-j", "ACCEPT"]]
+def forward_rules(f: Family, accept_iif: str | None = None) -> list[list[str]]:
+    """FLANNEL-FWD: the cluster network both ways, and (IPv4) the frames the vxlan datapath hands the kernel
+    to forward from its tunnel TAP (io/tunnel_tap.py), which carry our own underlay address."""
+    rules = [["-s", str(f.network), "-j", "ACCEPT"], ["-d", str(f.network), "-j", "ACCEPT"]]
+    if accept_iif and f.version == 4:
+        rules.append(["-i", accept_iif, "-j", "ACCEPT"])
+    return rules
 
 
-def nft_script(f: Family, *, masq: bool, forward: bool, fully_random: bool = True) -> str:
+def nft_script(
+    f: Family, *, masq: bool, forward: bool, fully_random: bool = True, accept_iif: str | None = None
+) -> str:
     """The same logic as one nftables table (created afresh: the script deletes an older one first)."""
     ip = _nft_family(f)
     net, pod, table = str(f.network), str(f.pod_subnet), NFT_TABLE[f.version]
@@ -83,6 +90,7 @@ def nft_script(f: Family, *, masq: bool, forward: bool, fully_random: bool = Tru
             "    type filter hook forward priority filter; policy accept;",
             f"    {ip} saddr {net} accept",
             f"    {ip} daddr {net} accept",
+            *([f'    iifname "{accept_iif}" accept'] if accept_iif and f.version == 4 else []),
             "  }",
         ]
     return "\n".join([*lines, "}", ""])
@@ -117,9 +125,11 @@ class Rules:
         forward: bool,
         nftables: bool = False,
         fully_random: bool = True,
+        accept_iif: str | None = None,
     ) -> None:
         self.families = families
         self.masq, self.forward, self.nftables, self.fully_random = masq, forward, nftables, fully_random
+        self.accept_iif = accept_iif  # a device whose forwarded frames FLANNEL-FWD accepts (forward_rules)
         self.repairs = 0  # times ensure() (re)applied the rules, the first time included
         # What the rule dump showed right after we applied, per (tool, table): a resync compares one dump.
         self._applied: dict[tuple[str, str], list[str]] = {}
@@ -168,7 +178,9 @@ class Rules:
             if key in self._applied and _dump(tool, table, chain) == self._applied[key]:
                 continue
             rules = (
-                postrouting_rules(f, self.fully_random) if chain == POSTROUTING_CHAIN else forward_rules(f)
+                postrouting_rules(f, self.fully_random)
+                if chain == POSTROUTING_CHAIN
+                else forward_rules(f, self.accept_iif)
             )
             base = [tool, "-w", "-t", table]
             # Order matters (RETURNs before MASQUERADE): the chain is rebuilt whole, as flanneld does.
@@ -191,7 +203,13 @@ class Rules:
             return False
         _run(
             ["nft", "-f", "-"],
-            stdin=nft_script(f, masq=self.masq, forward=self.forward, fully_random=self.fully_random),
+            stdin=nft_script(
+                f,
+                masq=self.masq,
+                forward=self.forward,
+                fully_random=self.fully_random,
+                accept_iif=self.accept_iif,
+            ),
         )
         self._applied[key] = _output(listing)
         return True
