@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -109,3 +110,16 @@ def test_the_path_stays_off_when_turned_off_or_filtered(monkeypatch, tmp_path):
 def test_tap_names_fit_ifnamsiz():
     assert tap_name("flannel.1") == "flannel.1-tx"
     assert tap_name("a-very-long-name") == "a-very-long--tx"  # 15 bytes: IFNAMSIZ with its NUL
+
+
+def test_opening_it_keeps_pyroute2_out_of_the_agent(lab):
+    """The agent opens the TAP: that must not load pyroute2 (~13 MB; host/links.py keeps it in a child)."""
+    ns = lab.netns("tp")
+    script = (
+        "import sys; from udpflannel.io.tunnel_tap import TunnelTap; "
+        "tap, why = TunnelTap.open('t-tx'); print(tap is not None, 'pyroute2' in sys.modules, why)"
+    )
+    out = ns.exec(sys.executable, "-c", script, timeout=30).split()
+    assert out[1] == "False", out
+    if out[0] == "True":
+        assert "t-tx" not in ns.exec("ip", "link")  # the process is gone, so is the TAP

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class TunnelTap:
     mac: bytes
 
     @classmethod
-    def open(cls, name: str, *, netns: str | None = None) -> tuple[TunnelTap | None, str]:
+    def open(cls, name: str) -> tuple[TunnelTap | None, str]:
         """(the TAP, "") when the kernel and the host allow the path, else (None, why not)."""
         if linux.offload_disabled() or linux.tx_tunnel_disabled():
             return None, f"turned off ({linux.NO_OFFLOAD_ENV} or {linux.TX_TUNNEL_ENV})"
@@ -78,7 +79,7 @@ class TunnelTap:
             # No IPv6 on it: nothing is ever read back from the TAP, so it should send nothing either.
             with contextlib.suppress(OSError):
                 _write_sysctl(f"ipv6/conf/{name}/disable_ipv6", "1")
-            mac = _bring_up(name, netns)
+            mac = _bring_up(name)
         except OSError as exc:
             os.close(fd)
             return None, f"cannot set up TAP {name}: {exc.strerror or exc}"
@@ -104,12 +105,13 @@ def _write_sysctl(key: str, value: str) -> None:
     (PROC_CONF / key).write_text(value)
 
 
-def _bring_up(name: str, netns: str | None) -> bytes:
-    """Set the TAP up; its MAC address (frames written to it must be addressed to it)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
-        (index,) = ipr.link_lookup(ifname=name)
-        ipr.link("set", index=index, state="up")
-        (link,) = ipr.get_links(index)
-        return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+def _bring_up(name: str) -> bytes:
+    """Set the TAP up; its MAC address (frames written to it must be addressed to it). Two ioctls on a
+    socket of the current namespace: pyroute2 would add ~13 MB to the agent (host/links.py keeps it in a
+    short-lived child)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH14x", name.encode(), 0)
+        flags = struct.unpack_from("16xH", fcntl.ioctl(s, linux.SIOCGIFFLAGS, ifr))[0]
+        fcntl.ioctl(s, linux.SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | linux.IFF_UP))
+        hwaddr = fcntl.ioctl(s, linux.SIOCGIFHWADDR, ifr)
+        return hwaddr[18:24]  # after the name and the sockaddr's family
