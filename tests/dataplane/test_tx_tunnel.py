@@ -1,0 +1,133 @@
+"""dataplane/tx_tunnel.py: which superpackets go to the tunnel TAP (one write: headers + the packet as read)
+and which keep the split path, with a file standing in for the TAP (the kernel side: tests/io)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+from test_engine import PEER_MAC, Harness
+
+from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.dataplane import tx_tunnel
+from udpflannel.dataplane.counters import INDEX
+from udpflannel.dataplane.engine import HEADROOM
+from udpflannel.dataplane.peers import Peer
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
+
+scapy = pytest.importorskip("scapy.all")
+
+TAP_MAC = bytes.fromhex("4a5d8c4b0a49")
+PORTS = [32768, 32769, 32770, 32771]
+MSS = 1370
+
+
+def _tcp(payload_len: int = 10240, dst: str = "198.19.2.9") -> bytes:
+    inner = scapy.IP(src="198.19.1.0", dst=dst, flags="DF") / scapy.TCP(sport=4, dport=5, flags="A", seq=1000)
+    return bytes(inner / bytes(i & 0xFF for i in range(payload_len)))
+
+
+def _send(h: Harness, raw: bytes, vnet: tuple) -> None:
+    batch = PacketBatch.from_packets([raw], headroom=HEADROOM)
+    headers = np.zeros(1, VNET_HDR_DTYPE)
+    headers[0] = vnet
+    h.engine.process_tx(batch, headers, lambda i: VnetHdr(*headers[i].tolist()))
+
+
+@pytest.fixture
+def tap(tmp_path):
+    path = tmp_path / "tap"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    yield fd, path
+    os.close(fd)
+
+
+def _harness(tap_fd: int, mtu: int = 1450) -> Harness:
+    h = Harness("vxlan", mtu=mtu)
+    h.engine.use_tunnel(tap_fd, TAP_MAC, "198.18.0.1", PORTS)
+    return h
+
+
+def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
+    fd, path = tap
+    h = _harness(fd)
+    raw = _tcp()
+    vnet = (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16)
+    _send(h, raw, vnet)
+    written = path.read_bytes()
+    sport = PORTS[h.engine._flow_of(raw[:64])[1] % len(PORTS)]
+    expected = vt.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC,
+        src_ip="198.18.0.1",
+        dst_ip="198.18.0.2",
+        dst_port=8472,
+        vni=1,
+        our_mac=bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")),
+        peer_mac=bytes.fromhex(PEER_MAC.replace(":", "")),
+    ).build(len(raw), vnet, sport, 0)
+    assert written == bytes(expected) + raw
+    k = -(-10240 // MSS)
+    c = h.counters
+    assert (c[INDEX["tx_tunnel_writes"]], c[INDEX["tx_superpackets"]], c[INDEX["tx_packets"]]) == (1, 1, k)
+    assert c[INDEX["tx_bytes"]] == (k - 1) * 40 + len(raw)  # every segment carries the 40 header bytes
+    assert h.sent == []  # nothing through the sockets
+    # the next superpacket's outer IP id follows this one's segments
+    _send(h, raw, vnet)
+    assert path.read_bytes()[len(written) :][vt.VNET_TNL_HDR_LEN + 14 + 4 : vt.VNET_TNL_HDR_LEN + 14 + 6] == (
+        k.to_bytes(2, "big")
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "vnet", "mtu"),
+    [
+        ("udp superpacket", (1, 5, 28, 1400, 20, 6), 1450),  # UDP_L4: the split path handles USO
+        ("segments over the MTU", (1, vt.VNET_GSO_TCPV4, 40, 1400, 20, 16), 1400),
+        ("no partial checksum", (0, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16), 1450),
+    ],
+)
+def test_what_the_tap_does_not_take_keeps_the_split_path(tap, case, vnet, mtu):
+    fd, path = tap
+    h = _harness(fd, mtu=mtu)
+    if case == "udp superpacket":
+        raw = bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.9") / scapy.UDP(sport=4, dport=5) / bytes(5000))
+    else:
+        raw = _tcp()
+    _send(h, raw, vnet)
+    assert path.read_bytes() == b"" and h.counters[INDEX["tx_tunnel_writes"]] == 0
+    if case == "segments over the MTU":
+        # frag needed for each segment, as a router answers the packets it would have to forward
+        assert h.counters[INDEX["icmp_sent"]] == h.counters[INDEX["drop_over_mtu"]] > 0
+    elif case == "udp superpacket":
+        assert h.sent  # split and sent through the sockets
+
+
+def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path(tap):
+    fd, path = tap
+    h = _harness(fd)
+    h.engine.set_peers([Peer("198.19.2.0/24", "fd00:198::2", PEER_MAC)])
+    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    assert path.read_bytes() == b"" and h.sent and h.sent[0][1][0] == "fd00:198::2"
+
+
+def test_a_refused_write_falls_back_and_a_failed_one_is_counted(tap, monkeypatch):
+    fd, _ = tap
+    h = _harness(fd)
+
+    def refuse(_fd, _iov):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(tx_tunnel.os, "writev", refuse)
+    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    assert h.sent and h.counters[INDEX["tx_tunnel_writes"]] == 0  # the split path sent it
+
+    def no_buffers(_fd, _iov):
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    monkeypatch.setattr(tx_tunnel.os, "writev", no_buffers)
+    before = len(h.sent)
+    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    assert len(h.sent) == before and h.counters[INDEX["drop_send_error"]] == -(-10240 // MSS)
