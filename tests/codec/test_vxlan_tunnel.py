@@ -11,13 +11,18 @@ from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.io.linux import TUN_VNET_TNL_HDR_LEN
+from udpflannel.packet import vnet
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_ECN as ECN
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4 as TCPV4
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV6 as TCPV6
 
 TAP_MAC = bytes.fromhex("4a5d8c4b0a49")
 OUR_MAC, PEER_MAC = bytes.fromhex("025a00000001"), bytes.fromhex("025a00000002")
 SRC, DST = "198.18.0.1", "198.18.0.2"
 # A TCP superpacket's virtio header as the TUN hands it out: NEEDS_CSUM, TCPV4, hdr_len, gso_size 1398,
 # csum_start 20 (after the IPv4 header), csum_offset 16.
-TUN_VNET = (1, vt.VNET_GSO_TCPV4, 52, 1398, 20, 16)
+TUN_VNET = (1, TCPV4, 52, 1398, 20, 16)
 
 
 def _headers() -> vt.TunnelHeaders:
@@ -37,7 +42,7 @@ def test_outer_headers_are_a_vxlan_frame_from_us_to_the_peer():
     inner_len = 20 + 32 + 46 * 1398
     prefix = _headers().build(inner_len, TUN_VNET, 32777, 5)
     assert len(prefix) == vt.PREFIX_LEN == 88
-    frame = Ether(bytes(prefix[vt.VNET_TNL_HDR_LEN :]) + bytes(64))
+    frame = Ether(bytes(prefix[TUN_VNET_TNL_HDR_LEN:]) + bytes(64))
     assert (frame.dst, frame.src) == ("4a:5d:8c:4b:0a:49", "02:5a:00:00:00:01")
     ip = frame[IP]
     assert (ip.src, ip.dst, ip.ttl, ip.proto, ip.id, str(ip.flags)) == (SRC, DST, 65, 17, 5, "DF")
@@ -59,8 +64,8 @@ def test_virtio_header_asks_for_udp_tunnel_gso_with_outer_checksums():
     prefix = _headers().build(1000, TUN_VNET, 40000, 0)
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, nbuf = struct.unpack_from("<BBHHHHH", prefix)
     outer_th, inner_nh = struct.unpack_from("<HH", prefix, 20)
-    assert flags == vt.VNET_F_NEEDS_CSUM | vt.VNET_F_UDP_TUNNEL_CSUM
-    assert gso_type == vt.VNET_GSO_TCPV4 | vt.VNET_GSO_UDP_TUNNEL_IPV4
+    assert flags == vnet.VIRTIO_NET_HDR_F_NEEDS_CSUM | vnet.VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM
+    assert gso_type == TCPV4 | vnet.VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4
     assert (hdr_len, gso_size, csum_start, csum_offset, nbuf) == (52 + 64, 1398, 20 + 64, 16, 0)
     assert (outer_th, inner_nh) == (34, 64)
     assert prefix[12:20] == bytes(8)  # the hash fields
@@ -68,16 +73,16 @@ def test_virtio_header_asks_for_udp_tunnel_gso_with_outer_checksums():
 
 @pytest.mark.parametrize(
     ("gso_type", "ethertype"),
-    [(vt.VNET_GSO_TCPV6, 0x86DD), (vt.VNET_GSO_TCPV6 | vt.VNET_GSO_ECN, 0x86DD), (vt.VNET_GSO_TCPV4, 0x0800)],
+    [(TCPV6, 0x86DD), (TCPV6 | ECN, 0x86DD), (TCPV4, 0x0800)],
 )
 def test_inner_ethertype_and_ecn_follow_the_superpacket(gso_type, ethertype):
     prefix = _headers().build(1000, (1, gso_type, 72, 1378, 40, 16), 40000, 0)
     assert struct.unpack_from("!H", prefix, vt.PREFIX_LEN - 2)[0] == ethertype
-    assert prefix[1] == gso_type | vt.VNET_GSO_UDP_TUNNEL_IPV4
+    assert prefix[1] == gso_type | vnet.VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4
 
 
 def test_each_build_is_a_fresh_copy_of_the_template():
     h = _headers()
     a = h.build(1000, TUN_VNET, 40000, 1)
     b = h.build(2000, TUN_VNET, 40001, 2)
-    assert a != b and h.template[vt.VNET_TNL_HDR_LEN + 14 + 2 : vt.VNET_TNL_HDR_LEN + 14 + 4] == b"\0\0"
+    assert a != b and h.template[TUN_VNET_TNL_HDR_LEN + 14 + 2 : TUN_VNET_TNL_HDR_LEN + 14 + 4] == b"\0\0"

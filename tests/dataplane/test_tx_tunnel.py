@@ -15,7 +15,9 @@ from udpflannel.dataplane import tx_tunnel
 from udpflannel.dataplane.counters import INDEX
 from udpflannel.dataplane.engine import HEADROOM
 from udpflannel.dataplane.peers import Peer
+from udpflannel.io.linux import TUN_VNET_TNL_HDR_LEN
 from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_TCPV4 as TCPV4
 from udpflannel.packet.vnet import VNET_HDR_DTYPE, VnetHdr
 
 scapy = pytest.importorskip("scapy.all")
@@ -55,7 +57,7 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
     fd, path = tap
     h = _harness(fd)
     raw = _tcp()
-    vnet = (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16)
+    vnet = (1, TCPV4, 40, MSS, 20, 16)
     _send(h, raw, vnet)
     written = path.read_bytes()
     sport = PORTS[h.engine._flow_of(raw[:64])[1] % len(PORTS)]
@@ -76,17 +78,16 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
     assert h.sent == []  # nothing through the sockets
     # the next superpacket's outer IP id follows this one's segments
     _send(h, raw, vnet)
-    assert path.read_bytes()[len(written) :][vt.VNET_TNL_HDR_LEN + 14 + 4 : vt.VNET_TNL_HDR_LEN + 14 + 6] == (
-        k.to_bytes(2, "big")
-    )
+    ip_id = TUN_VNET_TNL_HDR_LEN + 14 + 4
+    assert path.read_bytes()[len(written) :][ip_id : ip_id + 2] == k.to_bytes(2, "big")
 
 
 @pytest.mark.parametrize(
     ("case", "vnet", "mtu"),
     [
         ("udp superpacket", (1, 5, 28, 1400, 20, 6), 1450),  # UDP_L4: the split path handles USO
-        ("segments over the MTU", (1, vt.VNET_GSO_TCPV4, 40, 1400, 20, 16), 1400),
-        ("no partial checksum", (0, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16), 1450),
+        ("segments over the MTU", (1, TCPV4, 40, 1400, 20, 16), 1400),
+        ("no partial checksum", (0, TCPV4, 40, MSS, 20, 16), 1450),
     ],
 )
 def test_what_the_tap_does_not_take_keeps_the_split_path(tap, case, vnet, mtu):
@@ -109,7 +110,7 @@ def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path(tap):
     fd, path = tap
     h = _harness(fd)
     h.engine.set_peers([Peer("198.19.2.0/24", "fd00:198::2", PEER_MAC)])
-    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    _send(h, _tcp(), (1, TCPV4, 40, MSS, 20, 16))
     assert path.read_bytes() == b"" and h.sent and h.sent[0][1][0] == "fd00:198::2"
 
 
@@ -121,7 +122,7 @@ def test_a_refused_write_falls_back_and_a_failed_one_is_counted(tap, monkeypatch
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(tx_tunnel.os, "writev", refuse)
-    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    _send(h, _tcp(), (1, TCPV4, 40, MSS, 20, 16))
     assert h.sent and h.counters[INDEX["tx_tunnel_writes"]] == 0  # the split path sent it
 
     def no_buffers(_fd, _iov):
@@ -129,5 +130,5 @@ def test_a_refused_write_falls_back_and_a_failed_one_is_counted(tap, monkeypatch
 
     monkeypatch.setattr(tx_tunnel.os, "writev", no_buffers)
     before = len(h.sent)
-    _send(h, _tcp(), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16))
+    _send(h, _tcp(), (1, TCPV4, 40, MSS, 20, 16))
     assert len(h.sent) == before and h.counters[INDEX["drop_send_error"]] == -(-10240 // MSS)

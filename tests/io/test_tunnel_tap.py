@@ -20,6 +20,7 @@ from udpflannel.io import tunnel_tap
 from udpflannel.io.tunnel_tap import TunnelTap, tap_name
 from udpflannel.lab import kernel_vxlan
 from udpflannel.lab.netns import call_in_netns
+from udpflannel.packet import vnet
 
 A_MAC, K_MAC = bytes.fromhex("025a00000001"), bytes.fromhex("025a00000002")
 MSS = 1398
@@ -67,7 +68,7 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
             tap_mac=tap.mac, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8472, vni=1, our_mac=A_MAC,
             peer_mac=K_MAC,
         )  # fmt: skip
-        prefix = headers.build(len(packet), (1, vt.VNET_GSO_TCPV4, 40, MSS, 20, 16), 32768, 100)
+        prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, MSS, 20, 16), 32768, 100)
         assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
         cap.wait(timeout=10)
         fields = subprocess.run(

@@ -19,23 +19,24 @@ from udpflannel.codec.wire import (
     VXLAN_HEADER,
     VXLAN_HEADER_LEN,
 )
+from udpflannel.io.linux import TUN_VNET_TNL_HDR_LEN
+from udpflannel.packet.vnet import (
+    VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4,
+)
 
-# include/uapi/linux/virtio_net.h
-VNET_TNL_HDR_LEN = 24  # virtio_net_hdr_v1 (12) + hash (8) + outer_th_offset, inner_nh_offset
-VNET_F_NEEDS_CSUM = 0x01
-VNET_F_UDP_TUNNEL_CSUM = 0x08  # the kernel computes every frame's outer UDP checksum
-VNET_GSO_TCPV4 = 0x01
-VNET_GSO_TCPV6 = 0x04
-VNET_GSO_ECN = 0x80
-VNET_GSO_UDP_TUNNEL_IPV4 = 0x20
-_VNET = struct.Struct("<BBHHHHH8xHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
-#                                       num_buffers, (hash), outer_th_offset, inner_nh_offset
+# virtio_net_hdr_v1_hash_tunnel: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers,
+# (hash), outer_th_offset, inner_nh_offset
+_VNET = struct.Struct("<BBHHHHH8xHH")
+assert _VNET.size == TUN_VNET_TNL_HDR_LEN
 
 IPV4_HLEN = 20
 UDP_HLEN = 8
 OUTER_TH = ETH_HEADER_LEN + IPV4_HLEN  # where the outer UDP header starts: 34
 INNER_NH = OUTER_TH + UDP_HLEN + VXLAN_HEADER_LEN + ETH_HEADER_LEN  # where the inner IP packet starts: 64
-PREFIX_LEN = VNET_TNL_HDR_LEN + INNER_NH  # 88 bytes written in front of the inner packet
+PREFIX_LEN = TUN_VNET_TNL_HDR_LEN + INNER_NH  # 88 bytes written in front of the inner packet
 MAX_INNER = 0xFFFF - (INNER_NH - ETH_HEADER_LEN)  # the outer IPv4 total length must fit 16 bits
 # The kernel forwards the frame (TTL - 1): 65 leaves the wire with 64, what a UDP socket sends.
 FORWARD_TTL = 65
@@ -73,7 +74,7 @@ class TunnelHeaders:
         and the peer's underlay IPv4 addresses; our_mac/peer_mac: the VTEP MACs of the inner Ethernet."""
         src, dst = socket.inet_aton(src_ip), socket.inet_aton(dst_ip)
         t = bytearray(PREFIX_LEN)
-        e = VNET_TNL_HDR_LEN
+        e = TUN_VNET_TNL_HDR_LEN
         t[e : e + ETH_HEADER_LEN] = tap_mac + our_mac + struct.pack("!H", ETHERTYPE_IPV4)
         ip = e + ETH_HEADER_LEN
         struct.pack_into(
@@ -99,8 +100,8 @@ class TunnelHeaders:
         _VNET.pack_into(
             out,
             0,
-            flags | VNET_F_UDP_TUNNEL_CSUM,
-            gso_type | VNET_GSO_UDP_TUNNEL_IPV4,
+            flags | VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM,
+            gso_type | VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4,
             hdr_len + INNER_NH,
             gso_size,
             csum_start + INNER_NH,
@@ -109,7 +110,7 @@ class TunnelHeaders:
             OUTER_TH,
             INNER_NH,
         )
-        ip = VNET_TNL_HDR_LEN + ETH_HEADER_LEN
+        ip = TUN_VNET_TNL_HDR_LEN + ETH_HEADER_LEN
         udp_len = inner_len + (INNER_NH - OUTER_TH)
         total = udp_len + IPV4_HLEN
         struct.pack_into("!HH", out, ip + _TOTAL, total, ip_id)
@@ -119,7 +120,7 @@ class TunnelHeaders:
         # which the kernel turns into each frame's checksum (net/ipv4/udp_offload.c).
         struct.pack_into("!H", out, udp, sport)  # (a pad byte in a format would zero the port after it)
         struct.pack_into("!HH", out, udp + 4, udp_len, _fold(self.pseudo + udp_len))
-        if gso_type & ~VNET_GSO_ECN == VNET_GSO_TCPV6:
+        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV6:
             struct.pack_into("!H", out, PREFIX_LEN - 2, ETHERTYPE_IPV6)
         else:
             struct.pack_into("!H", out, PREFIX_LEN - 2, ETHERTYPE_IPV4)

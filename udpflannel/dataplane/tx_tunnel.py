@@ -17,9 +17,15 @@ from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
+from udpflannel.packet.vnet import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+)
 
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
-_TCP = (vt.VNET_GSO_TCPV4, vt.VNET_GSO_TCPV6)
+_TCP = (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6)
 _TCP_DOFF = 12  # the TCP data offset byte
 
 
@@ -60,7 +66,8 @@ class TunnelTx:
         """Row i of `batch` (a superpacket read with virtio header `vnet`) through the TAP; False, having
         sent nothing, when it must take the split path."""
         flags, gso_type, _, gso_size, csum_start, _ = vnet
-        if gso_type & ~vt.VNET_GSO_ECN not in _TCP or not flags & vt.VNET_F_NEEDS_CSUM or gso_size == 0:
+        tcp = gso_type & ~VIRTIO_NET_HDR_GSO_ECN in _TCP
+        if not tcp or not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_size == 0:
             return False
         off = batch.offset
         ln = int(batch.lengths[i])

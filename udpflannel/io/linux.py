@@ -20,6 +20,7 @@ IFF_TAP = 0x0002
 TUNSETVNETHDRSZ = 0x400454D8
 TUN_F_UDP_TUNNEL_GSO = 0x080
 TUN_F_UDP_TUNNEL_GSO_CSUM = 0x100
+TUN_VNET_TNL_HDR_LEN = 24  # its virtio header: virtio_net_hdr_v1 (12), hash (8), two tunnel offsets
 # Link flags and address by ioctl (linux/sockios.h, if.h)
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914

@@ -27,7 +27,6 @@ from udpflannel.io import linux
 log = logging.getLogger(__name__)
 
 SUFFIX = "-tx"
-TNL_VNET_HDR_LEN = 24
 OFFLOAD = (
     linux.TUN_F_CSUM
     | linux.TUN_F_TSO4
@@ -68,7 +67,7 @@ class TunnelTap:
         try:
             flags = linux.IFF_TAP | linux.IFF_NO_PI | linux.IFF_VNET_HDR
             fcntl.ioctl(fd, linux.TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-            fcntl.ioctl(fd, linux.TUNSETVNETHDRSZ, struct.pack("i", TNL_VNET_HDR_LEN))
+            fcntl.ioctl(fd, linux.TUNSETVNETHDRSZ, struct.pack("i", linux.TUN_VNET_TNL_HDR_LEN))
             try:
                 fcntl.ioctl(fd, linux.TUNSETOFFLOAD, OFFLOAD)
             except OSError:

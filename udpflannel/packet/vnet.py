@@ -24,12 +24,14 @@ VNET_HDR_DTYPE = np.dtype(
 
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM = 8  # UDP-tunnel GSO: the outer UDP checksums too (the tunnel TAP)
 
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_UDP = 3  # UFO (IP fragmentation): we never enable it
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_UDP_L4 = 5  # USO
+VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4 = 0x20  # or'ed to the inner type, over an IPv4 outer header (6.17+)
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
