@@ -165,8 +165,8 @@ class Dataplane:
 
     def _open_tap(self) -> None:
         """The tunnel TAP when asked for and possible; why not is logged once (the split path works)."""
-        if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0"):
-            return
+        if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0") or not self._pool:
+            return  # (the TAP's frames take their outer source ports from the pool's sockets)
         self._tap, why = TunnelTap.open(tap_name(self.tun_name))
         if self._tap is None:
             log.info("superpackets are split in userspace: the tunnel TAP is off (%s)", why)
