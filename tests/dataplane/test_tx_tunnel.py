@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_engine import PEER_MAC, Harness
 
-from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.codec import tunnel_gso as tg
 from udpflannel.dataplane import tx_tunnel
 from udpflannel.dataplane.counters import INDEX
 from udpflannel.dataplane.engine import HEADROOM
@@ -27,8 +27,10 @@ PORTS = [32768, 32769, 32770, 32771]
 MSS = 1370
 
 
-def _tcp(payload_len: int = 10240, dst: str = "198.19.2.9") -> bytes:
-    inner = scapy.IP(src="198.19.1.0", dst=dst, flags="DF") / scapy.TCP(sport=4, dport=5, flags="A", seq=1000)
+def _tcp(payload_len: int = 10240, dst: str = "198.19.2.9", ttl: int = 64) -> bytes:
+    inner = scapy.IP(src="198.19.1.0", dst=dst, flags="DF", ttl=ttl) / scapy.TCP(
+        sport=4, dport=5, flags="A", seq=1000
+    )
     return bytes(inner / bytes(i & 0xFF for i in range(payload_len)))
 
 
@@ -47,9 +49,9 @@ def tap(tmp_path):
     os.close(fd)
 
 
-def _harness(tap_fd: int, mtu: int = 1450) -> Harness:
-    h = Harness("vxlan", mtu=mtu)
-    h.engine.use_tunnel(tap_fd, TAP_MAC, "198.18.0.1", PORTS)
+def _harness(tap_fd: int, mtu: int = 1450, encap: str = "vxlan") -> Harness:
+    h = Harness(encap, mtu=mtu)
+    h.engine.use_tunnel(tap_fd, TAP_MAC, "198.18.0.1", PORTS if encap == "vxlan" else [8285])
     return h
 
 
@@ -61,14 +63,14 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
     _send(h, raw, vnet)
     written = path.read_bytes()
     sport = PORTS[h.engine._flow_of(raw[:64])[1] % len(PORTS)]
-    expected = vt.TunnelHeaders.for_peer(
+    expected = tg.TunnelHeaders.for_peer(
         tap_mac=TAP_MAC,
         src_ip="198.18.0.1",
         dst_ip="198.18.0.2",
         dst_port=8472,
-        vni=1,
-        our_mac=bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")),
-        peer_mac=bytes.fromhex(PEER_MAC.replace(":", "")),
+        encap=tg.vxlan_encap(
+            1, bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")), bytes.fromhex(PEER_MAC.replace(":", ""))
+        ),
     ).build(len(raw), vnet, sport, 0)
     assert written == bytes(expected) + raw
     k = -(-10240 // MSS)
@@ -132,3 +134,30 @@ def test_a_refused_write_falls_back_and_a_failed_one_is_counted(tap, monkeypatch
     before = len(h.sent)
     _send(h, _tcp(), (1, TCPV4, 40, MSS, 20, 16))
     assert len(h.sent) == before and h.counters[INDEX["drop_send_error"]] == -(-10240 // MSS)
+
+
+def test_the_udp_format_goes_to_the_tap_with_its_ttl_one_lower(tap):
+    fd, path = tap
+    h = _harness(fd, mtu=1472, encap="udp")
+    raw = _tcp()
+    vnet = (1, TCPV4, 40, MSS, 20, 16)
+    _send(h, raw, vnet)
+    written = path.read_bytes()
+    headers = tg.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8285
+    )
+    assert len(written) == headers.prefix_len + len(raw) and h.sent == []
+    prefix, inner = written[: headers.prefix_len], written[headers.prefix_len :]
+    assert prefix == bytes(headers.build(len(raw), vnet, 8285, 0))
+    # flannel's udp proxy routes like a router: TTL 64 -> 63, nothing else changed (the kernel's
+    # segmentation computes every segment's header checksum)
+    assert inner[8] == 63 and inner[:8] + inner[9:] == raw[:8] + raw[9:]
+    assert h.counters[INDEX["tx_tunnel_writes"]] == 1
+
+
+def test_the_udp_format_answers_an_expiring_ttl_on_the_split_path(tap):
+    fd, path = tap
+    h = _harness(fd, mtu=1472, encap="udp")
+    _send(h, _tcp(ttl=1), (1, TCPV4, 40, MSS, 20, 16))
+    assert path.read_bytes() == b"" and h.counters[INDEX["tx_tunnel_writes"]] == 0
+    assert h.counters[INDEX["icmp_sent"]] >= 1  # time exceeded, as a router answers

@@ -105,7 +105,7 @@ def test_rules_applied_repaired_and_removed(kind: str) -> None:
         '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD' if kind == "iptables" else ""
     )
     assert forward in out["applied"]
-    # the vxlan datapath's tunnel TAP: its forwarded frames are accepted (IPv4 only, as the TAP is)
+    # the datapath's tunnel TAP: its forwarded frames are accepted (IPv4 only, as the TAP is)
     tap = 'iifname "flannel.1-tx" accept' if kind == "nft" else "-A FLANNEL-FWD -i flannel.1-tx -j ACCEPT"
     assert out["applied"].count(tap) == 1
     assert masq4 not in out["damaged"]

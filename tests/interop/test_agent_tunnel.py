@@ -85,12 +85,12 @@ def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
         out = a.exec(sys.executable, "-c", SOURCE, ip_b, "7000", str(20_000_000), "60", timeout=90)
         sent, digest, _, got_n, got_digest = out.split()
         assert sent == got_n and digest == got_digest
-        if kind == "vxlan":
-            # The superpackets went through the tunnel TAP (io/tunnel_tap.py) when this kernel has it; its
-            # frames are forwarded, so FLANNEL-FWD accepts them.
-            has_tap = "flannel.1-tx" in a.exec("ip", "link")
-            assert has_tap is ("-i flannel.1-tx -j ACCEPT" in a.exec("iptables", "-S", "FLANNEL-FWD"))
-            assert has_tap is (tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17))
+        # The superpackets went through the tunnel TAP (io/tunnel_tap.py) when this kernel has it (6.17+);
+        # its frames are forwarded, so FLANNEL-FWD accepts them.
+        tap = "flannel.1-tx" if kind == "vxlan" else "flannel0-tx"
+        has_tap = tap in a.exec("ip", "link")
+        assert has_tap is (f"-i {tap} -j ACCEPT" in a.exec("iptables", "-S", "FLANNEL-FWD"))
+        assert has_tap is (tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17))
         # The agent itself never loads numpy: only its datapath workers do (DESIGN.md, memory budget).
         maps = pathlib.Path(f"/proc/{procs[0].pid}/maps").read_text()
         assert "numpy" not in maps, "the agent process loaded numpy"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.codec import tunnel_gso as tg
 from udpflannel.io import tunnel_tap
 from udpflannel.io.tunnel_tap import TunnelTap, tap_name
 from udpflannel.lab import kernel_vxlan
@@ -64,9 +64,9 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
         cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "udp")
         time.sleep(1)
         packet = _superpacket(46)
-        headers = vt.TunnelHeaders.for_peer(
-            tap_mac=tap.mac, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8472, vni=1, our_mac=A_MAC,
-            peer_mac=K_MAC,
+        headers = tg.TunnelHeaders.for_peer(
+            tap_mac=tap.mac, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8472,
+            encap=tg.vxlan_encap(1, A_MAC, K_MAC),
         )  # fmt: skip
         prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, MSS, 20, 16), 32768, 100)
         assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)

@@ -101,8 +101,8 @@ class Dataplane:
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
     bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
-    # vxlan: TCP superpackets to IPv4 peers leave through a TAP the kernel segments from (io/tunnel_tap.py),
-    # when the kernel has the offload; the agent asks for it only when it keeps the FORWARD chain open.
+    # TCP superpackets to IPv4 peers leave through a TAP the kernel segments from (io/tunnel_tap.py), when
+    # the kernel has the offload; the agent asks for it only when it keeps the FORWARD chain open.
     tx_tunnel: bool = True
     _tap: TunnelTap | None = None
     _tun: TunDevice | None = None
@@ -129,7 +129,7 @@ class Dataplane:
             )
             if self.cfg.encap == "vxlan":
                 self._pool = self._open_pool(socket.AF_INET, self.bind_ip)
-                self._open_tap()
+            self._open_tap()
             if self.bind_ip6 is not None:
                 self._rx6 = open_udp6("::", self.rx_port, recv_slots=RECV_SLOTS)
                 if self.cfg.encap == "vxlan":
@@ -165,8 +165,8 @@ class Dataplane:
 
     def _open_tap(self) -> None:
         """The tunnel TAP when asked for and possible; why not is logged once (the split path works)."""
-        if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0") or not self._pool:
-            return  # (the TAP's frames take their outer source ports from the pool's sockets)
+        if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0"):
+            return
         self._tap, why = TunnelTap.open(tap_name(self.tun_name))
         if self._tap is None:
             log.info("superpackets are split in userspace: the tunnel TAP is off (%s)", why)
@@ -184,7 +184,9 @@ class Dataplane:
         if self._rx is not None:
             out["rx"] = self._rx.offloads
         if self._pool:
-            out["tx"] = self._pool[0].offloads + (["udp_tunnel_tap"] if self._tap is not None else [])
+            out["tx"] = list(self._pool[0].offloads)
+        if self._tap is not None:  # (the udp format sends from its receive socket: no pool)
+            out["tx"] = [*out.get("tx", []), "udp_tunnel_tap"]
         if self._rx6 is not None:
             out["rx6"] = self._rx6.offloads
         return out
@@ -231,7 +233,8 @@ class Dataplane:
                 "fd": self._tap.fd,
                 "mac": self._tap.mac.hex(),
                 "src_ip": self.bind_ip,
-                "ports": [s.address[1] for s in self._pool],
+                # the outer source ports the split path sends from: vxlan's pool, the udp format's own port
+                "ports": [s.address[1] for s in self._pool] or [self._rx.address[1]],
             }
             fds.append(self._tap.fd)
         try:

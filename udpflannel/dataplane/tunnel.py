@@ -51,7 +51,7 @@ class TunnelBackend:
         # vxlan's DirectRouting: peers the kernel reaches with no gateway get a plain route instead.
         self.direct_routing = bool(getattr(config.backend, "direct_routing", False))
         self.direct: PeerRoutes | None = None
-        # vxlan: superpackets through the tunnel TAP, whose frames the kernel forwards. The agent allows it
+        # Superpackets through the tunnel TAP, whose frames the kernel forwards. The agent allows it
         # only when its FORWARD rules are in place to let them through (it adds the TAP to FLANNEL-FWD).
         self.tx_tunnel = bool(getattr(options, "iptables_forward_rules", True))
 

@@ -1,18 +1,19 @@
 """The engine's TX path through the tunnel TAP (io/tunnel_tap.py): a TCP superpacket to a peer over the IPv4
-underlay goes out as one write, codec/vxlan_tunnel.py's 88 bytes of headers and the packet as the TUN gave
-it, and the kernel cuts it into VXLAN frames. Python's work per superpacket is a flow lookup, seven header
-fields and a writev, instead of the split (packet/gso.py) and a UDP_SEGMENT send. Anything else (UDP
-superpackets, a peer over IPv6, segments over the MTU, no peer) answers False and takes the split path.
+underlay goes out as one write, codec/tunnel_gso.py's headers (88 bytes for vxlan, 66 for flannel's udp
+format) and the packet as the TUN gave it, and the kernel cuts it into wire-size frames. Python's work per
+superpacket is a flow lookup, a few header fields and a writev, instead of the split (packet/gso.py) and a
+UDP_SEGMENT send. Anything else (UDP superpackets, a peer over IPv6, segments over the MTU, no peer, a TTL
+the udp format cannot take one from) answers False and takes the split path.
 
-TunnelTx is a mixin of dataplane.engine.Engine and uses its attributes: cfg, mac, table, _flow, _count,
-counters."""
+TunnelTx is a mixin of dataplane.engine.Engine and uses its attributes: cfg, is_vxlan, mac, table, _flow,
+_count, counters."""
 
 from __future__ import annotations
 
 import errno
 import os
 
-from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.codec import tunnel_gso
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
 from udpflannel.packet.batch import PacketBatch
@@ -46,36 +47,43 @@ class TunnelTx:
         """Per peer of the current table, its TunnelHeaders (None: not over the IPv4 underlay)."""
         if self._tap_fd < 0:
             return
-        table = self.table  # type: ignore[attr-defined]
-        self._tunnel = [
-            None
-            if table.outer_v6[i]
-            else vt.TunnelHeaders.for_peer(
-                tap_mac=self._tap_mac,
-                src_ip=self._tunnel_src,
-                dst_ip=ip,
-                dst_port=self.cfg.port,  # type: ignore[attr-defined]
-                vni=self.cfg.vni,  # type: ignore[attr-defined]
-                our_mac=self.mac,  # type: ignore[attr-defined]
-                peer_mac=table.macs[i].tobytes(),
+        table, cfg = self.table, self.cfg  # type: ignore[attr-defined]
+        self._tunnel: list[tunnel_gso.TunnelHeaders | None] = []
+        for i, ip in enumerate(table.public_ips):
+            if table.outer_v6[i]:
+                self._tunnel.append(None)
+                continue
+            encap = (
+                tunnel_gso.vxlan_encap(cfg.vni, self.mac, table.macs[i].tobytes())  # type: ignore[attr-defined]
+                if self.is_vxlan  # type: ignore[attr-defined]
+                else b""  # flannel's udp format: the inner packet right after the UDP header
             )
-            for i, ip in enumerate(table.public_ips)
-        ]
+            self._tunnel.append(
+                tunnel_gso.TunnelHeaders.for_peer(
+                    tap_mac=self._tap_mac, src_ip=self._tunnel_src, dst_ip=ip, dst_port=cfg.port, encap=encap
+                )
+            )
 
-    def send_tunnel(self, batch: PacketBatch, i: int, vnet: tuple[int, int, int, int, int, int]) -> bool:
+    def send_tunnel(
+        self, batch: PacketBatch, i: int, vnet: tuple[int, int, int, int, int, int], ttl_done: bool = False
+    ) -> bool:
         """Row i of `batch` (a superpacket read with virtio header `vnet`) through the TAP; False, having
-        sent nothing, when it must take the split path."""
+        sent nothing, when it must take the split path. ttl_done: udp format, the superpacket's TTL went
+        down already (flannel's udp proxy routes like a router; a TTL that would expire is answered on the
+        split path)."""
         flags, gso_type, _, gso_size, csum_start, _ = vnet
         tcp = gso_type & ~VIRTIO_NET_HDR_GSO_ECN in _TCP
         if not tcp or not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_size == 0:
             return False
+        if not (ttl_done or self.is_vxlan):  # type: ignore[attr-defined]
+            return False
         off = batch.offset
         ln = int(batch.lengths[i])
-        if ln > vt.MAX_INNER or csum_start + _TCP_DOFF >= ln:
+        if csum_start + _TCP_DOFF >= ln:
             return False
         peer, sock_index = self._flow(batch.buf, off, i)  # type: ignore[attr-defined]
         headers = self._tunnel[peer] if peer != NO_PEER else None
-        if headers is None:
+        if headers is None or ln > headers.max_inner:
             return False
         hl = csum_start + (int(batch.buf[i, off + csum_start + _TCP_DOFF]) >> 4) * 4
         if hl + gso_size > self.cfg.mtu or hl >= ln:  # type: ignore[attr-defined]

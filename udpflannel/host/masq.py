@@ -56,7 +56,7 @@ def postrouting_rules(f: Family, fully_random: bool = True) -> list[list[str]]:
 
 
 def forward_rules(f: Family, accept_iif: str | None = None) -> list[list[str]]:
-    """FLANNEL-FWD: the cluster network both ways, and (IPv4) the frames the vxlan datapath hands the kernel
+    """FLANNEL-FWD: the cluster network both ways, and (IPv4) the frames the datapath hands the kernel
     to forward from its tunnel TAP (io/tunnel_tap.py), which carry our own underlay address."""
     rules = [["-s", str(f.network), "-j", "ACCEPT"], ["-d", str(f.network), "-j", "ACCEPT"]]
     if accept_iif and f.version == 4:

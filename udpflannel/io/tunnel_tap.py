@@ -1,8 +1,9 @@
-"""The TX tunnel TAP: each write is one whole TCP superpacket already wrapped in VXLAN, outer UDP, IPv4 and
-Ethernet, behind a virtio header asking for UDP-tunnel GSO (codec/vxlan_tunnel.py). The kernel takes it in
-as a frame from the TAP, forwards it to the peer like a router (route, neighbour, FORWARD chain) and cuts
-it into wire-size VXLAN frames, every inner and outer checksum computed in C. That replaces the userspace
-split of the superpacket (packet/gso.py) and its UDP_SEGMENT send, about half of a sending worker's CPU.
+"""The TX tunnel TAP: each write is one whole TCP superpacket already wrapped for the wire (VXLAN, or
+flannel's udp format) in outer UDP, IPv4 and Ethernet, behind a virtio header asking for UDP-tunnel GSO
+(codec/tunnel_gso.py). The kernel takes it in as a frame from the TAP, forwards it to the peer like a router
+(route, neighbour, FORWARD chain) and cuts it into wire-size frames, every inner and outer checksum computed
+in C. That replaces the userspace split of the superpacket (packet/gso.py) and its UDP_SEGMENT send, about
+half of a sending worker's CPU.
 
 Linux 6.17 added the offload (TUN_F_UDP_TUNNEL_GSO); it needs a TAP, as the kernel checks the offsets
 against an outer Ethernet header. The TAP is not persistent, so it goes when the last fd closes. The frames

@@ -1,4 +1,4 @@
-"""codec/vxlan_tunnel.py: the headers of a UDP-tunnel GSO write, read back by scapy and checked by hand."""
+"""codec/tunnel_gso.py: the headers of a UDP-tunnel GSO write, read back by scapy and checked by hand."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import socket
 import struct
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
-from udpflannel.codec import vxlan_tunnel as vt
+from udpflannel.codec import tunnel_gso as tg
 from udpflannel.io.linux import TUN_VNET_TNL_HDR_LEN
 from udpflannel.packet import vnet
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_ECN as ECN
@@ -25,9 +25,9 @@ SRC, DST = "198.18.0.1", "198.18.0.2"
 TUN_VNET = (1, TCPV4, 52, 1398, 20, 16)
 
 
-def _headers() -> vt.TunnelHeaders:
-    return vt.TunnelHeaders.for_peer(
-        tap_mac=TAP_MAC, src_ip=SRC, dst_ip=DST, dst_port=8472, vni=1, our_mac=OUR_MAC, peer_mac=PEER_MAC
+def _headers() -> tg.TunnelHeaders:
+    return tg.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC, src_ip=SRC, dst_ip=DST, dst_port=8472, encap=tg.vxlan_encap(1, OUR_MAC, PEER_MAC)
     )
 
 
@@ -41,9 +41,10 @@ def _sum16(data: bytes) -> int:
 def test_outer_headers_are_a_vxlan_frame_from_us_to_the_peer():
     inner_len = 20 + 32 + 46 * 1398
     prefix = _headers().build(inner_len, TUN_VNET, 32777, 5)
-    assert len(prefix) == vt.PREFIX_LEN == 88
+    assert len(prefix) == _headers().prefix_len == 88
     frame = Ether(bytes(prefix[TUN_VNET_TNL_HDR_LEN:]) + bytes(64))
-    assert (frame.dst, frame.src) == ("4a:5d:8c:4b:0a:49", "02:5a:00:00:00:01")
+    # addressed to the TAP (so it takes the frame in), from an address one bit off its own
+    assert (frame.dst, frame.src) == ("4a:5d:8c:4b:0a:49", "4a:5d:8c:4b:0a:48")
     ip = frame[IP]
     assert (ip.src, ip.dst, ip.ttl, ip.proto, ip.id, str(ip.flags)) == (SRC, DST, 65, 17, 5, "DF")
     assert ip.len == 20 + 8 + 8 + 14 + inner_len
@@ -77,7 +78,7 @@ def test_virtio_header_asks_for_udp_tunnel_gso_with_outer_checksums():
 )
 def test_inner_ethertype_and_ecn_follow_the_superpacket(gso_type, ethertype):
     prefix = _headers().build(1000, (1, gso_type, 72, 1378, 40, 16), 40000, 0)
-    assert struct.unpack_from("!H", prefix, vt.PREFIX_LEN - 2)[0] == ethertype
+    assert struct.unpack_from("!H", prefix, len(prefix) - 2)[0] == ethertype
     assert prefix[1] == gso_type | vnet.VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4
 
 
@@ -86,3 +87,16 @@ def test_each_build_is_a_fresh_copy_of_the_template():
     a = h.build(1000, TUN_VNET, 40000, 1)
     b = h.build(2000, TUN_VNET, 40001, 2)
     assert a != b and h.template[TUN_VNET_TNL_HDR_LEN + 14 + 2 : TUN_VNET_TNL_HDR_LEN + 14 + 4] == b"\0\0"
+
+
+def test_the_udp_format_puts_the_inner_packet_right_after_the_udp_header():
+    h = tg.TunnelHeaders.for_peer(tap_mac=TAP_MAC, src_ip=SRC, dst_ip=DST, dst_port=8285)
+    assert (h.prefix_len, h.inner_nh, h.max_inner) == (66, 42, 0xFFFF - 28)
+    inner = bytes(IP(src="198.19.1.0", dst="198.19.2.9", ttl=63) / TCP() / bytes(100))
+    prefix = h.build(len(inner), TUN_VNET, 8285, 9)
+    frame = Ether(bytes(prefix[TUN_VNET_TNL_HDR_LEN:]) + inner)
+    assert (frame[UDP].sport, frame[UDP].dport, frame[UDP].len) == (8285, 8285, 8 + len(inner))
+    assert frame[IP].len == 28 + len(inner)
+    assert IP(bytes(frame[UDP].payload)).dst == "198.19.2.9"  # (scapy does not know port 8285)
+    _, _, hdr_len, _, csum_start, _ = struct.unpack_from("<BBHHHH", prefix)
+    assert (hdr_len, csum_start, struct.unpack_from("<HH", prefix, 20)) == (52 + 42, 20 + 42, (34, 42))
