@@ -15,6 +15,7 @@ from contextlib import ExitStack
 
 import pytest
 from agent_run import env_file
+from tunnel_lab import KERNEL_TUNNEL_TAP
 
 from udpflannel.lab.netns import Lab
 from udpflannel.lab.transfer import SINK, SOURCE
@@ -90,7 +91,7 @@ def test_two_agents_find_each_other_and_carry_traffic(kind, mtu):
         tap = "flannel.1-tx" if kind == "vxlan" else "flannel0-tx"
         has_tap = tap in a.exec("ip", "link")
         assert has_tap is (f"-i {tap} -j ACCEPT" in a.exec("iptables", "-S", "FLANNEL-FWD"))
-        assert has_tap is (tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17))
+        assert has_tap is KERNEL_TUNNEL_TAP
         # The agent itself never loads numpy: only its datapath workers do (DESIGN.md, memory budget).
         maps = pathlib.Path(f"/proc/{procs[0].pid}/maps").read_text()
         assert "numpy" not in maps, "the agent process loaded numpy"

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from tunnel_lab import TunnelLab, ping, transfer
+from tunnel_lab import KERNEL_TUNNEL_TAP, TunnelLab, ping, transfer
 
 from udpflannel.lab.transfer import reordering_seen
 
@@ -32,9 +32,6 @@ def _no_drops(stats: dict[str, int], *allowed: str) -> None:
     allowed = (*allowed, "drop_not_unicast")
     bad = {k: v for k, v in stats.items() if k.startswith("drop_") and v and k not in allowed}
     assert not bad, bad
-
-
-KERNEL_TUNNEL_TAP = tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17)  # UDP-tunnel GSO on TAPs
 
 
 @pytest.mark.parametrize("kind", ["vxlan", "udp"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import tempfile
@@ -18,6 +19,8 @@ from udpflannel.lab.transfer import checked_transfer, read_json_line
 NETWORK = "198.19.0.0/16"
 NETWORK6 = "fd00:198:19::/48"
 VNI = 1
+# Linux 6.17 gave TAP devices UDP-tunnel GSO: there the datapath sends superpackets through its tunnel TAP.
+KERNEL_TUNNEL_TAP = tuple(map(int, os.uname().release.split(".")[:2])) >= (6, 17)
 
 
 @dataclass

@@ -34,8 +34,9 @@ class SuperpacketTx:
         them to the tunnel TAP (dataplane/tx_tunnel.py), row by row in the order read."""
         if self._tap_fd >= 0:
             for i in gso_list:
-                if not self.send_tunnel(batch, i, hd[i], ttl_done.get(i, False)):
-                    self._split_one(batch, i, hd[i], ttl_done.get(i, False))
+                ttl = ttl_done.get(i, False)
+                if not self.send_tunnel(batch, i, hd[i], ttl):
+                    self._split_one(batch, i, hd[i], ttl)
             return
         if len(gso_list) >= SPLIT_MANY_MIN and min(hd[i][3] for i in gso_list) >= PACKED_MIN_SEGMENT:
             # Several superpackets (the sender is behind): split together when they share a shape.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import socket
 import struct
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from udpflannel.io import linux
-
-log = logging.getLogger(__name__)
 
 SUFFIX = "-tx"
 OFFLOAD = (
@@ -84,9 +81,6 @@ class TunnelTap:
             os.close(fd)
             return None, f"cannot set up TAP {name}: {exc.strerror or exc}"
         return cls(name, fd, mac), ""
-
-    def fileno(self) -> int:
-        return self.fd
 
     def close(self) -> None:
         if self.fd >= 0:
