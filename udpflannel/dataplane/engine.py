@@ -376,16 +376,32 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         clean run of one flow's segments from a peer goes through process_rx alone, in arrival order."""
         merged = self._merge_trains(ts)
         writes = merged.writes if merged is not None else [None] * len(ts.counts)
-        for j, write in enumerate(writes):
+        head = self.head
+        seg = ts.rows.shape[2] - head
+        # Whole superpackets in a row (nothing held before them, none to hold) are written as one batch
+        # and counted once; anything else goes train by train, in arrival order.
+        ready: list[tuple[memoryview]] = []
+        packets = nbytes = 0
+        for j, (write, k, last) in enumerate(zip(writes, ts.counts.tolist(), ts.lasts.tolist(), strict=True)):
+            if write is not None and self._held is None and not self.may_go_on(write):
+                ready.append((write,))
+                packets += k
+                nbytes += last - head + (k - 1) * seg
+                continue
+            if ready:
+                self._count("rx_batches", len(ready))
+                self._deliver(ready, packets, nbytes)
+                ready, packets, nbytes = [], 0, 0
             if write is None:
                 self.receive_train(ts.train(j))
                 continue
             self._count("rx_batches")
-            k = int(ts.counts[j])
-            inner_bytes = int(ts.lasts[j]) - self.head + (k - 1) * (ts.rows.shape[2] - self.head)
             # The next train may be the rest of its superpacket; `write` lies in the output arena, which
             # the next train set reuses.
-            self.deliver_run(write, k, inner_bytes, owned=False)
+            self.deliver_run(write, k, last - head + (k - 1) * seg, owned=False)
+        if ready:
+            self._count("rx_batches", len(ready))
+            self._deliver(ready, packets, nbytes)
 
     def _merge_trains(self, ts: TrainSet) -> MergedTrains | None:
         """The outer checks (VXLAN and inner Ethernet headers, peer source) of every train, then

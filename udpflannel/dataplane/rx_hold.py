@@ -131,13 +131,19 @@ class HeldRun:
         self._count("rx_joined_runs")  # type: ignore[attr-defined]
         return joined, held_packets + packets, held_bytes + nbytes
 
+    def may_go_on(self, run: memoryview) -> bool:
+        """A run to hold for its rest (when runs may be held): its last segment is full-size and 64 KiB
+        leave room for another."""
+        if not self._may_hold:
+            return False
+        _, _, hl, gso, _, _ = VNET_HDR_STRUCT.unpack_from(run, 0)
+        paid = len(run) - VNET_HDR_LEN - hl
+        return bool(gso) and paid % gso == 0 and len(run) - VNET_HDR_LEN + gso <= h.IP_MAXPACKET
+
     def _hold_or_write(self, run: memoryview, packets: int, nbytes: int, *, owned: bool = True) -> None:
-        if self._may_hold:
-            _, _, hl, gso, _, _ = VNET_HDR_STRUCT.unpack_from(run, 0)
-            paid = len(run) - VNET_HDR_LEN - hl
-            if gso and paid % gso == 0 and len(run) - VNET_HDR_LEN + gso <= h.IP_MAXPACKET:
-                if not owned:
-                    run = memoryview(np.frombuffer(run, np.uint8).copy())
-                self._held = (run, packets, nbytes)
-                return
+        if self.may_go_on(run):
+            if not owned:
+                run = memoryview(np.frombuffer(run, np.uint8).copy())
+            self._held = (run, packets, nbytes)
+            return
         self._deliver([(run,)], packets, nbytes)  # type: ignore[attr-defined]
