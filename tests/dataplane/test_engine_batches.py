@@ -98,14 +98,16 @@ def received(trains: list[list[bytes]], src: str = "198.18.0.2") -> tuple[UdpSoc
 
 
 def vxlan_train(seq: int, size: int, flaw: str = "", mss: int = MSS) -> list[bytes]:
-    """A superpacket's VXLAN datagrams; flaw: "l4" flips a payload bit of datagram 1, "vni" gives it
-    VNI 2, "src-mac" another inner source MAC (which the receive does not judge)."""
+    """A superpacket's VXLAN datagrams; flaw: "l4" flips a payload bit of datagram 1, "last-l4" one of
+    the last datagram, "vni" gives datagram 1 VNI 2, "src-mac" another inner source MAC (which the receive
+    does not judge)."""
     raw = superpacket(seq, size)
     segs = reference.split(raw, VnetHdr(1, 1, 40, mss, 20, 16))
-    if flaw == "l4":
-        bad = bytearray(segs[1])
+    if flaw in ("l4", "last-l4"):
+        at = 1 if flaw == "l4" else len(segs) - 1
+        bad = bytearray(segs[at])
         bad[-1] ^= 1
-        segs[1] = bytes(bad)
+        segs[at] = bytes(bad)
     out = [vxlan.encode_vxlan(s, 1, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC)) for s in segs]
     if flaw == "vni":
         out[1] = vxlan.encode_vxlan(segs[1], 2, vxlan.parse_mac(PEER_MAC), vxlan.parse_mac(OUR_MAC))
@@ -115,7 +117,7 @@ def vxlan_train(seq: int, size: int, flaw: str = "", mss: int = MSS) -> list[byt
     return out
 
 
-@pytest.mark.parametrize("flaw", ["", "l4", "vni", "src-mac"])
+@pytest.mark.parametrize("flaw", ["", "l4", "last-l4", "vni", "src-mac"])
 def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: str):
     """A flawed datagram in the middle train keeps that train out of the set's merge; it is judged alone,
     and everything written and counted is what one train at a time gives."""
@@ -126,6 +128,9 @@ def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: str):
     sock, _ = received(trains)
     recs = sock.recv_trains(sets=True)
     assert len(recs) == 1 and isinstance(recs[0], TrainSet)
+    ts = recs[0]
+    for j, (k, last) in enumerate(zip(ts.counts, ts.lasts, strict=True)):
+        assert not ts.rows[j, k - 1, last:].any()  # zero past the train's end: its checksum sums the row
     together.engine.rx = sock
     assert together.engine.rx_once() == sum(len(t) for t in trains)
     for t in trains:
@@ -136,7 +141,7 @@ def test_trains_of_one_receive_are_written_as_one_at_a_time(flaw: str):
     # A dropped datagram splits its train: the rows before it, then the rest.
     assert len(together.tun.written) == (4 if flaw in ("l4", "vni") else 3)
     names = [DROP_NAMES[DropReason.BAD_L4_CHECKSUM], DROP_NAMES[DropReason.BAD_VNI]]
-    assert [together.counters[INDEX[d]] for d in names] == [flaw == "l4", flaw == "vni"]
+    assert [together.counters[INDEX[d]] for d in names] == [flaw in ("l4", "last-l4"), flaw == "vni"]
     for name in ("rx_packets", "rx_bytes", "rx_coalesced_writes", *names):
         assert together.counters[INDEX[name]] == alone.counters[INDEX[name]], name
 

@@ -24,12 +24,14 @@ INNER = 22  # as behind a VXLAN + Ethernet header
 
 def lay_out(trains: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Receive slots holding each train's datagrams end to end (an INNER-byte prefix before every
-    packet), as recvmmsg with UDP_GRO leaves them; then the [m, K, s] view, counts and last lengths."""
+    packet), as recvmmsg with UDP_GRO leaves them (and UdpReceiver's train sets: each last row zero past
+    its datagram); then the [m, K, s] view, counts and last lengths."""
     slots = np.random.default_rng(7).integers(0, 256, (len(trains), SLOT), np.uint8)  # stale bytes
     s = INNER + len(trains[0][0])
     for j, segs in enumerate(trains):
         raw = b"".join(bytes(range(INNER)) + seg for seg in segs)
         slots[j, : len(raw)] = np.frombuffer(raw, np.uint8)
+        slots[j, len(raw) : len(segs) * s] = 0  # the last row past its datagram, as train sets leave it
     counts = np.array([len(t) for t in trains], np.int64)
     lasts = np.array([INNER + len(t[-1]) for t in trains], np.int64)
     big = int(counts.max())

@@ -56,7 +56,8 @@ class Received:
 class TrainSet:
     """Consecutive UDP_GRO trains of one segment size s from one recvmmsg: train j's datagrams are
     rows[j, :counts[j]] of a [m, K, s] view (rows past counts[j] are stale bytes), its last datagram
-    lasts[j] bytes long, from src_addr[j]. train(j) gives train j alone, as recv_trains would."""
+    lasts[j] bytes long and its row zero past that, from src_addr[j]. train(j) gives train j alone, as
+    recv_trains would."""
 
     rows: np.ndarray
     counts: np.ndarray
@@ -232,6 +233,9 @@ class UdpReceiver:
         src = arena.names[j0 : j0 + step * (len(run) - 1) + 1 : step, aoff : aoff + alen]
         self.stats.received += int(counts.sum())
         lasts = np.array([t - (k - 1) * s for _, k, s, t in run], np.int64)
+        data = arena.data
+        for j, k, _, t in run:
+            data[j, t : k * s] = 0  # the last row past its datagram: checksums sum whole rows
         views = [(arena, j, k, s, t) for j, k, s, t in run]
         return TrainSet(rows, counts, lasts, src, self.family, views, self)
 

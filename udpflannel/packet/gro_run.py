@@ -181,6 +181,11 @@ def last_row_flags(p0: bytes, pn: bytes, prefix: int, hl: int, v6: bool, final: 
     return None
 
 
+def ipv4_header_ok(b: bytes, at: int = 0) -> bool:
+    """RFC 791: the IPv4 header (no options) at b[at:] sums to 0 mod 0xFFFF, its checksum included."""
+    return sum(_IP4.unpack_from(b, at)) % M == 0
+
+
 def pseudo_fix(f0: bytes, v6: bool) -> int:
     """What turns the sum of a whole IP packet of this flow (`f0`: its headers) into the sum of its TCP
     pseudo-header and segment, less the IPv4 total length (the caller adds each packet's). IPv4: its header

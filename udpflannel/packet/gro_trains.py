@@ -1,7 +1,9 @@
 """GRO over several UDP_GRO trains at once: when the receiver falls behind, one recvmmsg returns many trains
 (each a sender's split superpacket), and checking them together costs the array operations of one train
 instead of those of each. Trains arrive as a [m, K, s] view of the receive slots (train j's datagrams are
-rows 0..counts[j]-1 of slab j; rows past that are stale bytes and are masked out).
+rows 0..counts[j]-1 of slab j; rows past that are stale bytes and are masked out). The last row of each
+train is zero past its datagram's end (io.udp_recv's train sets are so), so its checksum is summed with
+the others'.
 
 A train qualifies when it is what gro_run.coalesce_run merges: every datagram but the last a full-size
 copy of row 0's flow (one masked xor over all trains), the last of the same flow with ACK or ACK|PSH
@@ -20,10 +22,10 @@ from udpflannel.packet import headers as h
 from udpflannel.packet.checksum import M
 from udpflannel.packet.gro_run import (
     finish_superpacket,
+    ipv4_header_ok,
     last_row_flags,
     pseudo_fix,
     row_mask,
-    row_sum_ok,
     tcp_head,
 )
 from udpflannel.packet.vnet import VNET_HDR_LEN
@@ -60,12 +62,13 @@ def coalesce_trains(
 ) -> MergedTrains | None:
     """rows: uint8 [m, K, s], datagram i of train j at rows[j, i]; the inner IP packet of each starts at
     column `inner` and is full_len bytes long (default s - inner: datagrams end to end), but the last of
-    each train, which ends at column lasts[j]. out: an out_arena with >= m rows, whose rows the returned
-    writes view (valid until the next call). None when the trains are not all TCP of one IP version and
-    header length (the caller then takes them one by one). same_prefix: every datagram of a train must
-    also repeat its row 0's `inner` bytes before the packet (a VXLAN and inner Ethernet header, which the
-    caller then checks in row 0 alone); otherwise they are not looked at."""
-    m, K, s = rows.shape
+    each train, which ends at column lasts[j] and is zero from there to column inner + full_len (the
+    caller's to ensure, as UdpReceiver's train sets do). out: an out_arena with >= m rows, whose rows the
+    returned writes view (valid until the next call). None when the trains are not all TCP of one IP
+    version and header length (the caller then takes them one by one). same_prefix: every datagram of a
+    train must also repeat its row 0's `inner` bytes before the packet (a VXLAN and inner Ethernet header,
+    which the caller then checks in row 0 alone); otherwise they are not looked at."""
+    m, _, s = rows.shape
     full_len = s - inner if full_len is None else full_len
     width = min(s - inner, _HEAD)
     pre = inner if same_prefix else 0  # the prefix bytes held to row 0's, in front of each packet
@@ -81,8 +84,9 @@ def coalesce_trains(
     if full_len <= hl or hl > width or min(lasts_l) <= inner + hl or doff < 5:
         return None
     # Per train, from its first datagram (plain Python: a few trains, a few fields): one flow of TCP, its
-    # row 0 full-size with exactly ACK, its last datagram the same flow (and prefix).
-    fixes, last_flags, ok_l = [], [], []
+    # row 0 full-size with exactly ACK and a sound IPv4 header, its last datagram the same flow (and
+    # prefix) with a sound IPv4 header of its own length.
+    fixes, last_fixes, last_flags, ok_l = [], [], [], []
     gso = full_len - hl
     for j, (k, t) in enumerate(zip(counts_l, lasts_l, strict=True)):
         p0 = heads[j * step : (j + 1) * step]
@@ -94,11 +98,15 @@ def coalesce_trains(
         fix = pseudo_fix(f, v6)
         fixes.append(fix if v6 else fix + full_len)
         final = t - inner
-        flags = (
-            last_row_flags(p0, rows[j, k - 1, start : inner + hl].tobytes(), pre, hl, v6, final)
-            if k > 1
-            else None
-        )
+        # The last row's checksum is summed with the others (its bytes past `final` are zero): IPv4 puts
+        # its own length in its pseudo-header.
+        last_fixes.append(0 if v6 else (final - full_len) % M)
+        flags = None
+        if k > 1:
+            pn = rows[j, k - 1, start : inner + hl].tobytes()
+            flags = last_row_flags(p0, pn, pre, hl, v6, final)
+            if not v6 and not (ipv4_header_ok(f) and ipv4_header_ok(pn, pre)):
+                flags = None
         last_flags.append(flags or 0)
         ok_l.append(
             flags is not None
@@ -106,9 +114,7 @@ def coalesce_trains(
             and f[l3 + h.TCP_FLAGS] == _ACK
             and final <= full_len
             and (k - 1) * gso + final <= h.IP_MAXPACKET  # the merged packet's length
-            and row_sum_ok(rows[j, k - 1, inner:], final, fix if v6 else fix + final)
         )
-    full_rows = np.arange(K) < (counts - 1)[:, None]  # [m, K]: rows that must be full-size copies of row 0
     # Every full row: row 0's words where the mask looks (prefix, length, flags and options included).
     words = rows[:, :, start : inner + hl].view(np.uint16)
     bad = ((words ^ words[:, :1]) & row_mask(pre, v6, hl)).any(axis=2)
@@ -117,18 +123,27 @@ def coalesce_trains(
     at = inner + l3 + h.TCP_SEQ
     seq = rows[:, :, at : at + 4].view(">u4")[:, :, 0].astype(np.uint32)
     bad[:, :-1] |= (seq[:, 1:] - seq[:, :-1]) != gso
-    # TCP checksums of the full rows (the last ones were checked above), as gro_run._checksums_ok does.
+    # TCP checksums of every row, as gro_run._checksums_ok does (the last rows' too: past their end the
+    # caller left zeros).
     even = full_len & ~1
     sums = rows[:, :, inner : inner + even].view("<u2").sum(axis=2, dtype=np.uint32)
     if full_len & 1:
         sums += rows[:, :, inner + even]
     sums += np.array(fixes, np.uint32)[:, None] * 256
-    bad |= np.remainder(sums, M, out=sums) != 0
-    bad &= full_rows
-    if not v6:  # RFC 791: every header (the last rows' too) sums to 0 mod 0xFFFF
-        ip = rows[:, :, inner : inner + h.IPV4_MIN_HLEN].view("<u2").sum(axis=2, dtype=np.uint32)
-        bad |= (np.remainder(ip, M, out=ip) != 0) & (np.arange(K) < counts[:, None])
-    ok = ~bad.any(axis=1) & np.array(ok_l)
+    trains, last_rows = np.arange(m), counts - 1
+    if not v6:
+        sums[trains, last_rows] += np.array(last_fixes, np.uint32) * 256
+    sum_bad = np.remainder(sums, M, out=sums) != 0
+    bad |= sum_bad
+    if not v6:
+        # RFC 791 for the full rows: each repeats row 0's header but for id and checksum (the mask above),
+        # so it sums to 0 mod 0xFFFF exactly when its id + checksum equals row 0's (mod 0xFFFF).
+        cols = rows[:, :, inner : inner + h.IPV4_MIN_HLEN].view("<u2")
+        idc = np.add(cols[:, :, h.IPV4_ID // 2], cols[:, :, h.IPV4_CSUM // 2], dtype=np.int32)
+        bad |= (idc - idc[:, :1]) % M != 0
+    for j, k in enumerate(counts_l):
+        bad[j, k - 1 :] = False  # the last row was judged above, rows past it are stale bytes
+    ok = ~bad.any(axis=1) & np.array(ok_l) & ~sum_bad[trains, last_rows]
     if not ok.any():
         return MergedTrains(ok, [None] * m)
     total = [(k - 1) * gso + t - inner for k, t in zip(counts_l, lasts_l, strict=True)]
