@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
@@ -100,3 +101,31 @@ def test_the_udp_format_puts_the_inner_packet_right_after_the_udp_header():
     assert IP(bytes(frame[UDP].payload)).dst == "198.19.2.9"  # (scapy does not know port 8285)
     _, _, hdr_len, _, csum_start, _ = struct.unpack_from("<BBHHHH", prefix)
     assert (hdr_len, csum_start, struct.unpack_from("<HH", prefix, 20)) == (52 + 42, 20 + 42, (34, 42))
+
+
+def test_to_a_peer_over_ipv6_the_outer_header_is_ipv6():
+    """flannel-v6.1's frames: outer IPv6 (hop limit 65, one less on the wire), the UDP checksum field the
+    IPv6 pseudo-header sum, the virtio header's outer type and offsets for a 40-byte header."""
+    src6, dst6 = "fd00:198::1", "fd00:198::2"
+    h = tg.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC, src_ip=src6, dst_ip=dst6, dst_port=8472, encap=tg.vxlan_encap(1, OUR_MAC, PEER_MAC)
+    )
+    assert (h.prefix_len, h.inner_nh, h.max_inner) == (108, 84, 0xFFFF - 30)
+    inner_len = 40 + 32 + 46 * 1378
+    v6_tun = (1, TCPV6, 72, 1378, 40, 16)
+    prefix = h.build(inner_len, v6_tun, 32800, 7)
+    flags, gso_type, hdr_len, gso_size, csum_start, _ = struct.unpack_from("<BBHHHH", prefix)
+    assert flags == vnet.VIRTIO_NET_HDR_F_NEEDS_CSUM | vnet.VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM
+    assert gso_type == TCPV6 | vnet.VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6
+    assert (hdr_len, gso_size, csum_start) == (72 + 84, 1378, 40 + 84)
+    assert struct.unpack_from("<HH", prefix, 20) == (54, 84)
+    frame = Ether(bytes(prefix[TUN_VNET_TNL_HDR_LEN:]) + bytes(64))
+    assert frame.type == 0x86DD
+    ip6 = frame[IPv6]
+    assert (ip6.src, ip6.dst, ip6.nh, ip6.hlim, ip6.plen) == (src6, dst6, 17, 65, 8 + 8 + 14 + inner_len)
+    udp = frame[UDP]
+    assert (udp.sport, udp.dport, udp.len) == (32800, 8472, ip6.plen)
+    pseudo = socket.inet_pton(socket.AF_INET6, src6) + socket.inet_pton(socket.AF_INET6, dst6)
+    assert udp.chksum == _sum16(pseudo + struct.pack("!IHH", udp.len, 0, 17))
+    vx = frame[VXLAN]
+    assert vx.vni == 1 and vx.payload.type == 0x86DD  # the inner packet is IPv6 too

@@ -32,6 +32,7 @@ VIRTIO_NET_HDR_GSO_UDP = 3  # UFO (IP fragmentation): we never enable it
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_UDP_L4 = 5  # USO
 VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4 = 0x20  # or'ed to the inner type, over an IPv4 outer header (6.17+)
+VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6 = 0x40  # the same over an IPv6 outer header
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
