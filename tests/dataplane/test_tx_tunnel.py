@@ -108,12 +108,33 @@ def test_what_the_tap_does_not_take_keeps_the_split_path(tap, case, vnet, mtu):
         assert h.sent  # split and sent through the sockets
 
 
-def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path(tap):
+def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path_unless_the_tap_forwards_ipv6(tap):
     fd, path = tap
     h = _harness(fd)
     h.engine.set_peers([Peer("198.19.2.0/24", "fd00:198::2", PEER_MAC)])
     _send(h, _tcp(), (1, TCPV4, 40, MSS, 20, 16))
     assert path.read_bytes() == b"" and h.sent and h.sent[0][1][0] == "fd00:198::2"
+    # With our IPv6 underlay address (and the IPv6 pool's ports): one write with an IPv6 outer header.
+    h = Harness("vxlan", mtu=1430)
+    ports6 = [33000, 33001, 33002, 33003]
+    h.engine.use_tunnel(fd, TAP_MAC, "198.18.0.1", PORTS, src_ip6="fd00:198::1", ports6=ports6)
+    h.engine.set_peers([Peer("198.19.2.0/24", "fd00:198::2", PEER_MAC)])
+    raw = _tcp()
+    vnet = (1, TCPV4, 40, MSS, 20, 16)
+    _send(h, raw, vnet)
+    written = path.read_bytes()
+    headers = tg.TunnelHeaders.for_peer(
+        tap_mac=TAP_MAC,
+        src_ip="fd00:198::1",
+        dst_ip="fd00:198::2",
+        dst_port=8472,
+        encap=tg.vxlan_encap(
+            1, bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")), bytes.fromhex(PEER_MAC.replace(":", ""))
+        ),
+    )
+    sport = ports6[h.engine._flow_of(raw[:64])[1] % len(ports6)]
+    assert headers.outer_v6 and written == bytes(headers.build(len(raw), vnet, sport, 0)) + raw
+    assert h.sent == [] and h.counters[INDEX["tx_tunnel_writes"]] == 1
 
 
 def test_a_refused_write_falls_back_and_a_failed_one_is_counted(tap, monkeypatch):

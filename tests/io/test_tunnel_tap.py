@@ -34,10 +34,10 @@ def _sum16(data: bytes) -> int:
     return s
 
 
-def _superpacket(segments: int) -> bytes:
+def _superpacket(segments: int, mss: int = MSS) -> bytes:
     """A TCP superpacket 198.19.1.0 -> 198.19.2.0 as the TUN hands it out: the TCP checksum field holds
     the pseudo-header sum (NEEDS_CSUM), the payload a counting pattern."""
-    payload = bytes(i & 0xFF for i in range(MSS * segments - 100))
+    payload = bytes(i & 0xFF for i in range(mss * segments - 100))
     src, dst = socket.inet_aton("198.19.1.0"), socket.inet_aton("198.19.2.0")
     total = 20 + 20 + len(payload)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 7, 0x4000, 64, 6, 0, src, dst)
@@ -94,6 +94,60 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
     finally:
         tap.close()
     assert tap_name("flannel.1") not in a.exec("ip", "link")  # not persistent: gone with its fd
+
+
+def test_over_an_ipv6_underlay_the_frames_are_ipv6_and_a_kernel_peer_takes_them(lab, tmp_path):
+    """A dual-stack node's peer over IPv6 (flannel-v6.1, MTU 1430): the TAP forwards the superpacket with
+    its IPv6 outer header (net.ipv6.conf.all.forwarding=1, as on a Kubernetes node) as checksummed
+    frames, hop limit 64, which the kernel peer takes in; with IPv6 forwarding off it says why."""
+    if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
+        pytest.skip("needs tcpdump and tshark")
+    a, k = lab.netns("t6a"), lab.netns("t6k")
+    lab.veth(a, k, "198.18.0.1/16", "198.18.0.2/16")
+    a.exec("ip", "addr", "add", "fd00:198::1/64", "dev", "eth0", "nodad")
+    k.exec("ip", "addr", "add", "fd00:198::2/64", "dev", "eth0", "nodad")
+    kernel_vxlan.add_device(k, mac="02:5a:00:00:00:02", local="fd00:198::2", address="198.19.2.0/32",
+                            name=kernel_vxlan.DEVICE_V6, mtu=1430)  # fmt: skip
+    a.exec("sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
+    tap, _ = call_in_netns(a.name, lambda: TunnelTap.open("f6-tx", ipv6=True))
+    if tap is None:
+        pytest.skip("tunnel TAP unavailable here")
+    assert not tap.ipv6 and "forwarding=0" in tap.why_not_ipv6
+    tap.close()
+    a.exec("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    tap, _ = call_in_netns(a.name, lambda: TunnelTap.open("f6-tx", ipv6=True))
+    assert tap is not None and tap.ipv6
+    try:
+        assert "inet6" not in a.exec("ip", "-6", "addr", "show", "dev", "f6-tx")  # it sends nothing itself
+        a.exec("ping", "-6", "-c", "1", "-W", "2", "fd00:198::2")  # the neighbour, known before the write
+        pcap_path = str(tmp_path / "tap6.pcap")
+        cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "ip6 and udp")
+        time.sleep(1)
+        mss = MSS - 20  # the IPv6 outer header is 20 bytes longer
+        packet = _superpacket(46, mss)
+        headers = tg.TunnelHeaders.for_peer(
+            tap_mac=tap.mac, src_ip="fd00:198::1", dst_ip="fd00:198::2", dst_port=8472,
+            encap=tg.vxlan_encap(1, A_MAC, K_MAC),
+        )  # fmt: skip
+        prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, mss, 20, 16), 32768, 0)
+        assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
+        cap.wait(timeout=10)
+        fields = subprocess.run(
+            ["tshark", "-r", pcap_path, "-d", "udp.port==8472,vxlan", "-o", "udp.check_checksum:TRUE",
+             "-o", "tcp.check_checksum:TRUE", "-T", "fields", "-e", "frame.len", "-e", "udp.checksum.status",
+             "-e", "tcp.checksum.status", "-e", "vxlan.vni", "-e", "ipv6.hlim", "-e", "ipv6.src"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.split("\n")  # fmt: skip
+        rows = [line.split("\t") for line in fields if line.strip()]
+        assert len(rows) == 46
+        for length, *status in rows:
+            assert int(length) <= 1514 and status == ["1", "1", "1", "64", "fd00:198::1"]
+        nstat = k.exec("nstat", "-az", "Udp6InCsumErrors").split()
+        assert nstat[nstat.index("Udp6InCsumErrors") + 1] == "0"
+        (link,) = json.loads(k.exec("ip", "-s", "-j", "link", "show", kernel_vxlan.DEVICE_V6))
+        assert link["stats64"]["rx"]["bytes"] >= len(packet)
+    finally:
+        tap.close()
 
 
 def test_the_path_stays_off_when_turned_off_or_filtered(monkeypatch, tmp_path):

@@ -101,8 +101,8 @@ class Dataplane:
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
     bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
-    # TCP superpackets to IPv4 peers leave through a TAP the kernel segments from (io/tunnel_tap.py), when
-    # the kernel has the offload; the agent asks for it only when it keeps the FORWARD chain open.
+    # TCP superpackets leave through a TAP the kernel segments from (io/tunnel_tap.py), when the kernel has
+    # the offload; the agent asks for it only when it keeps the FORWARD chain open.
     tx_tunnel: bool = True
     _tap: TunnelTap | None = None
     _tun: TunDevice | None = None
@@ -167,9 +167,17 @@ class Dataplane:
         """The tunnel TAP when asked for and possible; why not is logged once (the split path works)."""
         if not self.tx_tunnel or self.bind_ip in ("", "0.0.0.0"):
             return
-        self._tap, why = TunnelTap.open(tap_name(self.tun_name))
+        self._tap, why = TunnelTap.open(tap_name(self.tun_name), ipv6=self._tap_src6 is not None)
         if self._tap is None:
             log.info("superpackets are split in userspace: the tunnel TAP is off (%s)", why)
+        elif self._tap_src6 is not None and not self._tap.ipv6:
+            log.info("superpackets to IPv6 peers are split in userspace: %s", self._tap.why_not_ipv6)
+
+    @property
+    def _tap_src6(self) -> str | None:
+        """Our IPv6 underlay address, the source of the TAP's frames to IPv6 peers (None: no such peers,
+        or no single address to send from)."""
+        return self.bind_ip6 if self.bind_ip6 not in (None, "", "::") else None
 
     @property
     def tunnel_iif(self) -> str | None:
@@ -189,6 +197,8 @@ class Dataplane:
             out["tx"] = [*out.get("tx", []), "udp_tunnel_tap"]
         if self._rx6 is not None:
             out["rx6"] = self._rx6.offloads
+        if self._tap is not None and self._tap.ipv6 and self._tap_src6 is not None:
+            out["tx6"] = ["udp_tunnel_tap"]
         return out
 
     def _spawn(self, index: int, role: str) -> _Worker:
@@ -235,6 +245,8 @@ class Dataplane:
                 "src_ip": self.bind_ip,
                 # the outer source ports the split path sends from: vxlan's pool, the udp format's own port
                 "ports": [s.address[1] for s in self._pool] or [self._rx.address[1]],
+                "src_ip6": self._tap_src6 if self._tap.ipv6 else None,
+                "ports6": [s.address[1] for s in self._pool6],
             }
             fds.append(self._tap.fd)
         try:

@@ -1,9 +1,10 @@
-"""The engine's TX path through the tunnel TAP (io/tunnel_tap.py): a TCP superpacket to a peer over the IPv4
-underlay goes out as one write, codec/tunnel_gso.py's headers (88 bytes for vxlan, 66 for flannel's udp
+"""The engine's TX path through the tunnel TAP (io/tunnel_tap.py): a TCP superpacket to a peer goes out as one
+write, codec/tunnel_gso.py's headers (88 bytes for vxlan, 108 over the IPv6 underlay, 66 for flannel's udp
 format) and the packet as the TUN gave it, and the kernel cuts it into wire-size frames. Python's work per
 superpacket is a flow lookup, a few header fields and a writev, instead of the split (packet/gso.py) and a
-UDP_SEGMENT send. Anything else (UDP superpackets, a peer over IPv6, segments over the MTU, no peer, a TTL
-the udp format cannot take one from) answers False and takes the split path.
+UDP_SEGMENT send. Anything else (UDP superpackets, a peer over IPv6 when the TAP does not forward IPv6,
+segments over the MTU, no peer, a TTL the udp format cannot take one from) answers False and takes the
+split path.
 
 TunnelTx is a mixin of dataplane.engine.Engine and uses its attributes: cfg, is_vxlan, mac, table, _flow,
 _count, counters."""
@@ -33,13 +34,25 @@ _TCP_DOFF = 12  # the TCP data offset byte
 class TunnelTx:
     _tap_fd = -1  # set by use_tunnel; -1: every superpacket takes the split path
 
-    def use_tunnel(self, fd: int, tap_mac: bytes, src_ip: str, ports: list[int]) -> None:
+    def use_tunnel(
+        self,
+        fd: int,
+        tap_mac: bytes,
+        src_ip: str,
+        ports: list[int],
+        *,
+        src_ip6: str | None = None,
+        ports6: list[int] | None = None,
+    ) -> None:
         """Send TCP superpackets through the TAP `fd` (whose MAC is tap_mac), as from src_ip and the
-        outer source ports of our socket pool (a flow keeps the port the split path would give it)."""
+        outer source ports of our socket pool (a flow keeps the port the split path would give it); to
+        peers over IPv6 as well when src_ip6 (and the IPv6 pool's ports6) are given."""
         self._tap_fd = fd
         self._tap_mac = tap_mac
         self._tunnel_src = src_ip
+        self._tunnel_src6 = src_ip6
         self._tunnel_ports = ports
+        self._tunnel_ports6 = ports6 or ports
         self._ip_id = 0
         self._tunnel_peers()
 
@@ -50,7 +63,8 @@ class TunnelTx:
         table, cfg = self.table, self.cfg  # type: ignore[attr-defined]
         self._tunnel: list[tunnel_gso.TunnelHeaders | None] = []
         for i, ip in enumerate(table.public_ips):
-            if table.outer_v6[i]:
+            src = self._tunnel_src6 if table.outer_v6[i] else self._tunnel_src
+            if src is None:
                 self._tunnel.append(None)
                 continue
             encap = (
@@ -60,7 +74,7 @@ class TunnelTx:
             )
             self._tunnel.append(
                 tunnel_gso.TunnelHeaders.for_peer(
-                    tap_mac=self._tap_mac, src_ip=self._tunnel_src, dst_ip=ip, dst_port=cfg.port, encap=encap
+                    tap_mac=self._tap_mac, src_ip=src, dst_ip=ip, dst_port=cfg.port, encap=encap
                 )
             )
 
@@ -89,9 +103,8 @@ class TunnelTx:
         if hl + gso_size > self.cfg.mtu or hl >= ln:  # type: ignore[attr-defined]
             return False  # the split path answers what is over the MTU as a router would
         k = -(-(ln - hl) // gso_size)
-        prefix = headers.build(
-            ln, vnet, self._tunnel_ports[sock_index % len(self._tunnel_ports)], self._ip_id
-        )
+        ports = self._tunnel_ports6 if headers.outer_v6 else self._tunnel_ports
+        prefix = headers.build(ln, vnet, ports[sock_index % len(ports)], self._ip_id)
         try:
             os.writev(self._tap_fd, (prefix, batch.buf[i, off : off + ln]))
         except OSError as exc:

@@ -87,7 +87,14 @@ def run(spec: dict) -> int:
     engine.hold_runs = True  # a superpacket's two trains as one TUN write (dataplane/rx_hold.py)
     tap = spec.get("tap")
     if tap and role in ("both", "tx"):
-        engine.use_tunnel(tap["fd"], bytes.fromhex(tap["mac"]), tap["src_ip"], tap["ports"])
+        engine.use_tunnel(
+            tap["fd"],
+            bytes.fromhex(tap["mac"]),
+            tap["src_ip"],
+            tap["ports"],
+            src_ip6=tap.get("src_ip6"),
+            ports6=tap.get("ports6") or [],
+        )
 
     stopping = False
 

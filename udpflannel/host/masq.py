@@ -56,10 +56,11 @@ def postrouting_rules(f: Family, fully_random: bool = True) -> list[list[str]]:
 
 
 def forward_rules(f: Family, accept_iif: str | None = None) -> list[list[str]]:
-    """FLANNEL-FWD: the cluster network both ways, and (IPv4) the frames the datapath hands the kernel
-    to forward from its tunnel TAP (io/tunnel_tap.py), which carry our own underlay address."""
+    """FLANNEL-FWD: the cluster network both ways, and the frames the datapath hands the kernel to
+    forward from its tunnel TAP (io/tunnel_tap.py), which carry our own underlay address (IPv6 ones to
+    peers over the IPv6 underlay)."""
     rules = [["-s", str(f.network), "-j", "ACCEPT"], ["-d", str(f.network), "-j", "ACCEPT"]]
-    if accept_iif and f.version == 4:
+    if accept_iif:
         rules.append(["-i", accept_iif, "-j", "ACCEPT"])
     return rules
 
@@ -90,7 +91,7 @@ def nft_script(
             "    type filter hook forward priority filter; policy accept;",
             f"    {ip} saddr {net} accept",
             f"    {ip} daddr {net} accept",
-            *([f'    iifname "{accept_iif}" accept'] if accept_iif and f.version == 4 else []),
+            *([f'    iifname "{accept_iif}" accept'] if accept_iif else []),
             "  }",
         ]
     return "\n".join([*lines, "}", ""])

@@ -9,7 +9,9 @@ Linux 6.17 added the offload (TUN_F_UDP_TUNNEL_GSO); it needs a TAP, as the kern
 against an outer Ethernet header. The TAP is not persistent, so it goes when the last fd closes. The frames
 carry our own underlay address as source, so the TAP accepts local sources and forwards (its own sysctls,
 not the host's ip_forward); reverse path filtering on all devices (net.ipv4.conf.all.rp_filter, 0 by
-default) would drop them, so then the path stays off. No numpy:
+default) would drop them, so then the path stays off. Frames to peers over the IPv6 underlay take it too
+when asked for (dual-stack nodes): the TAP then has IPv6 on, with no address of its own, and the kernel
+forwards IPv6 only when net.ipv6.conf.all.forwarding is 1, which Kubernetes nodes have. No numpy:
 the agent opens it and hands the fd to the datapath workers, like the TUN."""
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ OFFLOAD = (
 )
 # (sysctl under net/ipv4/conf/<tap>/, value): forward what comes in, from our own address too, unfiltered
 SYSCTLS = (("forwarding", "1"), ("accept_local", "1"), ("rp_filter", "0"))
+# (under net/ipv6/conf/<tap>/): no address (so it sends nothing: no DAD, no router solicitations), then on
+SYSCTLS_V6 = (("addr_gen_mode", "1"), ("accept_ra", "0"), ("forwarding", "1"), ("disable_ipv6", "0"))
 PROC_CONF = Path("/proc/sys/net")
 
 
@@ -47,10 +51,13 @@ class TunnelTap:
     name: str
     fd: int
     mac: bytes
+    ipv6: bool = False  # frames with an IPv6 outer header are forwarded too
+    why_not_ipv6: str = ""
 
     @classmethod
-    def open(cls, name: str) -> tuple[TunnelTap | None, str]:
-        """(the TAP, "") when the kernel and the host allow the path, else (None, why not)."""
+    def open(cls, name: str, *, ipv6: bool = False) -> tuple[TunnelTap | None, str]:
+        """(the TAP, "") when the kernel and the host allow the path, else (None, why not). ipv6: for peers
+        over the IPv6 underlay too, when the host forwards IPv6 (else the TAP's why_not_ipv6 says why)."""
         if linux.offload_disabled() or linux.tx_tunnel_disabled():
             return None, f"turned off ({linux.NO_OFFLOAD_ENV} or {linux.TX_TUNNEL_ENV})"
         rpf = _read_sysctl("ipv4/conf/all/rp_filter")
@@ -73,19 +80,31 @@ class TunnelTap:
                 return None, "the kernel has no UDP-tunnel GSO for TAP devices (Linux 6.17+)"
             for key, value in SYSCTLS:
                 _write_sysctl(f"ipv4/conf/{name}/{key}", value)
-            # No IPv6 on it: nothing is ever read back from the TAP, so it should send nothing either.
-            with contextlib.suppress(OSError):
-                _write_sysctl(f"ipv6/conf/{name}/disable_ipv6", "1")
+            why_not = _ipv6_forwarding() if ipv6 else "not asked for"
+            if not why_not:
+                for key, value in SYSCTLS_V6:
+                    _write_sysctl(f"ipv6/conf/{name}/{key}", value)
+            else:  # nothing is ever read back from the TAP, so it should send nothing either
+                with contextlib.suppress(OSError):
+                    _write_sysctl(f"ipv6/conf/{name}/disable_ipv6", "1")
             mac = _bring_up(name)
         except OSError as exc:
             os.close(fd)
             return None, f"cannot set up TAP {name}: {exc.strerror or exc}"
-        return cls(name, fd, mac), ""
+        return cls(name, fd, mac, not why_not, why_not), ""
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # the TAP, not persistent, goes with its last fd
         self.fd = -1
+
+
+def _ipv6_forwarding() -> str:
+    """Why IPv6 frames from the TAP would not be forwarded ("" when they would)."""
+    value = _read_sysctl("ipv6/conf/all/forwarding")
+    if value is None:
+        return "the host has no IPv6"
+    return "" if value == "1" else f"net.ipv6.conf.all.forwarding={value} (it needs 1)"
 
 
 def _read_sysctl(key: str) -> str | None:
