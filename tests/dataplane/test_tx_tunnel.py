@@ -55,6 +55,13 @@ def _harness(tap_fd: int, mtu: int = 1450, encap: str = "vxlan") -> Harness:
     return h
 
 
+def _peer_headers(h: Harness, src: str, dst: str) -> tg.TunnelHeaders:
+    """The tunnel headers the engine should write to the peer (PEER_MAC at dst) from src."""
+    our_mac = bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", ""))
+    encap = tg.vxlan_encap(1, our_mac, bytes.fromhex(PEER_MAC.replace(":", "")))
+    return tg.TunnelHeaders.for_peer(tap_mac=TAP_MAC, src_ip=src, dst_ip=dst, dst_port=8472, encap=encap)
+
+
 def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
     fd, path = tap
     h = _harness(fd)
@@ -63,15 +70,7 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
     _send(h, raw, vnet)
     written = path.read_bytes()
     sport = PORTS[h.engine._flow_of(raw[:64])[1] % len(PORTS)]
-    expected = tg.TunnelHeaders.for_peer(
-        tap_mac=TAP_MAC,
-        src_ip="198.18.0.1",
-        dst_ip="198.18.0.2",
-        dst_port=8472,
-        encap=tg.vxlan_encap(
-            1, bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")), bytes.fromhex(PEER_MAC.replace(":", ""))
-        ),
-    ).build(len(raw), vnet, sport, 0)
+    expected = _peer_headers(h, "198.18.0.1", "198.18.0.2").build(len(raw), vnet, sport, 0)
     assert written == bytes(expected) + raw
     k = -(-10240 // MSS)
     c = h.counters
@@ -123,15 +122,7 @@ def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path_unless_the_tap_forwa
     vnet = (1, TCPV4, 40, MSS, 20, 16)
     _send(h, raw, vnet)
     written = path.read_bytes()
-    headers = tg.TunnelHeaders.for_peer(
-        tap_mac=TAP_MAC,
-        src_ip="fd00:198::1",
-        dst_ip="fd00:198::2",
-        dst_port=8472,
-        encap=tg.vxlan_encap(
-            1, bytes.fromhex(h.engine.cfg.vtep_mac.replace(":", "")), bytes.fromhex(PEER_MAC.replace(":", ""))
-        ),
-    )
+    headers = _peer_headers(h, "fd00:198::1", "fd00:198::2")
     sport = ports6[h.engine._flow_of(raw[:64])[1] % len(ports6)]
     assert headers.outer_v6 and written == bytes(headers.build(len(raw), vnet, sport, 0)) + raw
     assert h.sent == [] and h.counters[INDEX["tx_tunnel_writes"]] == 1

@@ -47,6 +47,29 @@ def _superpacket(segments: int, mss: int = MSS) -> bytes:
     return ip + tcp + payload
 
 
+def _write_and_dissect(
+    a, tap: TunnelTap, pcap_path: str, src: str, dst: str, mss: int, fields: list[str]
+) -> tuple[bytes, list[list[str]]]:
+    """Write one 46-segment VXLAN-wrapped superpacket from src to dst to the TAP, capture what leaves
+    eth0 and return the packet and tshark's `fields` of each frame (every checksum checked)."""
+    cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "udp")
+    time.sleep(1)
+    packet = _superpacket(46, mss)
+    headers = tg.TunnelHeaders.for_peer(
+        tap_mac=tap.mac, src_ip=src, dst_ip=dst, dst_port=8472, encap=tg.vxlan_encap(1, A_MAC, K_MAC)
+    )
+    prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, mss, 20, 16), 32768, 100)
+    assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
+    cap.wait(timeout=10)
+    checks = [x for proto in ("udp", "tcp", "ip") for x in ("-o", f"{proto}.check_checksum:TRUE")]
+    out = subprocess.run(
+        ["tshark", "-r", pcap_path, "-d", "udp.port==8472,vxlan", *checks, "-T", "fields",
+         *[x for f in fields for x in ("-e", f)]],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    return packet, [line.split("\t") for line in out if line.strip()]
+
+
 def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(lab, tmp_path):
     if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
         pytest.skip("needs tcpdump and tshark")
@@ -60,25 +83,11 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
         pytest.skip(f"tunnel TAP unavailable here: {why}")
     try:
         assert tap.name == "flannel.1-tx"
-        pcap_path = str(tmp_path / "tap.pcap")
-        cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "udp")
-        time.sleep(1)
-        packet = _superpacket(46)
-        headers = tg.TunnelHeaders.for_peer(
-            tap_mac=tap.mac, src_ip="198.18.0.1", dst_ip="198.18.0.2", dst_port=8472,
-            encap=tg.vxlan_encap(1, A_MAC, K_MAC),
-        )  # fmt: skip
-        prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, MSS, 20, 16), 32768, 100)
-        assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
-        cap.wait(timeout=10)
-        fields = subprocess.run(
-            ["tshark", "-r", pcap_path, "-d", "udp.port==8472,vxlan", "-o", "udp.check_checksum:TRUE",
-             "-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE", "-T", "fields",
-             "-e", "frame.len", "-e", "udp.checksum.status", "-e", "ip.checksum.status",
-             "-e", "tcp.checksum.status", "-e", "vxlan.vni", "-e", "tcp.seq_raw", "-e", "ip.ttl"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout.split("\n")  # fmt: skip
-        rows = [line.split("\t") for line in fields if line.strip()]
+        fields = ["frame.len", "udp.checksum.status", "ip.checksum.status", "tcp.checksum.status",
+                  "vxlan.vni", "tcp.seq_raw", "ip.ttl"]  # fmt: skip
+        packet, rows = _write_and_dissect(
+            a, tap, str(tmp_path / "tap.pcap"), "198.18.0.1", "198.18.0.2", MSS, fields
+        )
         assert len(rows) == 46
         seqs = []
         for length, udp_ok, ip_ok, tcp_ok, vni, seq, ttl in rows:
@@ -120,25 +129,18 @@ def test_over_an_ipv6_underlay_the_frames_are_ipv6_and_a_kernel_peer_takes_them(
     try:
         assert "inet6" not in a.exec("ip", "-6", "addr", "show", "dev", "f6-tx")  # it sends nothing itself
         a.exec("ping", "-6", "-c", "1", "-W", "2", "fd00:198::2")  # the neighbour, known before the write
-        pcap_path = str(tmp_path / "tap6.pcap")
-        cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "ip6 and udp")
-        time.sleep(1)
+        fields = [
+            "frame.len",
+            "udp.checksum.status",
+            "tcp.checksum.status",
+            "vxlan.vni",
+            "ipv6.hlim",
+            "ipv6.src",
+        ]
         mss = MSS - 20  # the IPv6 outer header is 20 bytes longer
-        packet = _superpacket(46, mss)
-        headers = tg.TunnelHeaders.for_peer(
-            tap_mac=tap.mac, src_ip="fd00:198::1", dst_ip="fd00:198::2", dst_port=8472,
-            encap=tg.vxlan_encap(1, A_MAC, K_MAC),
-        )  # fmt: skip
-        prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, mss, 20, 16), 32768, 0)
-        assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
-        cap.wait(timeout=10)
-        fields = subprocess.run(
-            ["tshark", "-r", pcap_path, "-d", "udp.port==8472,vxlan", "-o", "udp.check_checksum:TRUE",
-             "-o", "tcp.check_checksum:TRUE", "-T", "fields", "-e", "frame.len", "-e", "udp.checksum.status",
-             "-e", "tcp.checksum.status", "-e", "vxlan.vni", "-e", "ipv6.hlim", "-e", "ipv6.src"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout.split("\n")  # fmt: skip
-        rows = [line.split("\t") for line in fields if line.strip()]
+        packet, rows = _write_and_dissect(
+            a, tap, str(tmp_path / "tap6.pcap"), "fd00:198::1", "fd00:198::2", mss, fields
+        )
         assert len(rows) == 46
         for length, *status in rows:
             assert int(length) <= 1514 and status == ["1", "1", "1", "64", "fd00:198::1"]
