@@ -1,11 +1,10 @@
 """The bytes in front of a whole TCP superpacket that a UDP-tunnel GSO write carries (io/tunnel_tap.py): the
-24-byte virtio header (virtio_net_hdr_v1_hash_tunnel, Linux 6.17+), outer Ethernet, IPv4 (or IPv6, to a peer
-over the IPv6 underlay as flannel-v6.1 sends) and UDP, then the
-encapsulation between the UDP header and the inner IP packet: VXLAN and inner Ethernet for vxlan, nothing for
-flannel's udp format. The kernel cuts the superpacket into wire-size frames, copying these headers into each
-and fixing every length, id and checksum, so the frames are what kernel flannel.1 (or flanneld's udp proxy)
-sends, UDP checksum included (which the receiving agent's UDP GRO needs). Sans-I/O: no sockets; one small
-bytearray per superpacket."""
+24-byte virtio header (virtio_net_hdr_v1_hash_tunnel, Linux 6.17+), outer Ethernet, IPv4 (IPv6 to a peer over
+the IPv6 underlay, as flannel-v6.1 sends) and UDP, then the encapsulation between the UDP header and the inner
+IP packet: VXLAN and inner Ethernet for vxlan, nothing for flannel's udp format. The kernel cuts the
+superpacket into wire-size frames, copying these headers into each and fixing every length, id and checksum,
+so the frames are what kernel flannel.1 (or flanneld's udp proxy) sends, UDP checksum included (which the
+receiving agent's UDP GRO needs). Sans-I/O: no sockets; one small bytearray per superpacket."""
 
 from __future__ import annotations
 
@@ -126,7 +125,7 @@ class TunnelHeaders:
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = vnet
         inner_nh = self.inner_nh
         v6_out = self.outer_v6
-        outer_th = OUTER_TH_V6 if v6_out else OUTER_TH
+        outer_th = self.outer_th
         out = self.template[:]
         _VNET.pack_into(
             out,

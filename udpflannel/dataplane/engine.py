@@ -383,7 +383,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         ready: list[tuple[memoryview]] = []
         packets = nbytes = 0
         for j, (write, k, last) in enumerate(zip(writes, ts.counts.tolist(), ts.lasts.tolist(), strict=True)):
-            if write is not None and self._held is None and not self.may_go_on(write):
+            if write is not None and not self.holding and not self.may_go_on(write):
                 ready.append((write,))
                 packets += k
                 nbytes += last - head + (k - 1) * seg
