@@ -2,7 +2,8 @@
 processes in two namespaces on one underlay share an embedded lease store and route each other's subnets via
 the peer's public IP; routes follow peers that join and leave, come back when removed by hand, and go when
 the agents stop; a public IP that is not the interface's own is refused before anything is leased;
-dual-stack routes each family via the peer's address of that family), and vxlan's DirectRouting."""
+dual-stack routes each family via the peer's address of that family), vxlan's DirectRouting, and a
+dual-stack vxlan pair's IPv6 transfer through the tunnel TAP with the FORWARD policies at DROP."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 
 import pytest
 from agent_run import env_file
+from tunnel_lab import KERNEL_TUNNEL_TAP
 
 from udpflannel.lab.netns import Lab, Netns
+from udpflannel.lab.transfer import SINK, SOURCE
 from udpflannel.lease.model import LeaseAttrs
 from udpflannel.lease.sqlite import SqliteStore
 
@@ -247,3 +250,31 @@ def test_vxlan_direct_routing_dual_stack_routes_ipv6_subnets_via_the_peers_ipv6(
         a.exec("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-I", pair.gw(env_a, v6), pair.gw(env_b, v6))
         assert "dev eth0" in a.exec("ip", "-6", "route", "get", pair.gw(env_b, v6))
     assert "via fd00:198::2" not in pair.routes_after
+
+
+def test_vxlan_dual_stack_sends_ipv6_through_the_tunnel_tap_past_forward_drop() -> None:
+    """IPv6 over the IPv6 underlay (flannel-v6.1's frames): TCP superpackets leave through the tunnel TAP,
+    whose forwarded frames FLANNEL-FWD accepts in ip6tables as in iptables, so a checked transfer crosses
+    with both FORWARD policies at DROP (a node with Docker)."""
+    conf = {"Network": "198.19.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:198:100::/56",
+            "Backend": {"Type": "vxlan"}}  # fmt: skip
+    with agent_pair(conf, "udpflannel-dual-", ipv6=True) as pair:
+        a, b, env_a, env_b = pair.a, pair.b, pair.env_a, pair.env_b
+        for ns in (a, b):
+            ns.exec("iptables", "-P", "FORWARD", "DROP")
+            ns.exec("ip6tables", "-P", "FORWARD", "DROP")
+        v6 = "FLANNEL_IPV6_SUBNET"
+        dst = pair.gw(env_b, v6)
+        deadline = time.monotonic() + 15  # the peer arrives through the store's watch
+        while subprocess.run(a.cmd("ping", "-6", "-c", "1", "-W", "1", dst), capture_output=True).returncode:
+            assert time.monotonic() < deadline, a.exec("ip", "-6", "route")
+            time.sleep(0.2)
+        sink = b.popen(sys.executable, "-c", SINK, dst, "7000", "60", stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
+        out = a.exec(sys.executable, "-c", SOURCE, dst, "7000", str(20_000_000), "60", timeout=90)
+        sent, digest, _, got_n, got_digest = out.split()
+        assert sent == got_n and digest == got_digest
+        rule = "-i flannel.1-tx -j ACCEPT"
+        assert (rule in a.exec("ip6tables", "-S", "FLANNEL-FWD")) is KERNEL_TUNNEL_TAP
+        assert (rule in a.exec("iptables", "-S", "FLANNEL-FWD")) is KERNEL_TUNNEL_TAP
+        assert env_a[v6] != env_b[v6]
