@@ -86,7 +86,6 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
 @pytest.mark.parametrize(
     ("case", "vnet", "mtu"),
     [
-        ("udp superpacket", (1, 5, 28, 1400, 20, 6), 1450),  # UDP_L4: the split path handles USO
         ("segments over the MTU", (1, TCPV4, 40, 1400, 20, 16), 1400),
         ("no partial checksum", (0, TCPV4, 40, MSS, 20, 16), 1450),
     ],
@@ -94,17 +93,37 @@ def test_a_tcp_superpacket_is_one_tap_write_of_headers_and_the_packet(tap):
 def test_what_the_tap_does_not_take_keeps_the_split_path(tap, case, vnet, mtu):
     fd, path = tap
     h = _harness(fd, mtu=mtu)
-    if case == "udp superpacket":
-        raw = bytes(scapy.IP(src="198.19.1.0", dst="198.19.2.9") / scapy.UDP(sport=4, dport=5) / bytes(5000))
-    else:
-        raw = _tcp()
-    _send(h, raw, vnet)
+    _send(h, _tcp(), vnet)
     assert path.read_bytes() == b"" and h.counters[INDEX["tx_tunnel_writes"]] == 0
     if case == "segments over the MTU":
         # frag needed for each segment, as a router answers the packets it would have to forward
         assert h.counters[INDEX["icmp_sent"]] == h.counters[INDEX["drop_over_mtu"]] > 0
-    elif case == "udp superpacket":
-        assert h.sent  # split and sent through the sockets
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_udp_superpacket_from_a_gso_sender_is_one_tap_write_too(tap, v6):
+    """USO (a pod sending with UDP_SEGMENT): the kernel segments UDP_L4 inside the tunnel as it does TCP; the
+    inner Ethernet type follows the packet's IP version, which a UDP gso type does not tell."""
+    fd, path = tap
+    h = _harness(fd)
+    if v6:
+        h.engine.set_peers([Peer("fd00:198:2::/64", "198.18.0.2", PEER_MAC)])
+        ip = scapy.IPv6(src="fd00:198:1::", dst="fd00:198:2::9")
+        vnet = (1, 5, 48, 1300, 40, 6)
+    else:
+        ip = scapy.IP(src="198.19.1.0", dst="198.19.2.9")
+        vnet = (1, 5, 28, 1300, 20, 6)
+    raw = bytes(ip / scapy.UDP(sport=4, dport=5) / bytes(5000))
+    _send(h, raw, vnet)
+    sport = PORTS[h.engine._flow_of(raw[:64])[1] % len(PORTS)]
+    expected = _peer_headers(h, "198.18.0.1", "198.18.0.2").build(len(raw), vnet, sport, 0, v6)
+    written = path.read_bytes()
+    assert written == bytes(expected) + raw and h.sent == []
+    assert written[len(expected) - 2 : len(expected)] == (b"\x86\xdd" if v6 else b"\x08\x00")
+    hl = 48 if v6 else 28
+    k = -(-(len(raw) - hl) // 1300)
+    assert (h.counters[INDEX["tx_tunnel_writes"]], h.counters[INDEX["tx_packets"]]) == (1, k)
+    assert h.counters[INDEX["tx_bytes"]] == (k - 1) * hl + len(raw)
 
 
 def test_a_peer_over_the_ipv6_underlay_keeps_the_split_path_unless_the_tap_forwards_ipv6(tap):

@@ -47,18 +47,30 @@ def _superpacket(segments: int, mss: int = MSS) -> bytes:
     return ip + tcp + payload
 
 
+def _udp_superpacket(datagrams: int, seg: int) -> bytes:
+    """A UDP superpacket 198.19.1.0 -> 198.19.2.0 as the TUN hands out what a pod sends with UDP_SEGMENT:
+    one UDP header, the checksum field the pseudo-header sum (NEEDS_CSUM); the last datagram shorter."""
+    payload = bytes(i & 0xFF for i in range(seg * datagrams - 300))
+    src, dst = socket.inet_aton("198.19.1.0"), socket.inet_aton("198.19.2.0")
+    ulen = 8 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 7, 0x4000, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _sum16(ip)) + ip[12:]
+    udp = struct.pack("!HHHH", 40000, 5999, ulen, _sum16(src + dst + struct.pack("!HH", 17, ulen)))
+    return ip + udp + payload
+
+
 def _write_and_dissect(
-    a, tap: TunnelTap, pcap_path: str, src: str, dst: str, mss: int, fields: list[str]
-) -> tuple[bytes, list[list[str]]]:
-    """Write one 46-segment VXLAN-wrapped superpacket from src to dst to the TAP, capture what leaves
-    eth0 and return the packet and tshark's `fields` of each frame (every checksum checked)."""
-    cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", "46", "udp")
+    a, tap: TunnelTap, pcap_path: str, src: str, dst: str, packet: bytes, vh: tuple, fields: list[str]
+) -> list[list[str]]:
+    """Write `packet` (a superpacket read with virtio header `vh`), VXLAN-wrapped from src to dst, to the
+    TAP, capture the frames that leave eth0 and return tshark's `fields` of each (every checksum checked)."""
+    count = -(-(len(packet) - vh[2]) // vh[3])
+    cap = a.popen("tcpdump", "-ni", "eth0", "-Q", "out", "-U", "-w", pcap_path, "-c", str(count), "udp")
     time.sleep(1)
-    packet = _superpacket(46, mss)
     headers = tg.TunnelHeaders.for_peer(
         tap_mac=tap.mac, src_ip=src, dst_ip=dst, dst_port=8472, encap=tg.vxlan_encap(1, A_MAC, K_MAC)
     )
-    prefix = headers.build(len(packet), (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, mss, 20, 16), 32768, 100)
+    prefix = headers.build(len(packet), vh, 32768, 100)
     assert os.writev(tap.fd, (prefix, packet)) == len(prefix) + len(packet)
     cap.wait(timeout=10)
     checks = [x for proto in ("udp", "tcp", "ip") for x in ("-o", f"{proto}.check_checksum:TRUE")]
@@ -67,7 +79,7 @@ def _write_and_dissect(
          *[x for f in fields for x in ("-e", f)]],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout.split("\n")  # fmt: skip
-    return packet, [line.split("\t") for line in out if line.strip()]
+    return [line.split("\t") for line in out if line.strip()]
 
 
 def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(lab, tmp_path):
@@ -85,8 +97,10 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
         assert tap.name == "flannel.1-tx"
         fields = ["frame.len", "udp.checksum.status", "ip.checksum.status", "tcp.checksum.status",
                   "vxlan.vni", "tcp.seq_raw", "ip.ttl"]  # fmt: skip
-        packet, rows = _write_and_dissect(
-            a, tap, str(tmp_path / "tap.pcap"), "198.18.0.1", "198.18.0.2", MSS, fields
+        packet = _superpacket(46)
+        vh = (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, MSS, 20, 16)
+        rows = _write_and_dissect(
+            a, tap, str(tmp_path / "tap.pcap"), "198.18.0.1", "198.18.0.2", packet, vh, fields
         )
         assert len(rows) == 46
         seqs = []
@@ -103,6 +117,39 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
     finally:
         tap.close()
     assert tap_name("flannel.1") not in a.exec("ip", "link")  # not persistent: gone with its fd
+
+
+def test_a_udp_superpacket_becomes_datagrams_a_kernel_peer_accepts(lab, tmp_path):
+    """What a pod sends with UDP_SEGMENT: the kernel cuts the UDP superpacket inside the tunnel as it does
+    TCP, each frame one datagram of the pod's with its own UDP length and checksum."""
+    if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
+        pytest.skip("needs tcpdump and tshark")
+    a, k = lab.netns("tua"), lab.netns("tuk")
+    lab.veth(a, k, "198.18.0.1/16", "198.18.0.2/16")
+    kernel_vxlan.add_device(k, mac="02:5a:00:00:00:02", local="198.18.0.2", address="198.19.2.0/32")
+    kernel_vxlan.add_peer(k, subnet="198.19.1.0/24", vtep="198.19.1.0", mac="02:5a:00:00:00:01",
+                          public_ip="198.18.0.1")  # fmt: skip
+    tap, why = call_in_netns(a.name, lambda: TunnelTap.open("fu-tx"))
+    if tap is None:
+        pytest.skip(f"tunnel TAP unavailable here: {why}")
+    try:
+        seg = 1200
+        packet = _udp_superpacket(20, seg)
+        vh = (1, vnet.VIRTIO_NET_HDR_GSO_UDP_L4, 28, seg, 20, 6)
+        fields = ["frame.len", "udp.checksum.status", "udp.length", "vxlan.vni"]
+        rows = _write_and_dissect(
+            a, tap, str(tmp_path / "uso.pcap"), "198.18.0.1", "198.18.0.2", packet, vh, fields
+        )
+        assert len(rows) == 20
+        for length, csum, ulen, vni in rows[:-1]:
+            assert int(length) <= 1514 and csum == "1,1" and ulen.split(",")[1] == str(8 + seg) and vni == "1"
+        assert rows[-1][1] == "1,1" and rows[-1][2].split(",")[1] == str(8 + seg - 300)
+        nstat = k.exec("nstat", "-az", "UdpInCsumErrors").split()
+        assert nstat[nstat.index("UdpInCsumErrors") + 1] == "0"
+        (link,) = json.loads(k.exec("ip", "-s", "-j", "link", "show", "flannel.1"))
+        assert link["stats64"]["rx"]["packets"] >= 20
+    finally:
+        tap.close()
 
 
 def test_over_an_ipv6_underlay_the_frames_are_ipv6_and_a_kernel_peer_takes_them(lab, tmp_path):
@@ -138,8 +185,10 @@ def test_over_an_ipv6_underlay_the_frames_are_ipv6_and_a_kernel_peer_takes_them(
             "ipv6.src",
         ]
         mss = MSS - 20  # the IPv6 outer header is 20 bytes longer
-        packet, rows = _write_and_dissect(
-            a, tap, str(tmp_path / "tap6.pcap"), "fd00:198::1", "fd00:198::2", mss, fields
+        packet = _superpacket(46, mss)
+        vh = (1, vnet.VIRTIO_NET_HDR_GSO_TCPV4, 40, mss, 20, 16)
+        rows = _write_and_dissect(
+            a, tap, str(tmp_path / "tap6.pcap"), "fd00:198::1", "fd00:198::2", packet, vh, fields
         )
         assert len(rows) == 46
         for length, *status in rows:

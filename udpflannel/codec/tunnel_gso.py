@@ -1,10 +1,11 @@
-"""The bytes in front of a whole TCP superpacket that a UDP-tunnel GSO write carries (io/tunnel_tap.py): the
-24-byte virtio header (virtio_net_hdr_v1_hash_tunnel, Linux 6.17+), outer Ethernet, IPv4 (IPv6 to a peer over
-the IPv6 underlay, as flannel-v6.1 sends) and UDP, then the encapsulation between the UDP header and the inner
-IP packet: VXLAN and inner Ethernet for vxlan, nothing for flannel's udp format. The kernel cuts the
-superpacket into wire-size frames, copying these headers into each and fixing every length, id and checksum,
-so the frames are what kernel flannel.1 (or flanneld's udp proxy) sends, UDP checksum included (which the
-receiving agent's UDP GRO needs). Sans-I/O: no sockets; one small bytearray per superpacket."""
+"""The bytes in front of a whole TCP (or UDP) superpacket that a UDP-tunnel GSO write carries
+(io/tunnel_tap.py): the 24-byte virtio header (virtio_net_hdr_v1_hash_tunnel, Linux 6.17+), outer Ethernet,
+IPv4 (IPv6 to a peer over the IPv6 underlay, as flannel-v6.1 sends) and UDP, then the encapsulation between
+the UDP header and the inner IP packet: VXLAN and inner Ethernet for vxlan, nothing for flannel's udp format.
+The kernel cuts the superpacket into wire-size frames, copying these headers into each and fixing every
+length, id and checksum, so the frames are what kernel flannel.1 (or flanneld's udp proxy) sends, UDP
+checksum included (which the receiving agent's UDP GRO needs). Sans-I/O: no sockets; one small bytearray
+per superpacket."""
 
 from __future__ import annotations
 
@@ -116,12 +117,18 @@ class TunnelHeaders:
         )
 
     def build(
-        self, inner_len: int, vnet: tuple[int, int, int, int, int, int], sport: int, ip_id: int
+        self,
+        inner_len: int,
+        vnet: tuple[int, int, int, int, int, int],
+        sport: int,
+        ip_id: int,
+        inner_v6: bool | None = None,
     ) -> bytearray:
         """The prefix for one superpacket of inner_len bytes as read from the TUN with virtio header `vnet`
-        (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: a TCP superpacket with NEEDS_CSUM, its
-        checksum field holding the pseudo-header sum, as the kernel hands them out). ip_id: the outer IPv4
-        id of its first frame (IPv6 has none)."""
+        (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: a TCP or UDP superpacket with
+        NEEDS_CSUM, its checksum field holding the pseudo-header sum, as the kernel hands them out). ip_id:
+        the outer IPv4 id of its first frame (IPv6 has none). inner_v6: the inner packet is IPv6 (default:
+        as its TCP gso type says; a UDP one does not say)."""
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = vnet
         inner_nh = self.inner_nh
         v6_out = self.outer_v6
@@ -154,6 +161,7 @@ class TunnelHeaders:
         struct.pack_into("!H", out, udp, sport)  # (a pad byte in a format would zero the port after it)
         struct.pack_into("!HH", out, udp + 4, udp_len, _fold(self.pseudo + udp_len))
         if self.ethertype:
-            v6 = gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV6
-            struct.pack_into("!H", out, len(out) - 2, ETHERTYPE_IPV6 if v6 else ETHERTYPE_IPV4)
+            if inner_v6 is None:
+                inner_v6 = gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV6
+            struct.pack_into("!H", out, len(out) - 2, ETHERTYPE_IPV6 if inner_v6 else ETHERTYPE_IPV4)
         return out

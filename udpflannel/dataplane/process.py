@@ -101,8 +101,8 @@ class Dataplane:
     workers: int = 0  # 0: from UDPFLANNEL_WORKERS, else DEFAULT_WORKERS
     rx_bind_ip: str | None = None  # None: bind_ip
     bind_ip6: str | None = None  # set: also carry traffic over the IPv6 underlay, sending from this address
-    # TCP superpackets leave through a TAP the kernel segments from (io/tunnel_tap.py), when the kernel has
-    # the offload; the agent asks for it only when it keeps the FORWARD chain open.
+    # TCP and UDP superpackets leave through a TAP the kernel segments from (io/tunnel_tap.py), when the
+    # kernel has the offload; the agent asks for it only when it keeps the FORWARD chain open.
     tx_tunnel: bool = True
     _tap: TunnelTap | None = None
     _tun: TunDevice | None = None

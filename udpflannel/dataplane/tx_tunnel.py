@@ -1,10 +1,10 @@
-"""The engine's TX path through the tunnel TAP (io/tunnel_tap.py): a TCP superpacket to a peer goes out as one
-write, codec/tunnel_gso.py's headers (88 bytes for vxlan, 108 over the IPv6 underlay, 66 for flannel's udp
-format) and the packet as the TUN gave it, and the kernel cuts it into wire-size frames. Python's work per
-superpacket is a flow lookup, a few header fields and a writev, instead of the split (packet/gso.py) and a
-UDP_SEGMENT send. Anything else (UDP superpackets, a peer over IPv6 when the TAP does not forward IPv6,
-segments over the MTU, no peer, a TTL the udp format cannot take one from) answers False and takes the
-split path.
+"""The engine's TX path through the tunnel TAP (io/tunnel_tap.py): a TCP superpacket (or a UDP one, from a pod
+that sends with UDP GSO) to a peer goes out as one write, codec/tunnel_gso.py's headers (88 bytes for vxlan,
+108 over the IPv6 underlay, 66 for flannel's udp format) and the packet as the TUN gave it, and the kernel
+cuts it into wire-size frames. Python's work per superpacket is a flow lookup, a few header fields and a
+writev, instead of the split (packet/gso.py) and a UDP_SEGMENT send. Anything else (a peer over IPv6 when
+the TAP does not forward IPv6, segments over the MTU, no peer, a TTL the udp format cannot take one from)
+answers False and takes the split path.
 
 TunnelTx is a mixin of dataplane.engine.Engine and uses its attributes: cfg, is_vxlan, mac, table, _flow,
 _count, counters."""
@@ -24,11 +24,14 @@ from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
 )
 
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
 _TCP = (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6)
+_KINDS = (*_TCP, VIRTIO_NET_HDR_GSO_UDP_L4)  # what the kernel segments inside a UDP tunnel
 _TCP_DOFF = 12  # the TCP data offset byte
+_UDP_HLEN = 8
 
 
 class TunnelTx:
@@ -86,9 +89,10 @@ class TunnelTx:
         down already (flannel's udp proxy routes like a router; a TTL that would expire is answered on the
         split path)."""
         flags, gso_type, _, gso_size, csum_start, _ = vnet
-        tcp = gso_type & ~VIRTIO_NET_HDR_GSO_ECN in _TCP
-        if not tcp or not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_size == 0:
+        kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        if kind not in _KINDS or not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_size == 0:
             return False
+        tcp = kind in _TCP
         if not (ttl_done or self.is_vxlan):  # type: ignore[attr-defined]
             return False
         off = batch.offset
@@ -99,12 +103,13 @@ class TunnelTx:
         headers = self._tunnel[peer] if peer != NO_PEER else None
         if headers is None or ln > headers.max_inner:
             return False
-        hl = csum_start + (int(batch.buf[i, off + csum_start + _TCP_DOFF]) >> 4) * 4
+        hl = csum_start + ((int(batch.buf[i, off + csum_start + _TCP_DOFF]) >> 4) * 4 if tcp else _UDP_HLEN)
         if hl + gso_size > self.cfg.mtu or hl >= ln:  # type: ignore[attr-defined]
             return False  # the split path answers what is over the MTU as a router would
         k = -(-(ln - hl) // gso_size)
         ports = self._tunnel_ports6 if headers.outer_v6 else self._tunnel_ports
-        prefix = headers.build(ln, vnet, ports[sock_index % len(ports)], self._ip_id)
+        inner_v6 = int(batch.buf[i, off]) >> 4 == 6
+        prefix = headers.build(ln, vnet, ports[sock_index % len(ports)], self._ip_id, inner_v6)
         try:
             os.writev(self._tap_fd, (prefix, batch.buf[i, off : off + ln]))
         except OSError as exc:

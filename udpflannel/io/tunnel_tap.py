@@ -1,4 +1,4 @@
-"""The TX tunnel TAP: each write is one whole TCP superpacket already wrapped for the wire (VXLAN, or
+"""The TX tunnel TAP: each write is one whole TCP (or UDP) superpacket wrapped for the wire (VXLAN, or
 flannel's udp format) in outer UDP, IPv4 and Ethernet, behind a virtio header asking for UDP-tunnel GSO
 (codec/tunnel_gso.py). The kernel takes it in as a frame from the TAP, forwards it to the peer like a router
 (route, neighbour, FORWARD chain) and cuts it into wire-size frames, every inner and outer checksum computed
