@@ -21,6 +21,7 @@ from udpflannel.codec.wire import (
     VXLAN_HEADER,
 )
 from udpflannel.io.linux import TUN_VNET_TNL_HDR_LEN
+from udpflannel.packet import headers as h
 from udpflannel.packet.vnet import (
     VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
@@ -34,9 +35,7 @@ from udpflannel.packet.vnet import (
 _VNET = struct.Struct("<BBHHHHH8xHH")
 assert _VNET.size == TUN_VNET_TNL_HDR_LEN
 
-IPV4_HLEN = 20
-IPV6_HLEN = 40
-UDP_HLEN = 8
+IPV4_HLEN, IPV6_HLEN, UDP_HLEN = h.IPV4_MIN_HLEN, h.IPV6_HLEN, h.UDP_HLEN
 OUTER_TH = ETH_HEADER_LEN + IPV4_HLEN  # where the outer UDP header starts: 34
 OUTER_TH_V6 = ETH_HEADER_LEN + IPV6_HLEN  # 54
 # The kernel forwards the frame (TTL - 1): 65 leaves the wire with 64, what a UDP socket sends.

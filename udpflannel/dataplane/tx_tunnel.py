@@ -17,6 +17,7 @@ import os
 from udpflannel.codec import tunnel_gso
 from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
+from udpflannel.packet import headers as h
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.vnet import (
@@ -30,8 +31,6 @@ from udpflannel.packet.vnet import (
 _SEND_ERROR = INDEX[DROP_NAMES[DropReason.SEND_ERROR]]
 _TCP = (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6)
 _KINDS = (*_TCP, VIRTIO_NET_HDR_GSO_UDP_L4)  # what the kernel segments inside a UDP tunnel
-_TCP_DOFF = 12  # the TCP data offset byte
-_UDP_HLEN = 8
 
 
 class TunnelTx:
@@ -97,13 +96,13 @@ class TunnelTx:
             return False
         off = batch.offset
         ln = int(batch.lengths[i])
-        if csum_start + _TCP_DOFF >= ln:
+        if csum_start + h.TCP_DOFF >= ln:
             return False
         peer, sock_index = self._flow(batch.buf, off, i)  # type: ignore[attr-defined]
         headers = self._tunnel[peer] if peer != NO_PEER else None
         if headers is None or ln > headers.max_inner:
             return False
-        hl = csum_start + ((int(batch.buf[i, off + csum_start + _TCP_DOFF]) >> 4) * 4 if tcp else _UDP_HLEN)
+        hl = csum_start + ((int(batch.buf[i, off + csum_start + h.TCP_DOFF]) >> 4) * 4 if tcp else h.UDP_HLEN)
         if hl + gso_size > self.cfg.mtu or hl >= ln:  # type: ignore[attr-defined]
             return False  # the split path answers what is over the MTU as a router would
         k = -(-(ln - hl) // gso_size)
