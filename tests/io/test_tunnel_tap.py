@@ -82,17 +82,24 @@ def _write_and_dissect(
     return [line.split("\t") for line in out if line.strip()]
 
 
-def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(lab, tmp_path):
+def _node_and_kernel_peer(lab, prefix: str, name: str) -> tuple:
+    """Our node (198.18.0.1, with the tunnel TAP `name` opened in it) and a kernel VXLAN peer at 198.18.0.2
+    set up as flanneld does; skips when tshark/tcpdump or the TAP are not available."""
     if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
         pytest.skip("needs tcpdump and tshark")
-    a, k = lab.netns("ta"), lab.netns("tk")
+    a, k = lab.netns(f"{prefix}a"), lab.netns(f"{prefix}k")
     lab.veth(a, k, "198.18.0.1/16", "198.18.0.2/16")
     kernel_vxlan.add_device(k, mac="02:5a:00:00:00:02", local="198.18.0.2", address="198.19.2.0/32")
     kernel_vxlan.add_peer(k, subnet="198.19.1.0/24", vtep="198.19.1.0", mac="02:5a:00:00:00:01",
                           public_ip="198.18.0.1")  # fmt: skip
-    tap, why = call_in_netns(a.name, lambda: TunnelTap.open(tap_name("flannel.1")))
+    tap, why = call_in_netns(a.name, lambda: TunnelTap.open(name))
     if tap is None:
         pytest.skip(f"tunnel TAP unavailable here: {why}")
+    return a, k, tap
+
+
+def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(lab, tmp_path):
+    a, k, tap = _node_and_kernel_peer(lab, "t", tap_name("flannel.1"))
     try:
         assert tap.name == "flannel.1-tx"
         fields = ["frame.len", "udp.checksum.status", "ip.checksum.status", "tcp.checksum.status",
@@ -122,16 +129,7 @@ def test_a_superpacket_becomes_checksummed_vxlan_frames_a_kernel_peer_accepts(la
 def test_a_udp_superpacket_becomes_datagrams_a_kernel_peer_accepts(lab, tmp_path):
     """What a pod sends with UDP_SEGMENT: the kernel cuts the UDP superpacket inside the tunnel as it does
     TCP, each frame one datagram of the pod's with its own UDP length and checksum."""
-    if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
-        pytest.skip("needs tcpdump and tshark")
-    a, k = lab.netns("tua"), lab.netns("tuk")
-    lab.veth(a, k, "198.18.0.1/16", "198.18.0.2/16")
-    kernel_vxlan.add_device(k, mac="02:5a:00:00:00:02", local="198.18.0.2", address="198.19.2.0/32")
-    kernel_vxlan.add_peer(k, subnet="198.19.1.0/24", vtep="198.19.1.0", mac="02:5a:00:00:00:01",
-                          public_ip="198.18.0.1")  # fmt: skip
-    tap, why = call_in_netns(a.name, lambda: TunnelTap.open("fu-tx"))
-    if tap is None:
-        pytest.skip(f"tunnel TAP unavailable here: {why}")
+    a, k, tap = _node_and_kernel_peer(lab, "tu", "fu-tx")
     try:
         seg = 1200
         packet = _udp_superpacket(20, seg)
