@@ -31,7 +31,9 @@ from udpflannel.dataplane.txprep import (
     is_gso,
     needs_csum,
 )
+from udpflannel.io.linux import ack_filter_disabled
 from udpflannel.io.udp_recv import TrainSet
+from udpflannel.packet.ack_filter import redundant_acks
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
@@ -112,6 +114,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         self._outer_v6: list[bool] = [False]  # per peer: reached over the IPv6 underlay
         self._tx_row0: memoryview | None = None  # the TUN read arena's first row (send_lone)
         self._train_out: np.ndarray | None = None  # gro_trains output arena, grown on demand
+        self._ack_filter = not ack_filter_disabled()
 
     def _count(self, name: str, value: int = 1) -> None:
         self._cells[INDEX[name]] += value
@@ -203,7 +206,10 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         gso_list = [i for i, x in enumerate(hd) if x[1]]
         if not gso_list and len(hd) <= FEW_SMALL_PACKETS:
             # A few plain packets (ACKs, pings): checksums finished and rows judged without array operations.
-            self._send_plain(batch, self.finish_few(batch, hd))
+            rows = self.finish_few(batch, hd)
+            if self._ack_filter and len(rows) > 1:
+                rows = self._filter_acks(batch, rows)
+            self._send_plain(batch, rows)
             return
         plain = None
         if len(gso_list) < len(hd):
@@ -237,6 +243,14 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
             else:
                 self._send_plain(batch, [i for i in range(start, end) if plain[i]])
             start = end
+
+    def _filter_acks(self, batch: PacketBatch, rows: list[int]) -> list[int]:
+        """`rows` less the pure ACKs a later one in the read makes redundant (packet/ack_filter.py)."""
+        redundant = redundant_acks(batch.buf, batch.offset, batch.lengths[: batch.n].tolist(), rows)
+        if not redundant:
+            return rows
+        self._count("tx_acks_filtered", len(redundant))
+        return [i for i in rows if i not in redundant]
 
     def _send_plain(self, batch: PacketBatch, rows: list[int]) -> None:
         """Send the plain (not GSO) rows in `rows`: a few one by one, more as a batch."""

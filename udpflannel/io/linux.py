@@ -67,6 +67,7 @@ UDP_MAX_SEGMENTS_CANDIDATES = (128, 64)  # UDP_MAX_SEGMENTS: 128 since Linux 6.1
 
 NO_OFFLOAD_ENV = "UDPFLANNEL_NO_OFFLOAD"
 TX_TUNNEL_ENV = "UDPFLANNEL_TX_TUNNEL"
+ACK_FILTER_ENV = "UDPFLANNEL_ACK_FILTER"
 
 
 def offload_disabled() -> bool:
@@ -77,6 +78,11 @@ def offload_disabled() -> bool:
 def tx_tunnel_disabled() -> bool:
     """UDPFLANNEL_TX_TUNNEL=0 keeps superpackets on the userspace split path (io/tunnel_tap.py)."""
     return os.environ.get(TX_TUNNEL_ENV, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def ack_filter_disabled() -> bool:
+    """UDPFLANNEL_ACK_FILTER=0 sends every ACK a pod sends (packet/ack_filter.py)."""
+    return os.environ.get(ACK_FILTER_ENV, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def offload_names(flags: int) -> list[str]:

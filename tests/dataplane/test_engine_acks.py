@@ -1,0 +1,54 @@
+"""The engine's ACK filter: of a TUN read's pure ACKs of one flow only the last leaves (counted as
+tx_acks_filtered), everything else in the read leaves as before, and UDPFLANNEL_ACK_FILTER=0 sends all."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import PEER_MAC, _engine
+
+from udpflannel.codec import vxlan
+from udpflannel.dataplane.counters import INDEX
+from udpflannel.io.linux import ACK_FILTER_ENV
+
+scapy = pytest.importorskip("scapy.all")
+
+
+def _ack(n: int, sport: int = 5201) -> bytes:
+    ip = scapy.IP(src="198.19.1.2", dst="198.19.2.5", flags="DF")
+    stamps = [("NOP", None), ("NOP", None), ("Timestamp", (n, 7))]
+    return bytes(ip / scapy.TCP(sport=sport, dport=40000, flags="A", ack=n, window=500, options=stamps))
+
+
+def _ping() -> bytes:
+    return bytes(scapy.IP(src="198.19.1.2", dst="198.19.2.5") / scapy.ICMP(seq=1) / bytes(56))
+
+
+def _inner(sent, encap: str) -> list[bytes]:
+    if encap == "udp":
+        return [d for d, _, _ in sent]
+    return [vxlan.decode_vxlan(d, 1, vxlan.parse_mac(PEER_MAC)).inner for d, _, _ in sent]
+
+
+def _ttl_free(pkt: bytes) -> bytes:
+    """The packet with TTL and IPv4 checksum zeroed: the udp backend takes the TTL down on the way out."""
+    return pkt[:8] + b"\0" + pkt[9:10] + b"\0\0" + pkt[12:]
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_a_reads_redundant_acks_stay_home(encap):
+    read = [_ack(1000), _ping(), _ack(2448, sport=6000), _ack(2448), _ack(3896)]
+    h, c = _engine(encap, read)
+    h.engine.tx_once()
+    got = [_ttl_free(p) for p in _inner(h.sent, encap)]
+    assert got == [_ttl_free(read[i]) for i in (1, 2, 4)]  # the ping, the other flow's ACK, the last ACK
+    assert c[INDEX["tx_acks_filtered"]] == 2 and c[INDEX["tx_packets"]] == 3
+    assert sum(c[INDEX[name]] for name in INDEX if name.startswith("drop_")) == 0  # not drops
+
+
+def test_the_filter_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(ACK_FILTER_ENV, "0")
+    read = [_ack(1000), _ack(2448), _ack(3896)]
+    h, c = _engine("vxlan", read)
+    h.engine.tx_once()
+    assert _inner(h.sent, "vxlan") == read
+    assert c[INDEX["tx_acks_filtered"]] == 0 and c[INDEX["tx_packets"]] == 3
