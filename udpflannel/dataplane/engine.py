@@ -33,7 +33,7 @@ from udpflannel.dataplane.txprep import (
 )
 from udpflannel.io.linux import ack_filter_disabled
 from udpflannel.io.udp_recv import TrainSet
-from udpflannel.packet.ack_filter import redundant_acks
+from udpflannel.packet.ack_filter import is_pure_ack, redundant_acks
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
@@ -194,22 +194,22 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
             # One virtio header for all (one flow's plain packets: ACKs, a packet-rate sender): one bytes
             # compare, then send_run, which does nothing when they are not one flow's.
             first = headers[:1].tobytes()
-            if (
-                not first[1]
-                and headers.tobytes() == first * n
-                and self.send_run(batch, VNET_HDR_STRUCT.unpack(first))
-            ):
-                return
+            if not first[1] and headers.tobytes() == first * n:
+                # Many ACKs (a receiving pod when we fell behind): the redundant ones stay home first.
+                if self._acks_first(batch, [0]):
+                    rows = self._filter_acks(batch, list(range(n)))
+                    if len(rows) < n:
+                        self._send_plain(batch, self.finish_few(batch, headers.tolist(), rows), filtered=True)
+                        return
+                if self.send_run(batch, VNET_HDR_STRUCT.unpack(first)):
+                    return
         # (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) per row: a batch holds a few rows
         # (a few superpackets, or a few dozen small packets), cheaper to sort in plain Python than as arrays.
         hd = headers.tolist()
         gso_list = [i for i, x in enumerate(hd) if x[1]]
         if not gso_list and len(hd) <= FEW_SMALL_PACKETS:
             # A few plain packets (ACKs, pings): checksums finished and rows judged without array operations.
-            rows = self.finish_few(batch, hd)
-            if self._ack_filter and len(rows) > 1:
-                rows = self._filter_acks(batch, rows)
-            self._send_plain(batch, rows)
+            self._send_plain(batch, self.finish_few(batch, hd))
             return
         plain = None
         if len(gso_list) < len(hd):
@@ -244,6 +244,11 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
                 self._send_plain(batch, [i for i in range(start, end) if plain[i]])
             start = end
 
+    def _acks_first(self, batch: PacketBatch, rows: list[int]) -> bool:
+        """The ACK filter is on and the first of `rows` is a pure ACK: the read is worth filtering."""
+        i = rows[0]
+        return self._ack_filter and is_pure_ack(batch.buf, batch.offset, i, int(batch.lengths[i]))
+
     def _filter_acks(self, batch: PacketBatch, rows: list[int]) -> list[int]:
         """`rows` less the pure ACKs a later one in the read makes redundant (packet/ack_filter.py)."""
         redundant = redundant_acks(batch.buf, batch.offset, batch.lengths[: batch.n].tolist(), rows)
@@ -252,8 +257,11 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         self._count("tx_acks_filtered", len(redundant))
         return [i for i in rows if i not in redundant]
 
-    def _send_plain(self, batch: PacketBatch, rows: list[int]) -> None:
-        """Send the plain (not GSO) rows in `rows`: a few one by one, more as a batch."""
+    def _send_plain(self, batch: PacketBatch, rows: list[int], *, filtered: bool = False) -> None:
+        """Send the plain (not GSO) rows in `rows`, less redundant ACKs (unless `filtered` already): a few
+        one by one, more as a batch."""
+        if len(rows) > 1 and not filtered and self._acks_first(batch, rows):
+            rows = self._filter_acks(batch, rows)
         if not rows:
             return
         few = len(rows) <= FEW_PACKETS or (

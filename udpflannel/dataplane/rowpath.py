@@ -71,13 +71,16 @@ class RowPaths:
             return None
         return self._flow(buf, off, first)
 
-    def finish_few(self, batch: PacketBatch, hd: list[tuple[int, ...]]) -> list[int]:
-        """The rows of a few plain TUN reads (hd: their virtio headers as tuples), partial checksums
-        finished one by one; a row whose checksum offsets point outside its packet is counted as a
-        bad_header drop and left out."""
+    def finish_few(
+        self, batch: PacketBatch, hd: list[tuple[int, ...]], only: list[int] | None = None
+    ) -> list[int]:
+        """The rows of a few plain TUN reads (hd: their virtio headers as tuples; `only`: these rows of
+        them), partial checksums finished one by one; a row whose checksum offsets point outside its
+        packet is counted as a bad_header drop and left out."""
         off, buf, lengths = batch.offset, batch.buf, batch.lengths
         rows = []
-        for i, x in enumerate(hd):
+        for i in range(len(hd)) if only is None else only:
+            x = hd[i]
             if x[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM and not finish_partial(
                 buf[i, off : off + int(lengths[i])].data, x[4], x[5]
             ):

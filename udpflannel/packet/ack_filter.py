@@ -10,6 +10,8 @@ fewer packets to carry: the receiving pod sends ~3-4 ACKs per read at bulk rates
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from udpflannel.packet import headers as h
@@ -17,53 +19,64 @@ from udpflannel.packet import headers as h
 _TS_OPTIONS = b"\x01\x01\x08\x0a"  # NOP, NOP, timestamps (kind 8, length 10): Linux's only option on ACKs
 _SEQ_HALF = 1 << 31
 _SEQ_MOD = 1 << 32
+_V4 = h.IPV4_MIN_HLEN
+_V6 = h.IPV6_HLEN
+# The fields read, IPv4 (no options) then TCP: version+IHL, TOS, total length, fragment word, protocol,
+# addresses and ports, acknowledgment number, data offset, flags, window.
+_IPV4_TCP = struct.Struct("!BBH2xHxB2x12s4xIBBH")
+# IPv6 then TCP: version and the traffic class's high bits, the rest of the class, payload length, next
+# header, addresses and ports, and the same TCP fields.
+_IPV6_TCP = struct.Struct("!BB2xHBx36s4xIBBH")
+HEAD_BYTES = _V6 + 32  # the bytes of a packet the filter reads: an IPv6 pure ACK with timestamps
+assert _IPV4_TCP.size == _V4 + h.TCP_WINDOW + 2 and _IPV6_TCP.size == _V6 + h.TCP_WINDOW + 2
 
 
-def _tcp_fields(p: bytes, ln: int) -> tuple[bytes, int, int, bool] | None:
-    """(flow key, acknowledgment number, window, pure ACK) of a TCP packet with no IPv4 options or IPv6
-    extension headers, from its first bytes `p` and its length; None for anything else. The key holds the
-    addresses, ports and the IPv4 TOS / IPv6 traffic-class bits (ECN marks keep ACKs apart)."""
-    if len(p) < h.IPV4_MIN_HLEN + h.TCP_MIN_HLEN:
+def _tcp_fields(p: bytes, at: int, ln: int) -> tuple[tuple[int, bytes], int, int, bool] | None:
+    """(flow key, acknowledgment number, window, pure ACK) of the packet of `ln` bytes whose first bytes lie
+    at p[at:] (at least min(ln, HEAD_BYTES)); None unless it is TCP with no IPv4 options or IPv6 extension
+    headers. The key holds the addresses, ports and the IPv4 TOS / IPv6 traffic-class bits (ECN marks keep
+    ACKs apart)."""
+    if ln < _V4 + h.TCP_MIN_HLEN:
         return None
-    lead = p[0]
+    lead = p[at]
     if lead == 0x45:  # IPv4, no options
-        if p[h.IPV4_PROTO] != h.IPPROTO_TCP or int.from_bytes(p[6:8]) & h.IPV4_MF_OFFSET_MASK:
+        _, tos, total, frag, proto, flow, ack, doff, flags, window = _IPV4_TCP.unpack_from(p, at)
+        if proto != h.IPPROTO_TCP or frag & h.IPV4_MF_OFFSET_MASK:
             return None
-        t = h.IPV4_MIN_HLEN
-        key = p[h.IPV4_TOS : h.IPV4_TOS + 1] + p[h.IPV4_SRC : t + h.TCP_SEQ]
-        whole = int.from_bytes(p[h.IPV4_TOTAL_LEN : h.IPV4_TOTAL_LEN + 2]) == ln
-    elif lead >> 4 == 6:
-        if p[h.IPV6_NEXT_HDR] != h.IPPROTO_TCP or len(p) < h.IPV6_HLEN + h.TCP_MIN_HLEN:
+        t = _V4
+        whole = total == ln
+    elif lead >> 4 == 6 and ln >= _V6 + h.TCP_MIN_HLEN:
+        lead, tos, payload, proto, flow, ack, doff, flags, window = _IPV6_TCP.unpack_from(p, at)
+        if proto != h.IPPROTO_TCP:
             return None
-        t = h.IPV6_HLEN
-        key = p[0:2] + p[h.IPV6_SRC : t + h.TCP_SEQ]
-        whole = int.from_bytes(p[h.IPV6_PAYLOAD_LEN : h.IPV6_PAYLOAD_LEN + 2]) + t == ln
+        t = _V6
+        tos |= lead << 8
+        whole = payload + t == ln
     else:
         return None
-    doff = (p[t + h.TCP_DOFF] >> 4) * 4
+    doff = (doff >> 4) * 4
     pure = (
         whole
-        and p[t + h.TCP_FLAGS] == h.TCP_ACK_FLAG
+        and flags == h.TCP_ACK_FLAG
         and t + doff == ln
-        and (doff == h.TCP_MIN_HLEN or (doff == 32 and p[t + 20 : t + 24] == _TS_OPTIONS))
+        and (doff == h.TCP_MIN_HLEN or (doff == 32 and p[at + t + 20 : at + t + 24] == _TS_OPTIONS))
     )
-    ack = int.from_bytes(p[t + h.TCP_ACK : t + h.TCP_ACK + 4])
-    window = int.from_bytes(p[t + h.TCP_WINDOW : t + h.TCP_WINDOW + 2])
-    return key, ack, window, pure
-
-
-HEAD_BYTES = h.IPV6_HLEN + 32  # the bytes of a row _tcp_fields reads: the longest pure ACK's headers
+    return (tos, flow), ack, window, pure
 
 
 def redundant_acks(buf: np.ndarray, off: int, lengths: list[int], rows: list[int]) -> set[int]:
-    """The rows of `rows` (packets at buf[row, off:], lengths[row] bytes, in read order) that are pure ACKs
-    made redundant by a later pure ACK of the same flow: a higher acknowledgment number (mod 2**32), a
-    window no smaller, and no other packet of that flow between them."""
-    later: dict[bytes, tuple[int, int]] = {}  # flow -> (ack, window) of its next pure ACK that stays
+    """The rows of `rows` (ascending; packets at buf[row, off:], lengths[row] bytes, in read order) that are
+    pure ACKs made redundant by a later pure ACK of the same flow: a higher acknowledgment number (mod
+    2**32), a window no smaller, and no other packet of that flow between them."""
+    width = HEAD_BYTES
+    first = rows[0]
+    heads = buf[first : rows[-1] + 1, off : off + width].tobytes()  # one array call, then plain Python
+    width = len(heads) // (rows[-1] + 1 - first)  # narrower when the rows are
+    later: dict[tuple[int, bytes], tuple[int, int]] = {}  # flow -> (ack, window) of its next ACK that stays
     redundant: set[int] = set()
     for i in reversed(rows):
         ln = lengths[i]
-        fields = _tcp_fields(buf[i, off : off + min(ln, HEAD_BYTES)].tobytes(), ln)
+        fields = _tcp_fields(heads, (i - first) * width, ln) if ln <= width or width == HEAD_BYTES else None
         if fields is None:
             continue
         key, ack, window, pure = fields
@@ -76,3 +89,10 @@ def redundant_acks(buf: np.ndarray, off: int, lengths: list[int], rows: list[int
         else:
             later[key] = (ack, window)
     return redundant
+
+
+def is_pure_ack(buf: np.ndarray, off: int, row: int, length: int) -> bool:
+    """The packet in `row` is a pure ACK (a read worth filtering: the rows after it are likely ACKs too)."""
+    head = buf[row, off : off + HEAD_BYTES].tobytes()
+    fields = _tcp_fields(head, 0, length) if length <= len(head) or len(head) == HEAD_BYTES else None
+    return fields is not None and fields[3]
