@@ -117,7 +117,14 @@ def coalesce_trains(
         )
     # Every full row: row 0's words where the mask looks (prefix, length, flags and options included).
     words = rows[:, :, start : inner + hl].view(np.uint16)
-    bad = ((words ^ words[:, :1]) & row_mask(pre, v6, hl)).any(axis=2)
+    x = (words ^ words[:, :1]) & row_mask(pre, v6, hl)
+    K = words.shape[1]
+    uniform = min(counts_l) == K  # every train fills the view (the usual receive): its full rows are 0..K-2
+    if uniform:  # one reduction a train, not one a row
+        flow_bad = np.bitwise_or.reduce(x[:, : K - 1].reshape(m, -1), axis=1) != 0
+        bad = np.zeros((m, K), bool)
+    else:
+        bad = x.any(axis=2)
     # Adjacent sequence numbers: pair (i, i + 1) for every full row i, judged at row i (native uint32:
     # arithmetic on a big-endian view costs a byte swap per operation).
     at = inner + l3 + h.TCP_SEQ
@@ -141,9 +148,15 @@ def coalesce_trains(
         cols = rows[:, :, inner : inner + h.IPV4_MIN_HLEN].view("<u2")
         idc = np.add(cols[:, :, h.IPV4_ID // 2], cols[:, :, h.IPV4_CSUM // 2], dtype=np.int32)
         bad |= (idc - idc[:, :1]) % M != 0
-    for j, k in enumerate(counts_l):
-        bad[j, k - 1 :] = False  # the last row was judged above, rows past it are stale bytes
+    # The last row was judged above, rows past it are stale bytes.
+    if uniform:
+        bad[:, K - 1] = False
+    else:
+        for j, k in enumerate(counts_l):
+            bad[j, k - 1 :] = False
     ok = ~bad.any(axis=1) & np.array(ok_l) & ~sum_bad[trains, last_rows]
+    if uniform:
+        ok &= ~flow_bad
     if not ok.any():
         return MergedTrains(ok, [None] * m)
     total = [(k - 1) * gso + t - inner for k, t in zip(counts_l, lasts_l, strict=True)]
