@@ -208,8 +208,12 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         hd = headers.tolist()
         gso_list = [i for i, x in enumerate(hd) if x[1]]
         if not gso_list and len(hd) <= FEW_SMALL_PACKETS:
-            # A few plain packets (ACKs, pings): checksums finished and rows judged without array operations.
-            self._send_plain(batch, self.finish_few(batch, hd))
+            # A few plain packets (ACKs, pings): redundant ACKs left out first, then checksums finished and
+            # rows judged without array operations.
+            rows = list(range(len(hd)))
+            if len(rows) > 1 and self._acks_first(batch, rows):
+                rows = self._filter_acks(batch, rows)
+            self._send_plain(batch, self.finish_few(batch, hd, rows), filtered=True)
             return
         plain = None
         if len(gso_list) < len(hd):
@@ -264,6 +268,10 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
             rows = self._filter_acks(batch, rows)
         if not rows:
             return
+        if len(rows) == 1:  # the usual ACK read once filtered: checksum finished, so no virtio header
+            i = rows[0]
+            if self.send_lone(batch.buf[i].data, batch.offset, int(batch.lengths[i]), False):
+                return
         few = len(rows) <= FEW_PACKETS or (
             len(rows) <= FEW_SMALL_PACKETS and int(batch.lengths[rows].max()) <= SMALL_PACKET
         )
