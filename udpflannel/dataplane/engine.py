@@ -33,7 +33,6 @@ from udpflannel.dataplane.txprep import (
 )
 from udpflannel.io.linux import ack_filter_disabled
 from udpflannel.io.udp_recv import TrainSet
-from udpflannel.packet.ack_filter import is_pure_ack, redundant_acks
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro import coalesce, coalesce_train
@@ -247,19 +246,6 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
             else:
                 self._send_plain(batch, [i for i in range(start, end) if plain[i]])
             start = end
-
-    def _acks_first(self, batch: PacketBatch, rows: list[int]) -> bool:
-        """The ACK filter is on and the first of `rows` is a pure ACK: the read is worth filtering."""
-        i = rows[0]
-        return self._ack_filter and is_pure_ack(batch.buf, batch.offset, i, int(batch.lengths[i]))
-
-    def _filter_acks(self, batch: PacketBatch, rows: list[int]) -> list[int]:
-        """`rows` less the pure ACKs a later one in the read makes redundant (packet/ack_filter.py)."""
-        redundant = redundant_acks(batch.buf, batch.offset, batch.lengths[: batch.n].tolist(), rows)
-        if not redundant:
-            return rows
-        self._count("tx_acks_filtered", len(redundant))
-        return [i for i in rows if i not in redundant]
 
     def _send_plain(self, batch: PacketBatch, rows: list[int], *, filtered: bool = False) -> None:
         """Send the plain (not GSO) rows in `rows`, less redundant ACKs (unless `filtered` already): a few

@@ -1,13 +1,14 @@
 """Per-row paths of the engine for a few small packets (ACKs, pings): checked, looked up and sent or
 delivered one by one in plain Python, which costs less than the ~30-60 array operations of the batch
-pipelines when a batch holds a handful of rows; and the receive of a train that is one clean run (TCP
-segments, or one UDP flow's datagrams when the TUN takes USO), judged by its row 0 in Python and by
-gro_run / gro_udp for the rest. Each falls back (returns False, having done nothing) when a row needs
-the batch pipeline's judgement, so drops are always counted there. Both encapsulations: vxlan writes its
-header in front, udp takes the TTL down by one as flannel's udp proxy does.
+pipelines when a batch holds a handful of rows; the ACK filter's call (packet/ack_filter.py); and the
+receive of a train that is one clean run (TCP segments, or one UDP flow's datagrams when the TUN takes
+USO), judged by its row 0 in Python and by gro_run / gro_udp for the rest. Each falls back (returns
+False, having done nothing) when a row needs the batch pipeline's judgement, so drops are always counted
+there. Both encapsulations: vxlan writes its header in front, udp takes the TTL down by one as flannel's
+udp proxy does.
 
 RowPaths is a mixin of dataplane.engine.Engine and uses its attributes: cfg, tun, table, pool, _pools,
-_dsts, _flows, _header_bytes, _outer_v6, head, counters, _rx_prefix, _uso, _count, _deliver,
+_dsts, _flows, _header_bytes, _outer_v6, head, counters, _rx_prefix, _uso, _ack_filter, _count, _deliver,
 deliver_run and flush_held (rx_hold), _encapsulate (tx_super). No sockets of its own, no clock."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from udpflannel.dataplane.counters import DROP_NAMES, INDEX
 from udpflannel.dataplane.peers import NO_PEER
 from udpflannel.dataplane.txprep import FLOW_HASH_BYTES, finish_partial, finish_run_checksums, flow_hash_one
 from udpflannel.packet import headers as h
+from udpflannel.packet.ack_filter import is_pure_ack, redundant_acks
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.drops import DropReason
 from udpflannel.packet.gro_acks import ack_run
@@ -88,6 +90,19 @@ class RowPaths:
                 continue
             rows.append(i)
         return rows
+
+    def _acks_first(self, batch: PacketBatch, rows: list[int]) -> bool:
+        """The ACK filter is on and the first of `rows` is a pure ACK: the read is worth filtering."""
+        i = rows[0]
+        return self._ack_filter and is_pure_ack(batch.buf, batch.offset, i, int(batch.lengths[i]))
+
+    def _filter_acks(self, batch: PacketBatch, rows: list[int]) -> list[int]:
+        """`rows` less the pure ACKs a later one in the read makes redundant (packet/ack_filter.py)."""
+        redundant = redundant_acks(batch.buf, batch.offset, batch.lengths[: batch.n].tolist(), rows)
+        if not redundant:
+            return rows
+        self._count("tx_acks_filtered", len(redundant))
+        return [i for i in rows if i not in redundant]
 
     def send_lone(self, row: memoryview, off: int, ln: int, vnet: bool) -> bool:
         """A TUN read of one plain packet (a ping, or an ACK at a moderate rate): judged and sent from a
