@@ -3,12 +3,17 @@ tx_acks_filtered), everything else in the read leaves as before, and UDPFLANNEL_
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_engine import PEER_MAC, _engine
 
 from udpflannel.codec import vxlan
 from udpflannel.dataplane.counters import INDEX
+from udpflannel.dataplane.engine import HEADROOM
 from udpflannel.io.linux import ACK_FILTER_ENV
+from udpflannel.packet import reference
+from udpflannel.packet.batch import PacketBatch
+from udpflannel.packet.vnet import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_DTYPE
 
 scapy = pytest.importorskip("scapy.all")
 
@@ -71,3 +76,23 @@ def test_a_read_of_many_acks_with_nothing_to_filter_leaves_whole():
     h.engine.tx_once()
     # every one leaves (flows on different source ports: not in read order)
     assert sorted(_inner(h.sent, "vxlan")) == sorted(read) and c[INDEX["tx_acks_filtered"]] == 0
+
+
+def test_acks_between_superpackets_are_filtered_run_by_run():
+    # A bidirectional flow's read: ACKs of the flow we receive around a superpacket of the one we send.
+    # ACKs in one run between superpackets are filtered; an ACK is never judged against one across a
+    # superpacket.
+    ip = scapy.IP(src="198.19.1.2", dst="198.19.2.5", flags="DF")
+    sp = bytearray(bytes(ip / scapy.TCP(sport=40000, dport=5201, flags="A") / bytes(3000)))
+    sp[36:38] = reference.pseudo_header(bytes(sp), 6, len(sp) - 20).to_bytes(2, "big")
+    read = [_ack(1000), bytes(sp), _ack(2448), _ack(3896)]
+    plain = (0, 0, 0, 0, 0, 0)
+    headers = [plain, (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 40, 1000, 20, 16), plain, plain]
+    h, c = _engine("vxlan")
+    h.engine.process_tx(
+        PacketBatch.from_packets(read, headroom=HEADROOM), np.array(headers, VNET_HDR_DTYPE), None
+    )
+    got = _inner(h.sent, "vxlan")
+    assert got[0] == read[0] and got[-1] == read[3] and read[2] not in got
+    assert len(got) == 2 + 3  # the two ACKs, the superpacket as three segments
+    assert c[INDEX["tx_acks_filtered"]] == 1
