@@ -1,11 +1,12 @@
 """The engine's ACK filter: of a TUN read's pure ACKs of one flow only the last leaves (counted as
-tx_acks_filtered), everything else in the read leaves as before, and UDPFLANNEL_ACK_FILTER=0 sends all."""
+tx_acks_filtered), of a receive's only the last is written (rx_acks_filtered), everything else goes as
+before, and UDPFLANNEL_ACK_FILTER=0 sends and writes all."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import PEER_MAC, _engine
+from test_engine import OUR_MAC, PEER_MAC, _engine
 
 from udpflannel.codec import vxlan
 from udpflannel.dataplane.counters import INDEX
@@ -96,3 +97,23 @@ def test_acks_between_superpackets_are_filtered_run_by_run():
     assert got[0] == read[0] and got[-1] == read[3] and read[2] not in got
     assert len(got) == 2 + 3  # the two ACKs, the superpacket as three segments
     assert c[INDEX["tx_acks_filtered"]] == 1
+
+
+def _peer_ack(n: int) -> bytes:
+    ip = scapy.IP(src="198.19.2.5", dst="198.19.1.2", flags="DF")
+    return bytes(ip / scapy.TCP(sport=40000, dport=5201, flags="A", ack=n, window=500))
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_a_receives_redundant_acks_are_not_written(encap):
+    # a few datagrams (the per-row receive): a peer's ACKs of one flow and a ping between them
+    ping = bytes(scapy.IP(src="198.19.2.5", dst="198.19.1.2") / scapy.ICMP(seq=1) / bytes(8))
+    inner = [_peer_ack(1000), ping, _peer_ack(2448), _peer_ack(3896)]
+    mac = vxlan.parse_mac(PEER_MAC)
+    frames = [
+        vxlan.encode_vxlan(p, 1, mac, vxlan.parse_mac(OUR_MAC)) if encap == "vxlan" else p for p in inner
+    ]
+    h, c = _engine(encap, datagrams=[(f, "198.18.0.2") for f in frames])
+    h.engine.rx_once()
+    assert h.tun.written == [inner[1], inner[3]]
+    assert (c[INDEX["rx_acks_filtered"]], c[INDEX["rx_packets"]]) == (2, 2)

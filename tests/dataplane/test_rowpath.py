@@ -12,6 +12,7 @@ from udpflannel.dataplane import engine as engine_mod
 from udpflannel.dataplane import rowpath
 from udpflannel.dataplane.counters import INDEX
 from udpflannel.dataplane.engine import HEADROOM
+from udpflannel.io.linux import ACK_FILTER_ENV
 from udpflannel.packet import reference
 from udpflannel.packet.batch import PacketBatch
 from udpflannel.packet.vnet import VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_DTYPE, VnetHdr
@@ -349,8 +350,12 @@ def _acks(count: int) -> list[bytes]:
     ]
 
 
-def _receive_acks(monkeypatch, datagrams, encap: str, *, run_path: bool):
+def _receive_acks(monkeypatch, datagrams, encap: str, *, run_path: bool, ack_filter: bool = False):
     monkeypatch.setattr(engine_mod, "FEW_SMALL_PACKETS", 0)  # the train, not the per-row path
+    if (
+        not ack_filter
+    ):  # every ACK written, as the general pipeline writes them (tests/dataplane/test_engine_acks.py)
+        monkeypatch.setenv(ACK_FILTER_ENV, "0")
     if not run_path:  # the general pipeline (validate_ip, then coalesce)
         monkeypatch.setattr(rowpath, "ack_run", lambda batch, prefix: None)
     h = Harness(encap, datagrams=datagrams)
@@ -376,3 +381,16 @@ def test_a_train_of_acks_with_a_bad_one_is_judged_by_the_pipeline(monkeypatch):
     frames[5] = frames[5][:-1] + bytes([frames[5][-1] ^ 1])  # the TCP checksum fails
     written, c = _receive_acks(monkeypatch, [(f, "198.18.0.2") for f in frames], "vxlan", run_path=True)
     assert len(written) == 20 and c[INDEX["drop_bad_l4_checksum"]] == 1
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "udp"])
+def test_of_a_train_of_acks_the_last_is_written_when_filtering(monkeypatch, encap):
+    datagrams = [(_frame(p) if encap == "vxlan" else p, "198.18.0.2") for p in _acks(21)]
+    written, c = _receive_acks(monkeypatch, datagrams, encap, run_path=True, ack_filter=True)
+    assert written == [bytes(10) + _acks(21)[-1]]
+    assert (c[INDEX["rx_acks_filtered"]], c[INDEX["rx_packets"]], c[INDEX["rx_coalesced_writes"]]) == (
+        20,
+        1,
+        1,
+    )
+    assert c[INDEX["rx_bytes"]] == len(_acks(21)[-1])

@@ -26,6 +26,7 @@ TRAFFIC_NAMES: tuple[str, ...] = (
     "rx_joined_runs",  # superpackets that came as two trains (the UDP GSO limit) and went as one write
     "tx_tunnel_writes",  # superpackets the kernel segmented from the tunnel TAP (dataplane/tx_tunnel.py)
     "tx_acks_filtered",  # pure ACKs left out: a later ACK of the flow in the same read (packet/ack_filter.py)
+    "rx_acks_filtered",  # the same for a receive: ACKs from a peer not written to the TUN
 )
 DROP_NAMES: dict[DropReason, str] = {r: f"drop_{r.label}" for r in DropReason if r is not DropReason.NONE}
 COUNTER_NAMES: tuple[str, ...] = TRAFFIC_NAMES + tuple(DROP_NAMES.values())

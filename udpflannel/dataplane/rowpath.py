@@ -104,6 +104,14 @@ class RowPaths:
         self._count("tx_acks_filtered", len(redundant))
         return [i for i in rows if i not in redundant]
 
+    def _redundant_received(self, buf: np.ndarray, inner: int, lengths: list[int]) -> set[int]:
+        """The received rows (inner packets at buf[i, inner:], lengths[i] bytes, judged sound already)
+        that are ACKs a later one in the receive makes redundant: not written to the TUN, counted."""
+        redundant = redundant_acks(buf, inner, lengths, list(range(len(lengths))))
+        if redundant:
+            self._count("rx_acks_filtered", len(redundant))
+        return redundant
+
     def send_lone(self, row: memoryview, off: int, ln: int, vnet: bool) -> bool:
         """A TUN read of one plain packet (a ping, or an ACK at a moderate rate): judged and sent from a
         view of its row (`off`: where the packet starts, its virtio header in front when `vnet`) with no
@@ -262,6 +270,10 @@ class RowPaths:
             if length is None:
                 return False
             plan.append((row, length))
+        if len(plan) > 1 and self._ack_filter:
+            redundant = self._redundant_received(buf, off + self.head, [ln for _, ln in plan])
+            if redundant:
+                plan = [p for i, p in enumerate(plan) if i not in redundant]
         self._write_frames(plan, off + self.head)
         return True
 
@@ -332,6 +344,13 @@ class RowPaths:
         writes = [(run,)] if run is not None else ack_run(batch, head)
         if writes is None:
             return False
+        if run is None and self._ack_filter:  # an ACK train: the last of one flow's ACKs says it all
+            inner = (lens[:n] - head).tolist()
+            redundant = self._redundant_received(batch.buf, batch.offset + head, inner)
+            if redundant:
+                writes = [w for i, w in enumerate(writes) if i not in redundant]
+                n -= len(redundant)
+                nbytes -= sum(inner[i] for i in redundant)
         self.flush_held()  # (neither is ever held: nothing joins a UDP run, and ACKs carry no data)
         self._deliver(writes, n, nbytes)
         return True

@@ -1,12 +1,14 @@
-"""ACK filtering for one TUN read: a TCP flow's pure ACK that a later pure ACK of the same flow in the same
-read makes redundant is left out, as sch_cake's ack-filter does (conservative rules below).
+"""ACK filtering for one TUN read or one receive from a peer: a TCP flow's pure ACK that a later pure ACK of
+the same flow in the same batch makes redundant is left out, as sch_cake's ack-filter does (conservative
+rules below).
 
 TCP acknowledges cumulatively, so once a later ACK with a higher acknowledgment number is on its way, an
 earlier one tells the sender nothing new; read together, they are microseconds apart, so the sender's clock
 loses nothing either. What always stays: duplicate ACKs (the same acknowledgment number: fast retransmit
 counts them), ACKs with SACK or any option but timestamps, with any flag but ACK, with data, whose
 window shrank, that differ in ECN bits, and every packet around a flow's non-ACK packet. Both ends keep
-fewer packets to carry: the receiving pod sends ~3-4 ACKs per read at bulk rates."""
+fewer packets to carry: the receiving pod sends ~3-4 ACKs per read at bulk rates, and a kernel VXLAN
+receiver's ACKs reach a sending node a train at a time."""
 
 from __future__ import annotations
 
