@@ -195,11 +195,10 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
             first = headers[:1].tobytes()
             if not first[1] and headers.tobytes() == first * n:
                 # Many ACKs (a receiving pod when we fell behind): the redundant ones stay home first.
-                if self._acks_first(batch, [0]):
-                    rows = self._filter_acks(batch, list(range(n)))
-                    if len(rows) < n:
-                        self._send_plain(batch, self.finish_few(batch, headers.tolist(), rows), filtered=True)
-                        return
+                rows = self._filter_acks(batch, range(n))
+                if len(rows) < n:
+                    self._send_plain(batch, self.finish_few(batch, headers.tolist(), rows), filtered=True)
+                    return
                 if self.send_run(batch, VNET_HDR_STRUCT.unpack(first)):
                     return
         # (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) per row: a batch holds a few rows
@@ -209,9 +208,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
         if not gso_list and len(hd) <= FEW_SMALL_PACKETS:
             # A few plain packets (ACKs, pings): redundant ACKs left out first, then checksums finished and
             # rows judged without array operations.
-            rows = list(range(len(hd)))
-            if len(rows) > 1 and self._acks_first(batch, rows):
-                rows = self._filter_acks(batch, rows)
+            rows = self._filter_acks(batch, range(len(hd)))
             self._send_plain(batch, self.finish_few(batch, hd, rows), filtered=True)
             return
         plain = None
@@ -250,7 +247,7 @@ class Engine(RowPaths, HeldRun, SuperpacketTx, TunnelTx):
     def _send_plain(self, batch: PacketBatch, rows: list[int], *, filtered: bool = False) -> None:
         """Send the plain (not GSO) rows in `rows`, less redundant ACKs (unless `filtered` already): a few
         one by one, more as a batch."""
-        if len(rows) > 1 and not filtered and self._acks_first(batch, rows):
+        if not filtered:
             rows = self._filter_acks(batch, rows)
         if not rows:
             return

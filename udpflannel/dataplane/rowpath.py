@@ -13,6 +13,7 @@ deliver_run and flush_held (rx_hold), _encapsulate (tx_super). No sockets of its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,7 @@ class RowPaths:
         return self._flow(buf, off, first)
 
     def finish_few(
-        self, batch: PacketBatch, hd: list[tuple[int, ...]], only: list[int] | None = None
+        self, batch: PacketBatch, hd: list[tuple[int, ...]], only: Sequence[int] | None = None
     ) -> list[int]:
         """The rows of a few plain TUN reads (hd: their virtio headers as tuples; `only`: these rows of
         them), partial checksums finished one by one; a row whose checksum offsets point outside its
@@ -91,13 +92,15 @@ class RowPaths:
             rows.append(i)
         return rows
 
-    def _acks_first(self, batch: PacketBatch, rows: list[int]) -> bool:
-        """The ACK filter is on and the first of `rows` is a pure ACK: the read is worth filtering."""
-        i = rows[0]
-        return self._ack_filter and is_pure_ack(batch.buf, batch.offset, i, int(batch.lengths[i]))
-
-    def _filter_acks(self, batch: PacketBatch, rows: list[int]) -> list[int]:
-        """`rows` less the pure ACKs a later one in the read makes redundant (packet/ack_filter.py)."""
+    def _filter_acks(self, batch: PacketBatch, rows: Sequence[int]) -> Sequence[int]:
+        """`rows` (ascending) less the pure ACKs a later one in the read makes redundant
+        (packet/ack_filter.py), when the filter is on and the first of them is a pure ACK (a read worth
+        filtering)."""
+        if len(rows) < 2 or not self._ack_filter:
+            return rows
+        first = rows[0]
+        if not is_pure_ack(batch.buf, batch.offset, first, int(batch.lengths[first])):
+            return rows
         redundant = redundant_acks(batch.buf, batch.offset, batch.lengths[: batch.n].tolist(), rows)
         if not redundant:
             return rows

@@ -13,6 +13,7 @@ receiver's ACKs reach a sending node a train at a time."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -66,19 +67,23 @@ def _tcp_fields(p: bytes, at: int, ln: int) -> tuple[tuple[int, bytes], int, int
     return (tos, flow), ack, window, pure
 
 
-def redundant_acks(buf: np.ndarray, off: int, lengths: list[int], rows: list[int]) -> set[int]:
+def _fields_at(heads: bytes, at: int, width: int, ln: int) -> tuple[tuple[int, bytes], int, int, bool] | None:
+    """_tcp_fields of the packet of `ln` bytes whose first `width` bytes are heads[at:]; None when they are
+    fewer than it reads (a row narrower than HEAD_BYTES holding a longer packet)."""
+    return _tcp_fields(heads, at, ln) if ln <= width or width == HEAD_BYTES else None
+
+
+def redundant_acks(buf: np.ndarray, off: int, lengths: list[int], rows: Sequence[int]) -> set[int]:
     """The rows of `rows` (ascending; packets at buf[row, off:], lengths[row] bytes, in read order) that are
     pure ACKs made redundant by a later pure ACK of the same flow: a higher acknowledgment number (mod
     2**32), a window no smaller, and no other packet of that flow between them."""
-    width = HEAD_BYTES
     first = rows[0]
-    heads = buf[first : rows[-1] + 1, off : off + width].tobytes()  # one array call, then plain Python
-    width = len(heads) // (rows[-1] + 1 - first)  # narrower when the rows are
+    heads = buf[first : rows[-1] + 1, off : off + HEAD_BYTES].tobytes()  # one array call, then plain Python
+    width = len(heads) // (rows[-1] + 1 - first)  # HEAD_BYTES, or less when the rows are narrower
     later: dict[tuple[int, bytes], tuple[int, int]] = {}  # flow -> (ack, window) of its next ACK that stays
     redundant: set[int] = set()
     for i in reversed(rows):
-        ln = lengths[i]
-        fields = _tcp_fields(heads, (i - first) * width, ln) if ln <= width or width == HEAD_BYTES else None
+        fields = _fields_at(heads, (i - first) * width, width, lengths[i])
         if fields is None:
             continue
         key, ack, window, pure = fields
@@ -94,7 +99,7 @@ def redundant_acks(buf: np.ndarray, off: int, lengths: list[int], rows: list[int
 
 
 def is_pure_ack(buf: np.ndarray, off: int, row: int, length: int) -> bool:
-    """The packet in `row` is a pure ACK (a read worth filtering: the rows after it are likely ACKs too)."""
+    """The packet in `row` is a pure ACK."""
     head = buf[row, off : off + HEAD_BYTES].tobytes()
-    fields = _tcp_fields(head, 0, length) if length <= len(head) or len(head) == HEAD_BYTES else None
+    fields = _fields_at(head, 0, len(head), length)
     return fields is not None and fields[3]
