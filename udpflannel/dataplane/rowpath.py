@@ -109,8 +109,11 @@ class RowPaths:
 
     def _redundant_received(self, buf: np.ndarray, inner: int, lengths: list[int]) -> set[int]:
         """The received rows (inner packets at buf[i, inner:], lengths[i] bytes, judged sound already)
-        that are ACKs a later one in the receive makes redundant: not written to the TUN, counted."""
-        redundant = redundant_acks(buf, inner, lengths, list(range(len(lengths))))
+        that are ACKs a later one in the receive makes redundant, when the filter is on: not written to
+        the TUN, counted."""
+        if len(lengths) < 2 or not self._ack_filter:
+            return set()
+        redundant = redundant_acks(buf, inner, lengths, range(len(lengths)))
         if redundant:
             self._count("rx_acks_filtered", len(redundant))
         return redundant
@@ -273,10 +276,9 @@ class RowPaths:
             if length is None:
                 return False
             plan.append((row, length))
-        if len(plan) > 1 and self._ack_filter:
-            redundant = self._redundant_received(buf, off + self.head, [ln for _, ln in plan])
-            if redundant:
-                plan = [p for i, p in enumerate(plan) if i not in redundant]
+        redundant = self._redundant_received(buf, off + self.head, [ln for _, ln in plan])
+        if redundant:
+            plan = [p for i, p in enumerate(plan) if i not in redundant]
         self._write_frames(plan, off + self.head)
         return True
 
@@ -347,7 +349,7 @@ class RowPaths:
         writes = [(run,)] if run is not None else ack_run(batch, head)
         if writes is None:
             return False
-        if run is None and self._ack_filter:  # an ACK train: the last of one flow's ACKs says it all
+        if run is None:  # an ACK train: the last of one flow's ACKs says it all
             inner = (lens[:n] - head).tolist()
             redundant = self._redundant_received(batch.buf, batch.offset + head, inner)
             if redundant:
