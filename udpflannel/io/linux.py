@@ -70,19 +70,28 @@ TX_TUNNEL_ENV = "UDPFLANNEL_TX_TUNNEL"
 ACK_FILTER_ENV = "UDPFLANNEL_ACK_FILTER"
 
 
+def _env_says(name: str, words: tuple[str, ...]) -> bool:
+    """The environment variable `name` holds one of `words` (case and surrounding blanks ignored)."""
+    return os.environ.get(name, "").strip().lower() in words
+
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
 def offload_disabled() -> bool:
     """UDPFLANNEL_NO_OFFLOAD=1 forces the per-packet path everywhere (no vnet header, no GSO/GRO)."""
-    return os.environ.get(NO_OFFLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _env_says(NO_OFFLOAD_ENV, _ON)
 
 
 def tx_tunnel_disabled() -> bool:
     """UDPFLANNEL_TX_TUNNEL=0 keeps superpackets on the userspace split path (io/tunnel_tap.py)."""
-    return os.environ.get(TX_TUNNEL_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    return _env_says(TX_TUNNEL_ENV, _OFF)
 
 
 def ack_filter_disabled() -> bool:
     """UDPFLANNEL_ACK_FILTER=0 sends every ACK a pod sends (packet/ack_filter.py)."""
-    return os.environ.get(ACK_FILTER_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    return _env_says(ACK_FILTER_ENV, _OFF)
 
 
 def offload_names(flags: int) -> list[str]:
