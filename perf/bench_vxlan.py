@@ -299,6 +299,8 @@ def summarize_tcp(sc: Scenario) -> None:
         timed = [r for r in runs if "cpu" in r]
         if timed:
             sc.result[f"cpu_s_per_gib_{name}"] = statistics.median(r["cpu"] for r in timed)
+            # every round's figure too: the machine has slow spells lasting tens of seconds (README)
+            sc.result[f"cpu_s_per_gib_runs_{name}"] = [r["cpu"] for r in timed]
             sc.result[f"kernel_share_{name}"] = statistics.median(r["kernel_share"] for r in timed)
             sc.result[f"cpu_s_per_gib_by_node_{name}"] = {
                 n: statistics.median(r[n] for r in timed) for n in ("a", "b")
@@ -457,11 +459,15 @@ def report(results: list[dict]) -> None:
         "CPU-s/GiB: the agents' processes (kernel: their system-time share); host: every CPU's busy time"
         " (iperf3 and softirq included), per GiB moved"
     )
-    print("\nCPU-s/GiB of each node's agent (A sends in A->B; a kernel VXLAN node has none):")
+    print(
+        "\nCPU-s/GiB of each node's agent (A sends in A->B; a kernel VXLAN node has none), and of both in"
+        " each round:"
+    )
     for r in results:
         for key in [k for k in r if k.startswith("cpu_s_per_gib_by_node_")]:
             a, b = r[key]["a"], r[key]["b"]
-            print(f"  {r['label'] + ' ' + key[22:]:22s} A {a:.2f}  B {b:.2f}")
+            runs = " ".join(f"{x:.2f}" for x in r.get(key.replace("_by_node_", "_runs_"), []))
+            print(f"  {r['label'] + ' ' + key[22:]:22s} A {a:.2f}  B {b:.2f}  (rounds: {runs})")
     print("\n64-byte packet rate, kpps delivered at each offered rate (the table shows the best):")
     for r in results:
         if r.get("udp64_sweep"):
