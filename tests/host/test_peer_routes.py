@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from udpflannel.host.links import Route
-from udpflannel.host.peer_routes import DIRECT_TTL, PeerRoutes, kernel_gateways, peer_routes, safe_peer_subnet
+from udpflannel.host.links import HostError, Route
+from udpflannel.host.peer_routes import (
+    CHECK_INTERVAL,
+    DIRECT_TTL,
+    PeerRoutes,
+    kernel_gateways,
+    peer_routes,
+    safe_peer_subnet,
+)
 from udpflannel.lease.model import Lease, LeaseAttrs
 
 NETS = [ipaddress.IPv4Network("198.19.0.0/16"), ipaddress.IPv6Network("fd00:198:100::/56")]
@@ -94,6 +101,34 @@ def test_directness_is_judged_again_once_a_minute_with_fresh_answers(monkeypatch
     assert routes.judgement_due()
     assert not routes.is_direct("198.18.0.2")
     assert not routes.judgement_due()  # the next one a minute later
+
+
+def test_a_lookup_with_no_answer_is_asked_again_at_the_next_route_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No route to the peer yet (an underlay link coming up) or a failed lookup: tunnelled for now, but
+    judged again CHECK_INTERVAL later, not a minute later, so its direct route follows within seconds."""
+    routes = PeerRoutes("eth0")
+    answers: dict[str, dict | Exception] = {"198.18.0.2": {}, "198.18.0.3": HostError("netlink helper died")}
+    asked: list[str] = []
+
+    def route_to(ip: str) -> dict:
+        asked.append(ip)
+        got = answers[ip]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    monkeypatch.setattr(routes.host, "route_to", route_to)
+    assert not routes.is_direct("198.18.0.2") and not routes.is_direct("198.18.0.3")
+    assert not routes.judgement_due()
+    answers["198.18.0.2"] = answers["198.18.0.3"] = {"dev": "eth0", "gateway": None}  # the link is up
+    clock = time.monotonic() + CHECK_INTERVAL + 1
+    monkeypatch.setattr(time, "monotonic", lambda: clock)
+    assert routes.judgement_due()
+    assert routes.is_direct("198.18.0.2") and routes.is_direct("198.18.0.3")
+    assert not routes.judgement_due()  # settled: the next judgement is the minute's
+    assert asked == ["198.18.0.2", "198.18.0.3", "198.18.0.2", "198.18.0.3"]
 
 
 def lease(

@@ -80,6 +80,9 @@ class Pair:
     def gw(self, env: dict[str, str], key: str = "FLANNEL_SUBNET") -> str:
         return env[key].split("/")[0]
 
+    def log_tail(self, name: str = "a") -> str:
+        return (self.root / f"{name}.log").read_text()[-3000:]
+
 
 @contextlib.contextmanager
 def agent_pair(conf: dict, tmp_prefix: str, ipv6: bool = False) -> Iterator[Pair]:
@@ -93,7 +96,8 @@ def agent_pair(conf: dict, tmp_prefix: str, ipv6: bool = False) -> Iterator[Pair
             for ns, ip6 in ((a, "fd00:198::1/64"), (b, "fd00:198::2/64")):
                 ns.exec("ip", "-6", "addr", "add", ip6, "dev", "eth0", "nodad")
         logs = {n: stack.enter_context(open(root / f"{n}.log", "w")) for n in ("a", "b")}
-        procs = [_agent(a, root, "a", log=logs["a"]), _agent(b, root, "b", log=logs["b"])]
+        # -v: every route the agents add and every peer they judge is in their logs, for a failure's message
+        procs = [_agent(a, root, "a", "-v", log=logs["a"]), _agent(b, root, "b", "-v", log=logs["b"])]
         try:
             deadline = time.monotonic() + 30
             envs = [env_file(root / n / "subnet.env", deadline) for n in ("a", "b")]
@@ -245,7 +249,7 @@ def test_vxlan_direct_routing_dual_stack_routes_ipv6_subnets_via_the_peers_ipv6(
         want = f"{pair.net(env_b, v6)} via fd00:198::2 dev eth0"
         deadline = time.monotonic() + 15
         while want not in a.exec("ip", "-6", "route"):
-            assert time.monotonic() < deadline, a.exec("ip", "-6", "route")
+            assert time.monotonic() < deadline, a.exec("ip", "-6", "route") + pair.log_tail()
             time.sleep(0.2)
         a.exec("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-I", pair.gw(env_a, v6), pair.gw(env_b, v6))
         assert "dev eth0" in a.exec("ip", "-6", "route", "get", pair.gw(env_b, v6))

@@ -108,6 +108,7 @@ class PeerRoutes:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._direct: dict[str, bool] = {}  # ip -> on the link, as the kernel answered since _direct_since
         self._direct_since = time.monotonic()
+        self._doubtful: dict[str, float] = {}  # ip -> when to ask again: its lookup found no route, or failed
 
     def set(self, routes: list[Route]) -> None:
         """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
@@ -135,22 +136,39 @@ class PeerRoutes:
             return known
         try:
             got = self.host.route_to(ip)
-        except (HostError, NetlinkError):
+        except (HostError, NetlinkError) as exc:
+            got, why = {}, f"looking up its route failed ({exc})"
+        else:
+            why = "the kernel has no route to it"
+        if not got.get("dev"):
+            # Not an answer to keep for a minute (a link still coming up, a netlink child that failed): the
+            # peer is tunnelled for now and asked about again at the next route check.
+            if ip not in self._doubtful:
+                log.info("peer %s: %s; tunnelled, asked again in %.0f s", ip, why, CHECK_INTERVAL)
+            self._doubtful[ip] = time.monotonic() + CHECK_INTERVAL
             return False
-        direct = got.get("dev") == self.dev and not got.get("gateway")
+        self._doubtful.pop(ip, None)
+        direct = got["dev"] == self.dev and not got.get("gateway")
         self._direct[ip] = direct
+        if not direct:
+            log.info("peer %s is reached via %s dev %s: tunnelled", ip, got.get("gateway"), got["dev"])
         return direct
 
     def judgement_due(self) -> bool:
-        """True once every DIRECT_TTL, when the kept answers are let go: time to judge again which peers are
-        direct, since the underlay's routes may have changed with no lease event (a peer moved behind a
-        router, or back). is_direct() lets them go too when they are that old."""
+        """True when it is time to judge again which peers are direct: once every DIRECT_TTL, when the kept
+        answers are let go, since the underlay's routes may have changed with no lease event (a peer moved
+        behind a router, or back), and CHECK_INTERVAL after a lookup that found no route or failed.
+        is_direct() lets answers go too when they are that old."""
         now = time.monotonic()
-        if now - self._direct_since < DIRECT_TTL:
-            return False
-        self._direct_since = now
-        self._direct.clear()
-        return True
+        if now - self._direct_since >= DIRECT_TTL:
+            self._direct_since = now
+            self._direct.clear()
+            self._doubtful.clear()
+            return True
+        if self._doubtful and now >= min(self._doubtful.values()):
+            self._doubtful = {ip: t for ip, t in self._doubtful.items() if t > now}
+            return True
+        return False
 
     def check(self) -> None:
         """Every CHECK_INTERVAL: routes of ours that are gone or changed are put back."""
