@@ -108,7 +108,8 @@ class PeerRoutes:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._direct: dict[str, bool] = {}  # ip -> on the link, as the kernel answered since _direct_since
         self._direct_since = time.monotonic()
-        self._doubtful: dict[str, float] = {}  # ip -> when to ask again: its lookup found no route, or failed
+        # ip -> (when to ask again, the wait before that): its lookup found no route, or failed
+        self._doubtful: dict[str, tuple[float, float]] = {}
 
     def set(self, routes: list[Route]) -> None:
         """Make the kernel match `routes`: new and changed ones added, the rest of ours removed."""
@@ -142,10 +143,13 @@ class PeerRoutes:
             why = "the kernel has no route to it"
         if not got.get("dev"):
             # Not an answer to keep for a minute (a link still coming up, a netlink child that failed): the
-            # peer is tunnelled for now and asked about again at the next route check.
-            if ip not in self._doubtful:
-                log.info("peer %s: %s; tunnelled, asked again in %.0f s", ip, why, CHECK_INTERVAL)
-            self._doubtful[ip] = time.monotonic() + CHECK_INTERVAL
+            # peer is tunnelled for now and asked about again at the next route check, then less and less
+            # often (each lookup starts a netlink child), up to the minute's judgement.
+            before = self._doubtful.get(ip)
+            wait = CHECK_INTERVAL if before is None else min(2 * before[1], DIRECT_TTL)
+            if before is None:
+                log.info("peer %s: %s; tunnelled, asked again in %.0f s", ip, why, wait)
+            self._doubtful[ip] = (time.monotonic() + wait, wait)
             return False
         self._doubtful.pop(ip, None)
         direct = got["dev"] == self.dev and not got.get("gateway")
@@ -157,18 +161,18 @@ class PeerRoutes:
     def judgement_due(self) -> bool:
         """True when it is time to judge again which peers are direct: once every DIRECT_TTL, when the kept
         answers are let go, since the underlay's routes may have changed with no lease event (a peer moved
-        behind a router, or back), and CHECK_INTERVAL after a lookup that found no route or failed.
-        is_direct() lets answers go too when they are that old."""
+        behind a router, or back), and CHECK_INTERVAL (doubling while it lasts) after a lookup that found no
+        route or failed. is_direct() lets answers go too when they are that old."""
         now = time.monotonic()
         if now - self._direct_since >= DIRECT_TTL:
             self._direct_since = now
             self._direct.clear()
             self._doubtful.clear()
             return True
-        if self._doubtful and now >= min(self._doubtful.values()):
-            self._doubtful = {ip: t for ip, t in self._doubtful.items() if t > now}
-            return True
-        return False
+        due = [ip for ip, (when, _) in self._doubtful.items() if now >= when]
+        for ip in due:  # asked about again by is_direct (a peer gone by then is not: never due again)
+            self._doubtful[ip] = (float("inf"), self._doubtful[ip][1])
+        return bool(due)
 
     def check(self) -> None:
         """Every CHECK_INTERVAL: routes of ours that are gone or changed are put back."""
