@@ -154,8 +154,8 @@ class PeerRoutes:
         self._doubtful.pop(ip, None)
         direct = got["dev"] == self.dev and not got.get("gateway")
         self._direct[ip] = direct
-        if not direct:
-            log.info("peer %s is reached via %s dev %s: tunnelled", ip, got.get("gateway"), got["dev"])
+        if not direct:  # (debug: asked once a minute for every peer behind a router)
+            log.debug("peer %s is reached via %s dev %s: tunnelled", ip, got.get("gateway"), got["dev"])
         return direct
 
     def judgement_due(self) -> bool:
