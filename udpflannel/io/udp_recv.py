@@ -23,6 +23,10 @@ SINGLES_MAX = 16  # up to this many one-datagram messages are read with struct a
 # Up to this many messages are sized with struct: ~0.5 us each, where message_shapes' ~20 array
 # operations cost ~25 us whatever the count (engine_micro: a receive of one superpacket's two messages).
 FEW_MESSAGES = 16
+# recv_trains(sets=True) makes a TrainSet of this many consecutive trains or more: checking a set costs ~45
+# array operations whatever its size, so two trains cost less alone (engine_micro terms: a receive of two
+# superpackets 96 us as two trains, 111 as a set; three 133-135 either way, four 152 as a set).
+SET_MIN = 3
 
 
 @dataclass
@@ -154,8 +158,8 @@ class UdpReceiver:
         messages are copied into one batch as recv_batch does, but a few one-datagram messages are passed
         on where they lie (offset 0). Views are valid until the next receive on
         this socket, so each batch must be consumed before then. [] when nothing waits. With `sets`,
-        consecutive trains of one segment size come as one TrainSet instead; with `lone`, the one datagram
-        of a receive as a LoneDatagram."""
+        SET_MIN or more consecutive trains of one segment size come as one TrainSet instead; with `lone`,
+        the one datagram of a receive as a LoneDatagram."""
         arena, m = self._recv(max_messages)
         if m == 0:
             return []
@@ -198,7 +202,7 @@ class UdpReceiver:
         run: list[tuple[int, int, int, int]] = []  # consecutive trains of one segment size
 
         def flush_run() -> None:
-            if len(run) >= 2 and sets:
+            if len(run) >= SET_MIN and sets:
                 out.append(self._train_set(arena, run))
             else:
                 out.extend(self._train_view(arena, j, k, s, t) for j, k, s, t in run)
